@@ -1,0 +1,87 @@
+"""Batching for stateful truncated BPTT, as in the classic PTB iterator.
+
+The token stream is cut into ``batch_size`` contiguous rows and walked
+``num_steps`` tokens at a time, so row ``i`` of batch ``k + 1`` continues row
+``i`` of batch ``k``. The recurrent state of row ``i`` can therefore be carried
+from one batch to the next.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from dist_rnn.errors import UserError
+
+
+class StreamBatcher:
+    """Cuts a token stream into rows and serves (inputs, targets) windows.
+
+    Args:
+        ids: The whole split as token ids.
+        batch_size: Number of rows (the global batch).
+        num_steps: Window length (truncated-BPTT length).
+        split: Split name, for error messages.
+        seed: Seed of the per-epoch random offset.
+        random_offset: Shift each epoch's windows by a seeded offset in
+            ``[0, num_steps)``.
+
+    Raises:
+        UserError: If the split cannot fill one window of every row.
+    """
+
+    def __init__(self, ids: np.ndarray, batch_size: int, num_steps: int, split: str = "train",
+                 seed: int = 0, random_offset: bool = False):
+        self.batch_size = batch_size
+        self.num_steps = num_steps
+        self.seed = seed
+        self.random_offset = random_offset
+        row_len = len(ids) // batch_size
+        needed = batch_size * (num_steps + 1)
+        if row_len < num_steps + 1:
+            raise UserError(
+                f"data: the {split} split has {len(ids)} tokens, too few for one batch "
+                f"(train.batch_size {batch_size} x (train.num_steps {num_steps} + 1) = {needed}); "
+                f"use more data or a smaller batch")
+        self.rows = np.asarray(ids[: row_len * batch_size], dtype=np.int32).reshape(batch_size, row_len)
+
+    @property
+    def row_length(self) -> int:
+        """Tokens per row."""
+        return self.rows.shape[1]
+
+    def offset(self, epoch: int) -> int:
+        """Start of the first window in ``epoch`` (0 unless ``random_offset``)."""
+        if not self.random_offset:
+            return 0
+        return int(np.random.default_rng([self.seed, epoch]).integers(0, self.num_steps))
+
+    def batches_in_epoch(self, epoch: int = 1) -> int:
+        """Number of windows in an epoch."""
+        return (self.row_length - 1 - self.offset(epoch)) // self.num_steps
+
+    def tokens_per_epoch(self, epoch: int = 1) -> int:
+        """Target tokens the epoch predicts."""
+        return self.batches_in_epoch(epoch) * self.num_steps * self.batch_size
+
+    def window(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Returns batch ``index`` of ``epoch`` as numpy (inputs, targets), each ``[batch, num_steps]``."""
+        start = self.offset(epoch) + index * self.num_steps
+        return (self.rows[:, start:start + self.num_steps],
+                self.rows[:, start + 1:start + 1 + self.num_steps])
+
+    def dataset(self, epoch: int, start_index: int = 0) -> tf.data.Dataset:
+        """A tf.data pipeline of the epoch's windows from ``start_index`` on, prefetched.
+
+        Deterministic: the windows depend only on the data, ``epoch`` and the seed.
+        """
+        rows = tf.constant(self.rows)
+        offset, n = self.offset(epoch), self.num_steps
+
+        def window(i):
+            start = tf.cast(offset + i * n, tf.int32)
+            return rows[:, start:start + n], rows[:, start + 1:start + 1 + n]
+
+        return (tf.data.Dataset.range(start_index, self.batches_in_epoch(epoch))
+                .map(window, num_parallel_calls=1, deterministic=True)
+                .prefetch(2))

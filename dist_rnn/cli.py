@@ -1,0 +1,74 @@
+"""The ``dist-rnn`` command line: parse arguments, call :mod:`dist_rnn.app`.
+
+Bad input of any kind ends with one ``error: ...`` line on stderr and exit
+code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        sys.stderr.write(f"error: {self.prog}: {message}\n")
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of all subcommands."""
+    parser = _Parser(prog="dist-rnn", description="Train, evaluate and sample recurrent language models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a new run, or resume one")
+    t.add_argument("configs", nargs="*", metavar="CONFIG", help="YAML files, merged left to right")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, value parsed as YAML (repeatable)")
+    t.add_argument("--run-dir", help="run directory (default runs/<last config name>); an existing run resumes")
+
+    e = sub.add_parser("eval", help="evaluate the latest checkpoint of a run")
+    e.add_argument("--run-dir", required=True)
+    e.add_argument("--split", choices=["valid", "test"], default="valid")
+
+    g = sub.add_parser("generate", help="sample text from the latest checkpoint of a run")
+    g.add_argument("--run-dir", required=True)
+    g.add_argument("--prime", default="", help="text that warms up the state")
+    g.add_argument("--length", type=int, default=200, help="tokens to generate")
+    g.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 is greedy")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1: off)")
+    g.add_argument("--num-samples", type=int, default=1, help="samples generated in one batch")
+    g.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``dist-rnn`` console script; returns the exit code."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args = build_parser().parse_args(argv)
+    from dist_rnn.errors import UserError
+
+    try:
+        from dist_rnn import app
+
+        if args.command == "train":
+            app.train(args.configs, args.overrides, args.run_dir)
+        elif args.command == "eval":
+            app.print_json_line(app.evaluate(args.run_dir, args.split))
+        elif args.command == "generate":
+            app.generate(args.run_dir, args.prime, args.length, args.temperature, args.top_k, args.top_p,
+                         args.seed, args.num_samples)
+    except UserError as e:
+        sys.stdout.flush()
+        sys.stderr.write(f"error: {e}\n")
+        return e.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

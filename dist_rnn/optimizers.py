@@ -1,0 +1,39 @@
+"""Optimizer construction.
+
+Optimizers are built without Keras' own clipping (``clipnorm``,
+``global_clipnorm``): Keras clips each replica's local gradient before the
+all-reduce. dist-rnn clips the reduced gradient itself (see
+:mod:`dist_rnn.gradients`).
+"""
+
+from __future__ import annotations
+
+import keras
+
+from dist_rnn.config import OptimizerConfig
+
+
+def build_optimizer(config: OptimizerConfig) -> keras.optimizers.Optimizer:
+    """Creates the configured Keras optimizer (call inside the strategy scope).
+
+    Args:
+        config: The ``optimizer`` section. The learning rate is a variable
+            the trainer assigns each step from the schedule.
+
+    Returns:
+        The optimizer, not yet built.
+    """
+    lr = config.learning_rate
+    if config.name == "sgd":
+        return keras.optimizers.SGD(learning_rate=lr, momentum=config.momentum)
+    if config.name == "adam":
+        return keras.optimizers.Adam(learning_rate=lr, beta_1=config.beta_1, beta_2=config.beta_2,
+                                     epsilon=config.epsilon)
+    if config.name == "adamw":
+        return keras.optimizers.AdamW(learning_rate=lr, beta_1=config.beta_1, beta_2=config.beta_2,
+                                      epsilon=config.epsilon, weight_decay=config.weight_decay)
+    if config.name == "rmsprop":
+        return keras.optimizers.RMSprop(learning_rate=lr, momentum=config.momentum, epsilon=config.epsilon)
+    if config.name == "adagrad":
+        return keras.optimizers.Adagrad(learning_rate=lr, epsilon=config.epsilon)
+    raise ValueError(f"unknown optimizer {config.name}")

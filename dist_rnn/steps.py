@@ -1,0 +1,94 @@
+"""Compiled training and evaluation steps.
+
+Each step runs per replica on that replica's rows and carried state, and
+returns the replica's new state. The training step follows the gradient path
+of :mod:`dist_rnn.gradients`.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from dist_rnn import gradients
+from dist_rnn.distribution import Backend
+
+
+def token_loss_sum(targets: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
+    """Sum of token cross-entropies (nats) over a window."""
+    losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.cast(targets, tf.int32), logits=logits)
+    return tf.reduce_sum(losses)
+
+
+class StepFunctions:
+    """Builds the tf.functions of one run.
+
+    Args:
+        model: The language model.
+        optimizer: A built Keras optimizer (without Keras-side clipping).
+        backend: The distribution backend.
+        global_batch: Rows of the global training batch.
+        num_steps: Window length.
+        clip_norm: Global-norm clip of the reduced gradient (0: off).
+        loss_scale: A :class:`~dist_rnn.gradients.DynamicLossScale` under
+            float16, else None.
+        jit_compile: Compile the per-replica step with XLA.
+    """
+
+    def __init__(self, model, optimizer, backend: Backend, global_batch: int, num_steps: int,
+                 clip_norm: float, loss_scale=None, jit_compile: bool = False):
+        self.model = model
+        self.optimizer = optimizer
+        self.backend = backend
+        self.global_tokens = float(global_batch * num_steps)
+        self.clip_norm = clip_norm
+        self.loss_scale = loss_scale
+        self.variables = list(model.trainable_variables)
+        self._forward_backward = tf.function(self._forward_backward_impl, jit_compile=jit_compile)
+        self.train_step = tf.function(self._train_step)
+        self.eval_step = tf.function(self._eval_step)
+
+    def _forward_backward_impl(self, inputs, targets, states, seed, scale):
+        with tf.GradientTape() as tape:
+            logits, new_states = self.model(inputs, states, training=True, seed=seed)
+            loss_sum = token_loss_sum(targets, logits)
+            # Loss of this replica's rows as a share of the global mean: the
+            # all-reduced SUM of these gradients is the global-mean gradient.
+            objective = loss_sum / self.global_tokens * scale
+        grads = tape.gradient(objective, self.variables)
+        return loss_sum, new_states, gradients.densify(grads)
+
+    def _replica_train(self, inputs, targets, states, seed):
+        replica_seed = tf.random.experimental.stateless_fold_in(seed, self.backend.replica_id())
+        scale = self.loss_scale.scale.read_value() if self.loss_scale is not None else tf.constant(1.0)
+        loss_sum, new_states, grads = self._forward_backward(inputs, targets, states, replica_seed, scale)
+        grads = self.backend.all_reduce_sum(grads)
+        if self.loss_scale is not None:
+            grads = [g / scale for g in grads]
+        finite = gradients.all_finite(grads)
+        grad_norm = gradients.global_norm(grads)
+        grads = gradients.clip_by_global_norm(grads, self.clip_norm, grad_norm)
+        self.backend.apply_once(self._apply, grads, finite)
+        return loss_sum, new_states, grad_norm, finite
+
+    def _apply(self, grads, finite):
+        def apply():
+            self.optimizer.apply(grads, self.variables)
+            return tf.constant(True)
+
+        tf.cond(finite, apply, lambda: tf.constant(False))
+        if self.loss_scale is not None:
+            self.loss_scale.update(finite)
+
+    def _train_step(self, inputs, targets, states, seed):
+        """Returns (global loss sum, per-replica new states, grad norm, finite flag)."""
+        loss_sum, states, grad_norm, finite = self.backend.run(self._replica_train, (inputs, targets, states, seed))
+        return self.backend.reduce_sum(loss_sum), states, self.backend.first(grad_norm), self.backend.first(finite)
+
+    def _replica_eval(self, inputs, targets, states):
+        logits, new_states = self.model(inputs, states, training=False)
+        return token_loss_sum(targets, logits), new_states
+
+    def _eval_step(self, inputs, targets, states):
+        """Returns (global loss sum, per-replica new states)."""
+        loss_sum, states = self.backend.run(self._replica_eval, (inputs, targets, states))
+        return self.backend.reduce_sum(loss_sum), states

@@ -1,0 +1,279 @@
+"""The training loop: stateful truncated BPTT on any backend.
+
+One trainer for every backend: the replica logic sits behind
+:class:`~dist_rnn.distribution.Backend`, the gradient order in
+:mod:`dist_rnn.steps`. The recurrent state is carried per replica from batch to
+batch within an epoch and reset at each epoch start; evaluation does the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from dist_rnn.batching import StreamBatcher
+from dist_rnn.checkpoints import Checkpointer, TrainingState
+from dist_rnn.config import Config
+from dist_rnn.dataset import EncodedCorpus
+from dist_rnn.distribution import Backend
+from dist_rnn.errors import UserError
+from dist_rnn.generation import Sampler, model_step_fn
+from dist_rnn.gradients import DynamicLossScale
+from dist_rnn.model import build_model, check_cudnn_requirement, kernel_report
+from dist_rnn.optimizers import build_optimizer
+from dist_rnn.run_dir import RunDirectory
+from dist_rnn.schedules import learning_rate_at
+from dist_rnn.steps import StepFunctions
+from dist_rnn.summaries import MetricsLogger, perplexity
+
+log = logging.getLogger("dist_rnn")
+
+
+class NonFiniteLossError(UserError):
+    """Training produced a non-finite loss in float32."""
+
+
+@dataclass
+class EvalResult:
+    """Loss over a whole split, in nats per token."""
+
+    split: str
+    loss: float
+    tokens: int
+    level: str
+
+    def as_dict(self) -> dict:
+        """``split``, ``loss``, ``perplexity``, ``tokens`` and ``bpc`` (char level)."""
+        out = {"split": self.split, "loss": self.loss, "perplexity": perplexity(self.loss), "tokens": self.tokens}
+        if self.level == "char":
+            out["bpc"] = self.loss / math.log(2)
+        return out
+
+
+def set_precision(precision: str) -> None:
+    """Sets the Keras global dtype policy; warns that float16 is slow on a CPU."""
+    keras.mixed_precision.set_global_policy(precision)
+    if precision == "mixed_float16" and not tf.config.list_logical_devices("GPU"):
+        log.warning("warning: train.precision mixed_float16 on a CPU works but is slow; "
+                    "use mixed_bfloat16 or float32 on CPU")
+
+
+class Trainer:
+    """Builds model, optimizer and steps for a run, and trains, evaluates and samples.
+
+    Args:
+        config: The validated run config.
+        run_dir: The run directory.
+        backend: The distribution backend (replica count known).
+        corpus: The encoded corpus.
+
+    Raises:
+        UserError: If a split is too small for one batch, or ``model.cudnn``
+            is ``require`` and a layer cannot use the fused kernel.
+    """
+
+    def __init__(self, config: Config, run_dir: RunDirectory, backend: Backend, corpus: EncodedCorpus):
+        self.config = config
+        self.run_dir = run_dir
+        self.backend = backend
+        self.corpus = corpus
+        t = config.train
+        self.eval_batch_size = t.eval_batch_size or t.batch_size
+        self.train_batches = StreamBatcher(corpus.train, t.batch_size, t.num_steps, "train", t.seed,
+                                           config.data.random_offset)
+        self.eval_batches = {split: StreamBatcher(corpus.split(split), self.eval_batch_size, t.num_steps, split)
+                             for split in ("valid", "test") if len(corpus.split(split))}
+        self.kernels = kernel_report(config.model, bool(tf.config.list_logical_devices("GPU")))
+        check_cudnn_requirement(config.model, self.kernels)
+        with backend.scope():
+            self.model = build_model(config.model, len(corpus.vocab), t.seed)
+            self.optimizer = build_optimizer(config.optimizer)
+            self.optimizer.build(self.model.trainable_variables)
+            self.loss_scale = DynamicLossScale(t.loss_scale) if t.precision == "mixed_float16" else None
+        self.state = TrainingState([(t.batch_size, config.model.hidden_size)] * self.model.num_state_tensors)
+        self.steps = StepFunctions(self.model, self.optimizer, backend, t.batch_size, t.num_steps,
+                                   config.optimizer.clip_norm, self.loss_scale, t.jit_compile)
+        objects = dict(model=self.model, optimizer=self.optimizer, training_state=self.state)
+        if self.loss_scale is not None:
+            objects["loss_scale"] = self.loss_scale
+        self.checkpointer = Checkpointer(run_dir.checkpoints, config.checkpoint.keep, **objects)
+        self.metrics: MetricsLogger | None = None
+
+    # ------------------------------------------------------------------ setup
+
+    def restore(self) -> str | None:
+        """Restores the newest checkpoint, if any; returns its path."""
+        path = self.checkpointer.restore_latest()
+        self.backend.after_optimizer_built(self.model.variables + self.optimizer.variables)
+        return path
+
+    @property
+    def parameter_count(self) -> int:
+        """Number of trainable weights."""
+        return int(sum(np.prod(v.shape) for v in self.model.trainable_variables))
+
+    def summary_lines(self) -> list[str]:
+        """The run summary printed at start."""
+        c, t, b = self.config, self.config.train, self.backend
+        tokens_per_step = t.batch_size * t.num_steps
+        lines = [
+            f"run directory   {self.run_dir.path}",
+            f"backend         {b.name}: {b.num_replicas} replica(s), {b.num_workers} worker(s), devices {', '.join(b.devices)}",
+            f"precision       {t.precision}" + (" (XLA)" if t.jit_compile else ""),
+            f"batch           global {t.batch_size} x {t.num_steps} steps = {tokens_per_step} tokens/step, "
+            f"{t.batch_size // b.num_replicas} rows per replica",
+            f"model           {c.model.num_layers} x {c.model.cell} {c.model.hidden_size}, embedding "
+            f"{c.model.embedding_size}, vocab {len(self.corpus.vocab)} ({c.data.level}), "
+            f"{self.parameter_count:,} parameters",
+            f"data            {c.data.corpus}: train {len(self.corpus.train):,} / valid {len(self.corpus.valid):,} / "
+            f"test {len(self.corpus.test):,} tokens; {self.train_batches.batches_in_epoch()} steps per epoch",
+            f"optimizer       {c.optimizer.name} lr {c.optimizer.learning_rate:g} ({c.optimizer.schedule.name}), "
+            f"clip {c.optimizer.clip_norm:g}",
+        ]
+        return lines + [k.line() for k in self.kernels]
+
+    # --------------------------------------------------------------- training
+
+    def _zero_states(self, batch_size: int):
+        return self.backend.shard(self.model.initial_state(batch_size))
+
+    def _total_steps(self) -> int | None:
+        t = self.config.train
+        by_epochs = None
+        if t.max_epochs is not None:
+            by_epochs = sum(self.train_batches.batches_in_epoch(e) for e in range(1, t.max_epochs + 1))
+        if t.max_steps is None:
+            return by_epochs
+        return t.max_steps if by_epochs is None else min(t.max_steps, by_epochs)
+
+    def train(self, metrics: MetricsLogger) -> dict:
+        """Trains until ``max_steps`` or ``max_epochs``, then evaluates, saves and samples.
+
+        Args:
+            metrics: Where log points go.
+
+        Returns:
+            ``{"step", "epoch", "valid"}`` with the final validation result (or None).
+
+        Raises:
+            NonFiniteLossError: If the float32 loss becomes NaN or infinite.
+        """
+        self.metrics = metrics
+        c, t = self.config, self.config.train
+        step, epoch, index = int(self.state.step), int(self.state.epoch), int(self.state.batch_in_epoch)
+        total = self._total_steps()
+        if index > 0:
+            states = self.backend.shard(tuple(v.read_value() for v in self.state.carried))
+        else:
+            states = self._zero_states(t.batch_size)
+        tokens_per_step = t.batch_size * t.num_steps
+        pending: list[tf.Tensor] = []
+        last_time, last_step = time.perf_counter(), step
+        finished = total is not None and step >= total
+        while not finished:
+            if t.max_epochs is not None and epoch > t.max_epochs:
+                break
+            n_batches = self.train_batches.batches_in_epoch(epoch)
+            if index == 0:
+                states = self._zero_states(t.batch_size)
+            for inputs, targets in self.train_batches.dataset(epoch, index):
+                lr = learning_rate_at(c.optimizer, step, epoch, t.max_steps, self.backend.num_replicas)
+                self.optimizer.learning_rate.assign(lr)
+                x, y = self.backend.shard((inputs, targets))
+                seed = tf.constant([t.seed, step], tf.int64)
+                loss_sum, states, grad_norm, finite = self.steps.train_step(x, y, states, seed)
+                step, index = step + 1, index + 1
+                pending.append(loss_sum)
+                metrics.progress(step, total or 0, f"epoch {epoch}")
+                last = (total is not None and step >= total)
+                if step % t.log_every == 0 or last or index == n_batches:
+                    loss = float(tf.add_n(pending)) / (len(pending) * tokens_per_step)
+                    now = time.perf_counter()
+                    rate = (step - last_step) * tokens_per_step / max(now - last_time, 1e-9)
+                    self._check_finite(loss, step, states, epoch, index)
+                    values = {"epoch": epoch, "loss": loss, "learning_rate": lr,
+                              "grad_norm": float(grad_norm),
+                              "tokens_per_sec": rate, "tokens_per_sec_per_replica": rate / self.backend.num_replicas,
+                              "step_time": (now - last_time) / max(step - last_step, 1)}
+                    if self.loss_scale is not None:
+                        values["loss_scale"] = float(self.loss_scale.scale.read_value())
+                        values["skipped_steps"] = int(self.loss_scale.skipped_steps.read_value())
+                    metrics.train(step, values)
+                    pending, last_time, last_step = [], time.perf_counter(), step
+                if t.eval_every and step % t.eval_every == 0 and not last:
+                    self._evaluate_and_log(step)
+                    last_time = time.perf_counter()
+                if c.checkpoint.every_steps and step % c.checkpoint.every_steps == 0 and not last:
+                    self.save(step, epoch, index, states)
+                    last_time = time.perf_counter()
+                if last:
+                    finished = True
+                    break
+            if not finished:
+                epoch, index = epoch + 1, 0
+        if index >= self.train_batches.batches_in_epoch(epoch):
+            epoch, index = epoch + 1, 0
+        self.save(step, epoch, index, states)
+        valid = self._evaluate_and_log(step)
+        return {"step": step, "epoch": epoch, "valid": valid.as_dict() if valid else None}
+
+    def _check_finite(self, loss: float, step: int, states, epoch: int, index: int) -> None:
+        if math.isfinite(loss) or self.config.train.precision == "mixed_float16":
+            return
+        raise NonFiniteLossError(
+            f"training loss became {loss} at step {step}; the last good checkpoint is "
+            f"{self.checkpointer.latest or 'none'} (lower optimizer.learning_rate or set optimizer.clip_norm)")
+
+    def save(self, step: int, epoch: int, index: int, states) -> str | None:
+        """Saves a checkpoint of the current position and carried state (chief writes)."""
+        self.state.step.assign(step)
+        self.state.epoch.assign(epoch)
+        self.state.batch_in_epoch.assign(index)
+        for var, value in zip(self.state.carried, self.backend.gather(states)):
+            var.assign(value)
+        if not self.backend.is_chief:
+            return None
+        path = self.checkpointer.save(step)
+        log.info(f"saved checkpoint {path}")
+        return path
+
+    # ------------------------------------------------------------- evaluation
+
+    def _evaluate_and_log(self, step: int) -> EvalResult | None:
+        if "valid" not in self.eval_batches:
+            return None
+        result = self.evaluate("valid")
+        self.metrics.evaluation(step, "valid", {"loss": result.loss, "tokens": result.tokens})
+        if self.config.train.sample_length:
+            text = self.sample(self.config.train.sample_prime, self.config.train.sample_length, seed=0)
+            self.metrics.text("valid", "sample", text, step)
+        return result
+
+    def evaluate(self, split: str) -> EvalResult:
+        """Evaluates a whole split with the state carried across batches.
+
+        Raises:
+            UserError: If the split is empty.
+        """
+        if split not in self.eval_batches:
+            raise UserError(f"the {split} split of this corpus is empty")
+        batches = self.eval_batches[split]
+        states = self._zero_states(self.eval_batch_size)
+        total = tf.constant(0.0, tf.float64)
+        for inputs, targets in batches.dataset(epoch=1):
+            loss_sum, states = self.steps.eval_step(*self.backend.shard((inputs, targets)), states)
+            total += tf.cast(loss_sum, tf.float64)
+        tokens = batches.tokens_per_epoch()
+        return EvalResult(split, float(total) / tokens, tokens, self.corpus.vocab.level)
+
+    def sample(self, prime: str, length: int, seed: int = 0, temperature: float = 0.8) -> str:
+        """Generates a text sample from the current weights."""
+        sampler = Sampler(model_step_fn(self.model), self.corpus.vocab)
+        ids = sampler.generate(prime, length, temperature=temperature, seed=seed)[0]
+        return self.corpus.vocab.decode(ids)
