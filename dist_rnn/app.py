@@ -26,7 +26,8 @@ def resolve_train_config(config_paths: list[str], overrides: list[str],
 
     A run directory that already holds ``config.yaml`` is resumed: its saved
     config is the base, the given files and overrides are merged on top, and
-    changes to the model or vocabulary are refused.
+    changes to the model or vocabulary are refused. A new run starts from the
+    defaults, the files and the overrides.
 
     Returns:
         The config, the run directory and the list of changed keys on resume.
@@ -48,7 +49,8 @@ def resolve_train_config(config_paths: list[str], overrides: list[str],
             raise UserError(f"cannot resume {rd.path} with a different model or vocabulary: " + "; ".join(diffs)
                             + " (use a new --run-dir)")
         return config, rd, changed_keys(saved, config)
-    if not config_paths:
+    if not config_paths and not overrides:
+        # A bare --run-dir means "resume": a typo must not start a new run.
         raise UserError(f"{rd.path} is not a dist-rnn run directory (no config.yaml); pass a CONFIG file to start one")
     return load_config(config_paths, overrides), rd, []
 

@@ -498,7 +498,12 @@ def _try_coerce(value: Any, hint) -> Any:
                 return result
         return _NO_MATCH
     if origin is Literal:
-        return value if value in typing.get_args(hint) and not isinstance(value, bool) else _NO_MATCH
+        choices = typing.get_args(hint)
+        if isinstance(value, bool):
+            # YAML 1.1 reads a bare `off`/`on` as false/true: map it back.
+            word = "on" if value else "off"
+            return word if word in choices else _NO_MATCH
+        return value if value in choices else _NO_MATCH
     if origin is list:
         if not isinstance(value, (list, tuple)):
             return _NO_MATCH

@@ -87,14 +87,15 @@ class Backend:
         """Sums tensors over all replicas (called in replica context)."""
         return values
 
-    def apply_once(self, fn: Callable, grads: list, finite: tf.Tensor) -> None:
-        """Calls ``fn(grads, finite)`` once, in cross-replica context, from replica context.
+    def apply_if_finite(self, apply_fn: Callable, grads: list, finite: tf.Tensor, finalize_fn: Callable) -> None:
+        """Applies the reduced gradients on every replica, or on none.
 
-        ``grads`` and ``finite`` must be identical on every replica (reduced
-        gradients, the agreed finite flag): variable updates then happen once
-        per step, and Keras does not all-reduce the gradients a second time.
+        Called in replica context with ``grads`` and ``finite`` identical on
+        every replica. ``apply_fn(grads)`` runs per replica only if ``finite``;
+        ``finalize_fn(finite)`` (loss-scale bookkeeping) runs once.
         """
-        fn(grads, finite)
+        tf.cond(finite, lambda: _call_true(apply_fn, grads), lambda: tf.constant(False))
+        finalize_fn(finite)
 
     def local_results(self, value: Any) -> list:
         """Per-replica results of :meth:`run` hosted by this process, in replica order."""
@@ -167,12 +168,20 @@ class MirroredBackend(Backend):
     def all_reduce_sum(self, values):
         return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, values)
 
-    def apply_once(self, fn, grads, finite):
+    def apply_if_finite(self, apply_fn, grads, finite, finalize_fn):
         def merge_fn(strategy, grads, finite):
-            # The flag is identical on every replica: use the first copy.
-            # Gradients stay per-replica so each device updates its own
-            # variable copy from its own (identical) reduced gradient.
-            fn(grads, strategy.experimental_local_results(finite)[0])
+            # The flag is identical on every replica: take the first copy. The
+            # cond must be built in cross-replica context (a replica-context
+            # cond cannot contain the optimizer's merge_call); each replica
+            # then updates its variable copy from its own reduced gradient.
+            finite = strategy.experimental_local_results(finite)[0]
+
+            def apply():
+                strategy.extended.call_for_each_replica(apply_fn, args=(grads,))
+                return tf.constant(True)
+
+            tf.cond(finite, apply, lambda: tf.constant(False))
+            finalize_fn(finite)
 
         tf.distribute.get_replica_context().merge_call(merge_fn, args=(grads, finite))
 
@@ -181,6 +190,11 @@ class MirroredBackend(Backend):
 
     def reduce_sum(self, value):
         return self.strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
+
+
+def _call_true(fn: Callable, *args) -> tf.Tensor:
+    fn(*args)
+    return tf.constant(True)
 
 
 def _rows(tensor, replica: int, num_replicas: int):

@@ -21,8 +21,31 @@ def build_optimizer(config: OptimizerConfig) -> keras.optimizers.Optimizer:
             the trainer assigns each step from the schedule.
 
     Returns:
-        The optimizer, not yet built.
+        The optimizer, not yet built, applying gradients as given (already
+        all-reduced by dist-rnn).
     """
+    return applying_reduced_gradients(_create(config))
+
+
+def applying_reduced_gradients(optimizer: keras.optimizers.Optimizer) -> keras.optimizers.Optimizer:
+    """Stops the optimizer from summing gradients over replicas a second time.
+
+    Keras' TensorFlow optimizer all-reduces (sums) gradients in replica context
+    right before its update (``_all_reduce_sum_gradients``). dist-rnn hands it
+    gradients that are already reduced, unscaled and clipped, so that sum would
+    multiply them by the replica count. Making it the identity on this instance
+    keeps one all-reduce per step; ``tests/test_distributed.py`` checks the
+    result against a single device, and ``tests/test_gradient_path.py`` fails
+    if a Keras upgrade drops the hook.
+    """
+    if not hasattr(optimizer, "_all_reduce_sum_gradients"):
+        raise RuntimeError("this Keras optimizer has no _all_reduce_sum_gradients hook; "
+                           "dist-rnn's gradient path needs revisiting for this Keras version")
+    optimizer._all_reduce_sum_gradients = lambda grads_and_vars: list(grads_and_vars)
+    return optimizer
+
+
+def _create(config: OptimizerConfig) -> keras.optimizers.Optimizer:
     lr = config.learning_rate
     if config.name == "sgd":
         return keras.optimizers.SGD(learning_rate=lr, momentum=config.momentum)

@@ -67,15 +67,13 @@ class StepFunctions:
         finite = gradients.all_finite(grads)
         grad_norm = gradients.global_norm(grads)
         grads = gradients.clip_by_global_norm(grads, self.clip_norm, grad_norm)
-        self.backend.apply_once(self._apply, grads, finite)
+        self.backend.apply_if_finite(self._apply, grads, finite, self._after_apply)
         return loss_sum, new_states, grad_norm, finite
 
-    def _apply(self, grads, finite):
-        def apply():
-            self.optimizer.apply(grads, self.variables)
-            return tf.constant(True)
+    def _apply(self, grads):
+        self.optimizer.apply(grads, self.variables)
 
-        tf.cond(finite, apply, lambda: tf.constant(False))
+    def _after_apply(self, finite):
         if self.loss_scale is not None:
             self.loss_scale.update(finite)
 

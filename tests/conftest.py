@@ -1,0 +1,43 @@
+"""Shared test fixtures: real data from ../shared and small configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+SHAKESPEARE = SHARED_DATA / "tinyshakespeare" / "input.txt"
+PTB = SHARED_DATA / "ptb"
+
+
+@pytest.fixture(scope="session")
+def shakespeare_slice(tmp_path_factory) -> Path:
+    """The first 120k characters of tiny-shakespeare as a local file."""
+    if not SHAKESPEARE.is_file():
+        pytest.skip(f"needs {SHAKESPEARE} (CI always has ../shared)")
+    path = tmp_path_factory.mktemp("data") / "shakespeare_120k.txt"
+    path.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:120_000], encoding="utf-8")
+    return path
+
+
+def tiny_config(data_path: Path, **sections):
+    """A validated small config on a local file; ``sections`` override keys per section."""
+    from dist_rnn.config import config_from_dict
+
+    base = {
+        "data": {"corpus": "file", "path": str(data_path), "split": [0.8, 0.2, 0.0]},
+        "model": {"cell": "lstm", "num_layers": 2, "hidden_size": 32, "embedding_size": 16},
+        "optimizer": {"name": "adam", "learning_rate": 0.01, "clip_norm": 5.0},
+        "train": {"batch_size": 8, "num_steps": 20, "max_steps": 20, "max_epochs": None, "log_every": 10,
+                  "sample_length": 0},
+        "checkpoint": {"every_steps": 0},
+        "logging": {"progress": "off"},
+    }
+    for section, values in sections.items():
+        base.setdefault(section, {}).update(values)
+    return config_from_dict(base)
