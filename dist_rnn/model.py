@@ -183,6 +183,10 @@ class LanguageModel(keras.Model):
             vocab_size, config.embedding_size, name="embedding",
             embeddings_initializer=initializer or keras.initializers.RandomUniform(-0.05, 0.05, seed=seed))
         self.recurrent_layers = [_recurrent_layer(config, i, initializer, seed) for i in range(config.num_layers)]
+        # tf.train.Checkpoint does not see layers inside a Python list: give
+        # each its own attribute so checkpoints hold their weights under model/.
+        for i, layer in enumerate(self.recurrent_layers):
+            setattr(self, f"recurrent_{i}", layer)
         self.dropouts = [StatelessDropout(config.dropout, salt=i, name=f"dropout_{i}")
                          for i in range(config.num_layers + 1)]
         self.projection = OutputProjection(vocab_size, self.embedding if config.tie_embeddings else None,

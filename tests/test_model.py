@@ -1,0 +1,89 @@
+"""The language model: weights shared across kernels, tying, dropout, state dtypes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from dist_rnn.config import ModelConfig
+from dist_rnn.model import build_model
+from dist_rnn.trainer import set_precision
+
+TOKENS = tf.constant(np.random.default_rng(0).integers(0, 40, size=(3, 7)), tf.int32)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_weights_load_into_generic_kernel_build_with_same_outputs(cell, tmp_path):
+    auto = build_model(ModelConfig(cell=cell, num_layers=2, hidden_size=24, embedding_size=8), 40, seed=1)
+    path = tf.train.Checkpoint(model=auto).save(str(tmp_path / "ckpt"))
+    off = build_model(ModelConfig(cell=cell, num_layers=2, hidden_size=24, embedding_size=8, cudnn="off"), 40, seed=2)
+    assert not np.allclose(off.recurrent_layers[0].get_weights()[0], auto.recurrent_layers[0].get_weights()[0])
+    tf.train.Checkpoint(model=off).restore(path).assert_existing_objects_matched()
+    assert [layer.use_cudnn for layer in off.recurrent_layers] == [False, False]
+    logits_a, states_a = auto(TOKENS)
+    logits_o, states_o = off(TOKENS)
+    np.testing.assert_allclose(logits_o.numpy(), logits_a.numpy(), atol=1e-6)
+    for a, o in zip(states_a, states_o):
+        np.testing.assert_allclose(o.numpy(), a.numpy(), atol=1e-6)
+
+
+def test_state_threading_equals_one_long_call():
+    model = build_model(ModelConfig(cell="lstm", num_layers=2, hidden_size=16, embedding_size=8), 40, seed=0)
+    full_logits, full_states = model(TOKENS)
+    first, states = model(TOKENS[:, :4])
+    second, states = model(TOKENS[:, 4:], states)
+    np.testing.assert_allclose(np.concatenate([first, second], axis=1), full_logits.numpy(), atol=1e-5)
+    for a, b in zip(states, full_states):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
+    assert len(full_states) == 4  # (h, c) per LSTM layer
+
+
+def test_tied_embeddings_share_one_matrix():
+    model = build_model(ModelConfig(cell="gru", num_layers=1, hidden_size=16, embedding_size=16, tie_embeddings=True),
+                        40, seed=0)
+    names = [v.path for v in model.trainable_variables]
+    assert not any("projection/kernel" in n for n in names)
+    logits, _ = model(TOKENS)
+    assert logits.shape == (3, 7, 40)
+    with tf.GradientTape() as tape:
+        logits, _ = model(TOKENS)
+        loss = tf.reduce_mean(logits)
+    grad = tape.gradient(loss, model.embedding.embeddings)
+    # The embedding gets gradient from the output side too: every row, not only the 7 input tokens' rows.
+    assert np.count_nonzero(np.abs(tf.convert_to_tensor(grad).numpy()).sum(axis=1)) == 40
+
+
+def test_dropout_is_a_pure_function_of_the_seed_and_only_in_training():
+    model = build_model(ModelConfig(cell="lstm", num_layers=2, hidden_size=16, embedding_size=8, dropout=0.5),
+                        40, seed=0)
+    seed_a, seed_b = tf.constant([1, 2], tf.int64), tf.constant([1, 3], tf.int64)
+    a1, _ = model(TOKENS, training=True, seed=seed_a)
+    a2, _ = model(TOKENS, training=True, seed=seed_a)
+    b, _ = model(TOKENS, training=True, seed=seed_b)
+    eval1, _ = model(TOKENS, training=False, seed=seed_a)
+    eval2, _ = model(TOKENS)
+    np.testing.assert_array_equal(a1.numpy(), a2.numpy())
+    assert np.abs(a1.numpy() - b.numpy()).max() > 1e-3
+    np.testing.assert_array_equal(eval1.numpy(), eval2.numpy())
+    assert np.abs(a1.numpy() - eval1.numpy()).max() > 1e-3
+
+
+def test_mixed_precision_keeps_float32_logits_state_and_variables():
+    try:
+        set_precision("mixed_bfloat16")
+        model = build_model(ModelConfig(cell="lstm", num_layers=2, hidden_size=16, embedding_size=8), 40, seed=0)
+        logits, states = model(TOKENS)
+        assert logits.dtype == tf.float32
+        assert all(s.dtype == tf.float32 for s in states)
+        assert {v.dtype for v in model.trainable_variables} == {"float32"}
+        assert model.recurrent_layers[0].compute_dtype == "bfloat16"
+    finally:
+        set_precision("float32")
+
+
+def test_checkpoint_of_the_model_alone_holds_every_weight(tmp_path):
+    model = build_model(ModelConfig(cell="lstm", num_layers=3, hidden_size=8, embedding_size=4), 20, seed=0)
+    path = tf.train.Checkpoint(model=model).save(str(tmp_path / "ckpt"))
+    saved = {name for name, _ in tf.train.list_variables(path) if name.startswith("model/")}
+    assert len(saved) == len(model.trainable_variables) == 1 + 3 * 3 + 2
