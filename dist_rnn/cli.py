@@ -67,7 +67,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
+    except Exception as e:
+        if _is_lost_peer(e):
+            first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
+            sys.stderr.write(f"error: a collective operation failed, another worker probably died: {first[:300]}\n")
+            return 1
+        raise
     return 0
+
+
+def _is_lost_peer(error: Exception) -> bool:
+    """Whether an error is a collective that failed because a peer worker or rank is gone."""
+    tf = sys.modules.get("tensorflow")
+    if tf is not None and isinstance(error, (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+                                             tf.errors.CancelledError)):
+        return True
+    return type(error).__module__.startswith("horovod") or "HorovodInternalError" in type(error).__name__
 
 
 if __name__ == "__main__":

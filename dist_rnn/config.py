@@ -250,10 +250,14 @@ class DistributeConfig:
             or ``horovod``.
         cpu_devices: Logical CPU devices for ``mirrored`` on a host without
             GPUs (0: use the GPUs).
+        timeout_seconds: ``multiworker``: a collective that waits longer than
+            this fails, so a dead worker stops the others instead of hanging
+            them.
     """
 
     backend: Literal["none", "mirrored", "multiworker", "horovod"] = "none"
     cpu_devices: int = 0
+    timeout_seconds: float = 300.0
 
 
 @dataclass
@@ -595,6 +599,7 @@ def validate(config: Config) -> None:
     _require(c.keep >= 1, "checkpoint.keep", f"must be at least 1, got {c.keep}")
     dist = config.distribute
     _require(dist.cpu_devices >= 0, "distribute.cpu_devices", f"must be >= 0, got {dist.cpu_devices}")
+    _require(dist.timeout_seconds > 0, "distribute.timeout_seconds", f"must be positive, got {dist.timeout_seconds}")
     _require(dist.cpu_devices == 0 or dist.backend == "mirrored", "distribute.cpu_devices", "only the mirrored backend uses logical CPU devices")
     if dist.backend == "mirrored" and dist.cpu_devices:
         check_divisible(config, dist.cpu_devices)

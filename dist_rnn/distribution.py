@@ -10,12 +10,10 @@ once, in cross-replica context, with ``apply_once``. Everything else
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from typing import Any, Callable
 
-import numpy as np
 import tensorflow as tf
 
 from dist_rnn.config import DistributeConfig
@@ -157,7 +155,7 @@ class MirroredBackend(Backend):
         return self.strategy.experimental_distribute_values_from_function(value_fn)
 
     def gather(self, value):
-        return tf.nest.map_structure(lambda v: tf.concat(self.strategy.experimental_local_results(v), 0), value)
+        return tf.nest.map_structure(lambda v: self.strategy.gather(v, axis=0), value)
 
     def run(self, fn, args):
         return self.strategy.run(fn, args=args)
@@ -190,6 +188,118 @@ class MirroredBackend(Backend):
 
     def reduce_sum(self, value):
         return self.strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
+
+
+class MultiWorkerBackend(MirroredBackend):
+    """tf.distribute.MultiWorkerMirroredStrategy from ``TF_CONFIG`` (NCCL on GPUs, ring on CPUs).
+
+    Every worker builds the same global batch and keeps the rows of its own
+    replicas. Collectives time out after ``timeout_seconds``, so a dead worker
+    makes the others fail instead of hanging.
+
+    Args:
+        timeout_seconds: Collective timeout.
+
+    Raises:
+        UserError: If ``TF_CONFIG`` is missing or malformed.
+    """
+
+    name = "multiworker"
+
+    def __init__(self, timeout_seconds: float):
+        Backend.__init__(self)
+        cluster, task = parse_tf_config(os.environ.get("TF_CONFIG"))
+        gpus = tf.config.list_physical_devices("GPU")
+        implementation = (tf.distribute.experimental.CommunicationImplementation.NCCL if gpus
+                          else tf.distribute.experimental.CommunicationImplementation.RING)
+        options = tf.distribute.experimental.CommunicationOptions(implementation=implementation,
+                                                                  timeout_seconds=timeout_seconds)
+        self.strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+        self.num_replicas = self.strategy.num_replicas_in_sync
+        workers = cluster.get("chief", []) + cluster.get("worker", [])
+        self.num_workers = len(workers)
+        self.worker_index = task["index"] + (len(cluster.get("chief", [])) if task["type"] == "worker" else 0)
+
+    def local_replica_ids(self) -> list[int]:
+        per_worker = self.num_replicas // self.num_workers
+        return list(range(self.worker_index * per_worker, (self.worker_index + 1) * per_worker))
+
+
+def parse_tf_config(text: str | None) -> tuple[dict, dict]:
+    """Reads the cluster and this task from a ``TF_CONFIG`` JSON string.
+
+    Raises:
+        UserError: If it is missing, not JSON, or lacks cluster/task entries.
+    """
+    if not text:
+        raise UserError("distribute.backend 'multiworker' needs the TF_CONFIG environment variable "
+                        "(start workers with launch/multiworker.sh)")
+    try:
+        data = json.loads(text)
+        cluster, task = data["cluster"], data["task"]
+        if task["type"] not in cluster or not 0 <= int(task["index"]) < len(cluster[task["type"]]):
+            raise KeyError("task")
+        return cluster, {"type": task["type"], "index": int(task["index"])}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"TF_CONFIG is not a valid cluster description ({e.__class__.__name__}: {e})") from None
+
+
+class HorovodBackend(Backend):
+    """One process per replica with the low-level ``horovod.tensorflow`` API.
+
+    Gradients are summed with ``hvd.grouped_allreduce``; model and optimizer
+    variables are broadcast from rank 0 after the optimizer is built (and
+    after a restore). ``horovod.tensorflow.keras`` and
+    ``DistributedGradientTape`` are not used: they do not work with Keras 3
+    variables. Each process pins one GPU by local rank.
+
+    Raises:
+        UserError: If Horovod is not installed with TensorFlow support.
+    """
+
+    name = "horovod"
+
+    def __init__(self):
+        try:
+            import horovod.tensorflow as hvd
+        except ImportError:
+            raise UserError("distribute.backend 'horovod' needs Horovod built for this TensorFlow: "
+                            "run tools/install_horovod.sh") from None
+        self.hvd = hvd
+        hvd.init()
+        gpus = tf.config.list_physical_devices("GPU")
+        if gpus:
+            gpu = gpus[hvd.local_rank() % len(gpus)]
+            tf.config.set_visible_devices(gpu, "GPU")
+            tf.config.experimental.set_memory_growth(gpu, True)
+        super().__init__()
+        self.num_replicas = hvd.size()
+        self.num_workers = hvd.size()
+        self.worker_index = hvd.rank()
+
+    def local_replica_ids(self) -> list[int]:
+        return [self.worker_index]
+
+    def shard(self, value):
+        return tf.nest.map_structure(lambda t: _rows(t, self.worker_index, self.num_replicas), value)
+
+    def gather(self, value):
+        return tf.nest.map_structure(self.hvd.allgather, value)
+
+    def replica_id(self):
+        return tf.constant(self.worker_index, tf.int32)
+
+    def all_reduce_sum(self, values):
+        return self.hvd.grouped_allreduce(values, op=self.hvd.Sum)
+
+    def reduce_sum(self, value):
+        return self.hvd.allreduce(value, op=self.hvd.Sum)
+
+    def after_optimizer_built(self, variables):
+        self.hvd.broadcast_variables([getattr(v, "value", v) for v in variables], root_rank=0)
+
+    def barrier(self):
+        self.hvd.allreduce(tf.constant(0.0), op=self.hvd.Sum)
 
 
 def _call_true(fn: Callable, *args) -> tf.Tensor:
@@ -239,4 +349,8 @@ def create_backend(config: DistributeConfig) -> Backend:
     if config.backend == "mirrored":
         configure_devices(config)
         return MirroredBackend(config.cpu_devices)
-    raise UserError(f"distribute.backend '{config.backend}' is not available in this build")
+    if config.backend == "multiworker":
+        return MultiWorkerBackend(config.timeout_seconds)
+    if config.backend == "horovod":
+        return HorovodBackend()
+    raise UserError(f"config key 'distribute.backend': unknown backend {config.backend!r}")

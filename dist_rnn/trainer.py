@@ -250,7 +250,7 @@ class Trainer:
             return None
         result = self.evaluate("valid")
         self.metrics.evaluation(step, "valid", {"loss": result.loss, "tokens": result.tokens})
-        if self.config.train.sample_length:
+        if self.config.train.sample_length and self.backend.is_chief:
             text = self.sample(self.config.train.sample_prime, self.config.train.sample_length, seed=0)
             self.metrics.text("valid", "sample", text, step)
         return result

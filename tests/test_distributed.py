@@ -9,6 +9,10 @@ schedule are both exercised.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import time
 import subprocess
 import sys
 
@@ -96,3 +100,65 @@ def test_mirrored_rejects_batch_not_divisible_by_replicas(shakespeare_slice, tmp
     assert proc.stderr.strip().splitlines()[-1].startswith("error: config key 'train.batch_size'")
     assert "Traceback" not in proc.stderr
     assert not run_dir.exists()
+
+
+def worker_env(ports: str, index: int) -> dict:
+    env = dict(os.environ)
+    env["TF_CONFIG"] = json.dumps({"cluster": {"worker": ports.split(",")}, "task": {"type": "worker", "index": index}})
+    return env
+
+
+def free_ports(n: int) -> str:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = ",".join(f"127.0.0.1:{s.getsockname()[1]}" for s in socks)
+    for s in socks:
+        s.close()
+    return ports
+
+
+def test_multiworker_two_local_processes_match_single_device(single_device_run, shakespeare_slice, tmp_path):
+    run_dir = tmp_path / "multiworker"
+    cmd = [str(REPO / "launch" / "multiworker.sh"), "-n", "2", "--", "--run-dir", str(run_dir),
+           "--set", f"data={{corpus: file, path: {shakespeare_slice}, split: [0.8, 0.2, 0.0]}}", *ARGS]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[w0] backend         multiworker: 2 replica(s), 2 worker(s)" in proc.stdout
+    assert not [line for line in proc.stdout.splitlines() if line.startswith("[w1]")]  # non-chief: warnings only
+    assert_same_run(single_device_run, run_dir)
+    # Only the chief wrote: one event file per TensorBoard folder, one metrics stream.
+    assert len(list((run_dir / "train").glob("events.*"))) == 1
+    assert len(list((run_dir / "valid").glob("events.*"))) == 1
+    assert len(metrics(run_dir)) == len(metrics(single_device_run))
+
+
+def test_multiworker_survivor_fails_fast_when_a_worker_is_killed(shakespeare_slice, tmp_path):
+    ports = free_ports(2)
+    base = [sys.executable, "-u", "-m", "dist_rnn", "train", "--run-dir", str(tmp_path / "run"),
+            "--set", f"data={{corpus: file, path: {shakespeare_slice}}}", *ARGS,
+            "--set", "train.max_steps=100000", "--set", "train.log_every=1",
+            "--set", "distribute={backend: multiworker, timeout_seconds: 15}"]
+    chief = subprocess.Popen(base, cwd=REPO, env=worker_env(ports, 0), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    other = subprocess.Popen(base, cwd=REPO, env=worker_env(ports, 1), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        for line in chief.stdout:  # wait until training is under way
+            if line.startswith("step       3"):
+                break
+        other.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        chief.stdout.close()
+        returncode = chief.wait(timeout=120)
+        elapsed = time.monotonic() - killed_at
+        stderr = chief.stderr.read()
+    finally:
+        for p in (chief, other):
+            if p.poll() is None:
+                p.kill()
+    assert returncode != 0
+    assert elapsed < 60, elapsed  # bounded by distribute.timeout_seconds (15 s), not a hang
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith("error: a collective operation failed")

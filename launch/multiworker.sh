@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Multi-worker training with tf.distribute.MultiWorkerMirroredStrategy.
+#
+#   launch/multiworker.sh -n N -- <dist-rnn train arguments>
+#       Starts N local workers on free loopback ports, each with its TF_CONFIG.
+#   launch/multiworker.sh --hosts h1:port,h2:port,... --index I -- <dist-rnn train arguments>
+#       Starts worker I of a multi-host cluster (run once on every host; the
+#       run directory must be on a filesystem all hosts share).
+#
+# Sets distribute.backend=multiworker. Output lines are prefixed with [wI].
+# SIGINT/SIGTERM are forwarded to the workers; if any worker fails, the others
+# are stopped and the script exits non-zero. $PYTHON picks the interpreter
+# (default: python3 on PATH).
+set -euo pipefail
+
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+
+n="" hosts="" index=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -n) n="${2:-}"; shift 2 || usage ;;
+    --hosts) hosts="${2:-}"; shift 2 || usage ;;
+    --index) index="${2:-}"; shift 2 || usage ;;
+    --) shift; break ;;
+    -h|--help) usage ;;
+    *) echo "error: launch/multiworker.sh: unknown argument '$1' (expected -n N or --hosts/--index, then -- and train arguments)" >&2; exit 2 ;;
+  esac
+done
+PYTHON="${PYTHON:-python3}"
+
+tf_config() {  # tf_config HOSTS_CSV INDEX
+  "$PYTHON" -c 'import json,sys; print(json.dumps({"cluster": {"worker": sys.argv[1].split(",")}, "task": {"type": "worker", "index": int(sys.argv[2])}}))' "$1" "$2"
+}
+
+if [ -n "$hosts" ]; then
+  [[ "$index" =~ ^[0-9]+$ ]] || { echo "error: launch/multiworker.sh: --hosts needs --index I" >&2; exit 2; }
+  export TF_CONFIG; TF_CONFIG=$(tf_config "$hosts" "$index")
+  exec "$PYTHON" -m dist_rnn train "$@" --set distribute.backend=multiworker
+fi
+
+[[ "$n" =~ ^[1-9][0-9]*$ ]] || { echo "error: launch/multiworker.sh: -n must be a positive number of workers, got '${n}'" >&2; exit 2; }
+ports=$("$PYTHON" - "$n" <<'PY'
+import socket, sys
+socks = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(",".join(f"127.0.0.1:{s.getsockname()[1]}" for s in socks))
+for s in socks:
+    s.close()
+PY
+)
+
+pids=()
+stop_all() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; }
+forward() { trap - INT TERM; stop_all; }
+trap forward INT TERM
+
+for ((i = 0; i < n; i++)); do
+  (
+    export TF_CONFIG; TF_CONFIG=$(tf_config "$ports" "$i")
+    exec "$PYTHON" -u -m dist_rnn train "$@" --set distribute.backend=multiworker
+  ) > >(sed -u "s/^/[w$i] /") 2> >(sed -u "s/^/[w$i] /" >&2) &
+  pids+=($!)
+done
+
+status=0
+running=("${pids[@]}")
+while [ "${#running[@]}" -gt 0 ]; do
+  still=()
+  for p in "${running[@]}"; do
+    if kill -0 "$p" 2>/dev/null; then
+      still+=("$p")
+      continue
+    fi
+    set +e; wait "$p"; rc=$?; set -e
+    if [ "$rc" -ne 0 ] && [ "$status" -eq 0 ]; then
+      status=$rc
+      echo "launch/multiworker.sh: a worker exited with status $rc; stopping the others" >&2
+      stop_all
+    fi
+  done
+  running=("${still[@]+"${still[@]}"}")
+  [ "${#running[@]}" -gt 0 ] && sleep 0.5
+done
+exit "$status"
