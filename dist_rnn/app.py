@@ -164,7 +164,7 @@ def load_model_for_inference(run_dir: str):
 
 
 def generate(run_dir: str, prime: str, length: int, temperature: float, top_k: int, top_p: float,
-             seed: int, num_samples: int, stream=sys.stdout) -> list[str]:
+             seed: int, num_samples: int, stream=None) -> list[str]:
     """``dist-rnn generate``: samples from the latest checkpoint, streaming to ``stream``.
 
     Returns:
@@ -172,6 +172,7 @@ def generate(run_dir: str, prime: str, length: int, temperature: float, top_k: i
     """
     from dist_rnn.generation import Sampler, check_sampling_args, model_step_fn
 
+    stream = stream if stream is not None else sys.stdout
     check_sampling_args(temperature, top_k, top_p, length, num_samples)
     model, vocab, _, _ = load_model_for_inference(run_dir)
     sampler = Sampler(model_step_fn(model), vocab)

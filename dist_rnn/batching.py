@@ -54,7 +54,9 @@ class StreamBatcher:
         """Start of the first window in ``epoch`` (0 unless ``random_offset``)."""
         if not self.random_offset:
             return 0
-        return int(np.random.default_rng([self.seed, epoch]).integers(0, self.num_steps))
+        # Never shift so far that a row no longer holds one window.
+        high = max(1, min(self.num_steps, self.row_length - self.num_steps))
+        return int(np.random.default_rng([self.seed, epoch]).integers(0, high))
 
     def batches_in_epoch(self, epoch: int = 1) -> int:
         """Number of windows in an epoch."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -313,12 +314,28 @@ MODEL_DEFINING_KEYS = (
 # Loading and merging
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` (no dot) as a float, as YAML 1.2 does."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+(?:[eE][-+][0-9]+)?
+                |[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def yaml_load(text: str):
+    """Parses YAML text with :class:`_Loader`."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def _read_yaml(path: str) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        loaded = yaml_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else path
@@ -370,7 +387,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise UserError(f"--set {text}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         raise UserError(f"--set {text}: value is not valid YAML") from None
     return key.split("."), value
@@ -409,7 +426,10 @@ def load_config(paths: list[str] = (), overrides: list[str] = (), base: dict | N
         node[keys[-1]] = value
         _record(provenance, ".".join(keys), value, "--set")
     config = _build(Config, merged, "", provenance)
-    validate(config)
+    try:
+        validate(config)
+    except _InvalidValue as e:
+        raise UserError(f"{e}{_where(e.key, provenance)}") from None
     return config
 
 
@@ -533,9 +553,17 @@ def _try_coerce(value: Any, hint) -> Any:
 # Value checks
 
 
+class _InvalidValue(UserError):
+    """A value check failed; ``key`` lets the loader add where the value came from."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"config key '{key}': {message}")
+        self.key = key
+
+
 def _require(condition: bool, key: str, message: str) -> None:
     if not condition:
-        raise UserError(f"config key '{key}': {message}")
+        raise _InvalidValue(key, message)
 
 
 def validate(config: Config) -> None:

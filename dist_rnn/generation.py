@@ -84,8 +84,9 @@ class Sampler:
         """Encodes the prime; unknown tokens become ``<unk>`` with a warning."""
         tokens = tokenize(prime, self.vocab.level) if prime else []
         if not tokens:
+            # No prime: start as after a line break (or <unk> if the corpus has none).
             start = "\n" if self.vocab.level == "char" else EOS
-            tokens = [start]
+            return [int(self.vocab.encode([start])[0])]
         unknown = self.vocab.unknown(tokens)
         if unknown and warn is not None:
             shown = ", ".join(repr(t) for t in unknown[:5])

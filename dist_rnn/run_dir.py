@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dist_rnn.config import Config, config_from_dict
+from dist_rnn.config import Config, config_from_dict, yaml_load
 from dist_rnn.errors import UserError
 from dist_rnn.vocab import Vocabulary
 
@@ -47,7 +47,7 @@ class RunDirectory:
         if not self.has_config():
             raise UserError(f"{self.path} is not a dist-rnn run directory (no config.yaml)")
         try:
-            data = yaml.safe_load(self.config_file.read_text(encoding="utf-8"))
+            data = yaml_load(self.config_file.read_text(encoding="utf-8"))
         except yaml.YAMLError:
             raise UserError(f"{self.config_file}: invalid YAML") from None
         return config_from_dict(data)
