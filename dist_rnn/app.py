@@ -164,8 +164,11 @@ def load_model_for_inference(run_dir: str):
 
 
 def generate(run_dir: str, prime: str, length: int, temperature: float, top_k: int, top_p: float,
-             seed: int, num_samples: int, stream=None) -> list[str]:
+             seed: int, num_samples: int, stream=None, model_dir: str | None = None) -> list[str]:
     """``dist-rnn generate``: samples from the latest checkpoint, streaming to ``stream``.
+
+    With ``model_dir`` (instead of ``run_dir``) it samples from a folder written
+    by ``dist-rnn export``, loaded as a SavedModel without the model code.
 
     Returns:
         The generated continuations (prime excluded).
@@ -174,8 +177,16 @@ def generate(run_dir: str, prime: str, length: int, temperature: float, top_k: i
 
     stream = stream if stream is not None else sys.stdout
     check_sampling_args(temperature, top_k, top_p, length, num_samples)
-    model, vocab, _, _ = load_model_for_inference(run_dir)
-    sampler = Sampler(model_step_fn(model), vocab)
+    if (run_dir is None) == (model_dir is None):
+        raise UserError("generate needs exactly one of --run-dir (a training run) and --model (an export)")
+    if model_dir is not None:
+        from dist_rnn.export import ExportedModel
+
+        exported = ExportedModel(model_dir)
+        sampler, vocab = exported.sampler(), exported.vocab
+    else:
+        model, vocab, _, _ = load_model_for_inference(run_dir)
+        sampler = Sampler(model_step_fn(model), vocab)
 
     def warn(message: str) -> None:
         print(f"warning: {message}", file=sys.stderr)
@@ -193,6 +204,17 @@ def generate(run_dir: str, prime: str, length: int, temperature: float, top_k: i
             stream.write(f"--- sample {i} ---\n{prime}{text}\n")
     stream.flush()
     return texts
+
+
+def export(run_dir: str, out_dir: str) -> dict:
+    """``dist-rnn export``: writes a run's latest checkpoint as a SavedModel, a ``.keras`` file and the vocabulary.
+
+    Returns:
+        The export description (``export.json``) and its path.
+    """
+    from dist_rnn.export import export_run
+
+    return export_run(run_dir, out_dir)
 
 
 def _streamer(stream, level: str, prime: str):

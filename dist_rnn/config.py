@@ -300,13 +300,17 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-# Keys that define the model's shape or its vocabulary: a resumed run must not
-# change them. Everything else (schedule, logging, cadence) may change.
+# Keys that define the model's shape, its vocabulary, the optimizer's state or
+# the meaning of the saved data position and carried state: a resumed run must
+# not change them. Everything else (schedule, logging, cadence, backend and
+# replica count) may change.
 MODEL_DEFINING_KEYS = (
+    "optimizer.name",
     "data.corpus", "data.path", "data.train_file", "data.split", "data.level",
     "data.max_chars", "data.max_vocab",
     "model.cell", "model.num_layers", "model.hidden_size",
     "model.embedding_size", "model.tie_embeddings",
+    "train.batch_size", "train.num_steps",
 )
 
 
@@ -423,8 +427,12 @@ def load_config(paths: list[str] = (), overrides: list[str] = (), base: dict | N
                 child = {}
                 node[k] = child
             node = child
-        node[keys[-1]] = value
-        _record(provenance, ".".join(keys), value, "--set")
+        if isinstance(value, dict) and isinstance(node.get(keys[-1]), dict):
+            # `--set train={max_steps: 10}` merges into the section, like a file.
+            _merge_into(node[keys[-1]], value, "--set", provenance, ".".join(keys) + ".")
+        else:
+            node[keys[-1]] = value
+            _record(provenance, ".".join(keys), value, "--set")
     config = _build(Config, merged, "", provenance)
     try:
         validate(config)
@@ -541,7 +549,7 @@ def _try_coerce(value: Any, hint) -> Any:
     if hint is int:
         return value if isinstance(value, int) and not isinstance(value, bool) else _NO_MATCH
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             return _NO_MATCH
         return float(value)
     if hint is str:

@@ -110,6 +110,10 @@ class Backend:
     def after_optimizer_built(self, variables: list) -> None:
         """Hook to synchronize freshly initialized or restored variables."""
 
+    def any_worker(self, flag: bool) -> bool:
+        """Whether ``flag`` is set on any worker (a collective on multi-process backends)."""
+        return flag
+
     def barrier(self) -> None:
         """Waits for all workers."""
 
@@ -220,6 +224,12 @@ class MultiWorkerBackend(MirroredBackend):
         self.num_workers = len(workers)
         self.worker_index = task["index"] + (len(cluster.get("chief", [])) if task["type"] == "worker" else 0)
 
+    def any_worker(self, flag):
+        if not hasattr(self, "_any_fn"):
+            self._any_fn = tf.function(lambda x: self.strategy.reduce(
+                tf.distribute.ReduceOp.SUM, self.strategy.run(lambda: tf.identity(x)), axis=None))
+        return float(self._any_fn(tf.constant(1.0 if flag else 0.0))) > 0
+
     def local_replica_ids(self) -> list[int]:
         per_worker = self.num_replicas // self.num_workers
         return list(range(self.worker_index * per_worker, (self.worker_index + 1) * per_worker))
@@ -297,6 +307,9 @@ class HorovodBackend(Backend):
 
     def after_optimizer_built(self, variables):
         self.hvd.broadcast_variables([getattr(v, "value", v) for v in variables], root_rank=0)
+
+    def any_worker(self, flag):
+        return float(self.hvd.allreduce(tf.constant(1.0 if flag else 0.0), op=self.hvd.Sum)) > 0
 
     def barrier(self):
         self.hvd.allreduce(tf.constant(0.0), op=self.hvd.Sum)

@@ -2,9 +2,11 @@
 
 Dropout is applied only to non-recurrent connections (after the embedding,
 between layers and before the softmax), as in Zaremba et al. 2014. Its masks
-are drawn statelessly from a seed passed with each call, so a step's dropout
-depends only on (run seed, step, replica): runs are reproducible and resumable
-bit for bit, and no random-generator variable has to be mirrored.
+are drawn statelessly over the global batch from a seed passed with each call,
+and each replica keeps the rows it owns: a step's dropout depends only on (run
+seed, step, row), not on how rows are spread over replicas. Runs are
+reproducible, resumable bit for bit, and equal across replica counts, and no
+random-generator variable has to be mirrored.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ def check_cudnn_requirement(config: ModelConfig, report: list[LayerKernel]) -> N
         raise UserError("model.cudnn is 'require' but " + "; ".join(bad) + " cannot use the fused cuDNN kernel")
 
 
+@keras.saving.register_keras_serializable(package="dist_rnn")
 class StatelessDropout(keras.layers.Layer):
     """Dropout whose mask is a pure function of an explicit seed.
 
@@ -90,12 +93,28 @@ class StatelessDropout(keras.layers.Layer):
         self.rate = rate
         self.salt = salt
 
-    def call(self, inputs, seed=None, training=False):
-        """Drops units when ``training`` and a seed is given; identity otherwise."""
+    def call(self, inputs, seed=None, rows=None, training=False):
+        """Drops units when ``training`` and a seed is given; identity otherwise.
+
+        Args:
+            inputs: ``[rows, ...]`` activations of this replica.
+            seed: int ``[2]`` stateless seed of the step.
+            rows: int ``[2]``: (first global row of ``inputs``, global batch
+                rows); the mask is drawn for the global batch and sliced, so
+                every row gets the same mask on any replica layout. None means
+                ``inputs`` is the whole batch.
+            training: Whether to drop.
+        """
         if not training or self.rate == 0 or seed is None:
             return inputs
         site_seed = tf.random.experimental.stateless_fold_in(seed, self.salt)
-        keep = tf.random.stateless_uniform(tf.shape(inputs), seed=site_seed) >= self.rate
+        shape = tf.shape(inputs)
+        if rows is None:
+            uniform = tf.random.stateless_uniform(shape, seed=site_seed)
+        else:
+            full = tf.concat([[rows[1]], shape[1:]], axis=0)
+            uniform = tf.random.stateless_uniform(full, seed=site_seed)[rows[0]:rows[0] + shape[0]]
+        keep = uniform >= self.rate
         scale = tf.cast(1.0 / (1.0 - self.rate), inputs.dtype)
         return tf.where(keep, inputs * scale, tf.zeros_like(inputs))
 
@@ -103,6 +122,7 @@ class StatelessDropout(keras.layers.Layer):
         return {**super().get_config(), "rate": self.rate, "salt": self.salt}
 
 
+@keras.saving.register_keras_serializable(package="dist_rnn")
 class OutputProjection(keras.layers.Layer):
     """Projects hidden states to float32 vocabulary logits, optionally tied to the embedding.
 
@@ -159,6 +179,7 @@ def _recurrent_layer(config: ModelConfig, index: int, initializer, seed: int):
                **init, **common)
 
 
+@keras.saving.register_keras_serializable(package="dist_rnn")
 class LanguageModel(keras.Model):
     """Embedding -> stacked recurrent layers -> dropout -> float32 logits.
 
@@ -203,7 +224,7 @@ class LanguageModel(keras.Model):
         return tuple(tf.zeros([batch_size, self.model_config.hidden_size], tf.float32)
                      for _ in range(self.num_state_tensors))
 
-    def call(self, tokens, states=None, training=False, seed=None):
+    def call(self, tokens, states=None, training=False, seed=None, rows=None):
         """Runs the model over a window of tokens.
 
         Args:
@@ -211,6 +232,9 @@ class LanguageModel(keras.Model):
             states: Flat tuple of initial states (float32), or None for zeros.
             training: Applies dropout when True (and ``seed`` is given).
             seed: int ``[2]`` stateless seed of this call's dropout masks.
+            rows: int ``[2]``: first global row of ``tokens`` and the global
+                batch rows, so dropout masks do not depend on the replica
+                layout (None: ``tokens`` is the whole batch).
 
         Returns:
             ``(logits, states)``: float32 ``[batch, time, vocab]`` logits and the
@@ -219,7 +243,7 @@ class LanguageModel(keras.Model):
         if states is None:
             states = self.initial_state(tf.shape(tokens)[0])
         x = self.embedding(tokens)
-        x = self.dropouts[0](x, seed=seed, training=training)
+        x = self.dropouts[0](x, seed=seed, rows=rows, training=training)
         new_states, pos = [], 0
         for i, layer in enumerate(self.recurrent_layers):
             n = self.state_counts[i]
@@ -228,7 +252,7 @@ class LanguageModel(keras.Model):
             outputs = layer(x, initial_state=layer_states, training=training)
             x = outputs[0]
             new_states.extend(tf.cast(s, tf.float32) for s in outputs[1:])
-            x = self.dropouts[i + 1](x, seed=seed, training=training)
+            x = self.dropouts[i + 1](x, seed=seed, rows=rows, training=training)
         return self.projection(x), tuple(new_states)
 
     def get_config(self):

@@ -39,6 +39,7 @@ class StepFunctions:
         self.model = model
         self.optimizer = optimizer
         self.backend = backend
+        self.global_batch = global_batch
         self.global_tokens = float(global_batch * num_steps)
         self.clip_norm = clip_norm
         self.loss_scale = loss_scale
@@ -47,9 +48,9 @@ class StepFunctions:
         self.train_step = tf.function(self._train_step)
         self.eval_step = tf.function(self._eval_step)
 
-    def _forward_backward_impl(self, inputs, targets, states, seed, scale):
+    def _forward_backward_impl(self, inputs, targets, states, seed, rows, scale):
         with tf.GradientTape() as tape:
-            logits, new_states = self.model(inputs, states, training=True, seed=seed)
+            logits, new_states = self.model(inputs, states, training=True, seed=seed, rows=rows)
             loss_sum = token_loss_sum(targets, logits)
             # Loss of this replica's rows as a share of the global mean: the
             # all-reduced SUM of these gradients is the global-mean gradient.
@@ -58,9 +59,10 @@ class StepFunctions:
         return loss_sum, new_states, gradients.densify(grads)
 
     def _replica_train(self, inputs, targets, states, seed):
-        replica_seed = tf.random.experimental.stateless_fold_in(seed, self.backend.replica_id())
+        local_rows = tf.shape(inputs)[0]
+        rows = tf.stack([self.backend.replica_id() * local_rows, tf.constant(self.global_batch, tf.int32)])
         scale = self.loss_scale.scale.read_value() if self.loss_scale is not None else tf.constant(1.0)
-        loss_sum, new_states, grads = self._forward_backward(inputs, targets, states, replica_seed, scale)
+        loss_sum, new_states, grads = self._forward_backward(inputs, targets, states, seed, rows, scale)
         grads = self.backend.all_reduce_sum(grads)
         if self.loss_scale is not None:
             grads = [g / scale for g in grads]

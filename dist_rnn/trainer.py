@@ -18,8 +18,8 @@ import numpy as np
 import tensorflow as tf
 
 from dist_rnn.batching import StreamBatcher
-from dist_rnn.checkpoints import Checkpointer, TrainingState
-from dist_rnn.config import Config
+from dist_rnn.checkpoints import Checkpointer, TrainingState, fingerprint
+from dist_rnn.config import MODEL_DEFINING_KEYS, Config, _flatten
 from dist_rnn.dataset import EncodedCorpus
 from dist_rnn.distribution import Backend
 from dist_rnn.errors import UserError
@@ -27,6 +27,7 @@ from dist_rnn.generation import Sampler, model_step_fn
 from dist_rnn.gradients import DynamicLossScale
 from dist_rnn.model import build_model, check_cudnn_requirement, kernel_report
 from dist_rnn.optimizers import build_optimizer
+from dist_rnn.preemption import StopRequest
 from dist_rnn.run_dir import RunDirectory
 from dist_rnn.schedules import learning_rate_at
 from dist_rnn.steps import StepFunctions
@@ -36,7 +37,9 @@ log = logging.getLogger("dist_rnn")
 
 
 class NonFiniteLossError(UserError):
-    """Training produced a non-finite loss in float32."""
+    """Training produced a non-finite loss in float32 (exit code 1)."""
+
+    exit_code = 1
 
 
 @dataclass
@@ -96,20 +99,24 @@ class Trainer:
             self.optimizer = build_optimizer(config.optimizer)
             self.optimizer.build(self.model.trainable_variables)
             self.loss_scale = DynamicLossScale(t.loss_scale) if t.precision == "mixed_float16" else None
-        self.state = TrainingState([(t.batch_size, config.model.hidden_size)] * self.model.num_state_tensors)
+        flat = _flatten(config.to_dict())
+        self.fingerprint = fingerprint({k: flat[k] for k in MODEL_DEFINING_KEYS}, corpus.vocab.tokens)
+        self.state = TrainingState([(t.batch_size, config.model.hidden_size)] * self.model.num_state_tensors,
+                                   self.fingerprint)
         self.steps = StepFunctions(self.model, self.optimizer, backend, t.batch_size, t.num_steps,
                                    config.optimizer.clip_norm, self.loss_scale, t.jit_compile)
         objects = dict(model=self.model, optimizer=self.optimizer, training_state=self.state)
         if self.loss_scale is not None:
             objects["loss_scale"] = self.loss_scale
-        self.checkpointer = Checkpointer(run_dir.checkpoints, config.checkpoint.keep, **objects)
+        self.checkpointer = Checkpointer(run_dir.checkpoints, config.checkpoint.keep, run_dir.path / "best", **objects)
         self.metrics: MetricsLogger | None = None
+        self.stopped_by: str | None = None
 
     # ------------------------------------------------------------------ setup
 
     def restore(self) -> str | None:
         """Restores the newest checkpoint, if any; returns its path."""
-        path = self.checkpointer.restore_latest()
+        path = self.checkpointer.restore_latest(self.config.checkpoint.fallback, self.fingerprint, self.state)
         self.backend.after_optimizer_built(self.model.variables + self.optimizer.variables)
         return path
 
@@ -176,54 +183,73 @@ class Trainer:
         pending: list[tf.Tensor] = []
         last_time, last_step = time.perf_counter(), step
         finished = total is not None and step >= total
-        while not finished:
-            if t.max_epochs is not None and epoch > t.max_epochs:
-                break
-            n_batches = self.train_batches.batches_in_epoch(epoch)
-            if index == 0:
-                states = self._zero_states(t.batch_size)
-            for inputs, targets in self.train_batches.dataset(epoch, index):
-                lr = learning_rate_at(c.optimizer, step, epoch, t.max_steps, self.backend.num_replicas)
-                self.optimizer.learning_rate.assign(lr)
-                x, y = self.backend.shard((inputs, targets))
-                seed = tf.constant([t.seed, step], tf.int64)
-                loss_sum, states, grad_norm, finite = self.steps.train_step(x, y, states, seed)
-                step, index = step + 1, index + 1
-                pending.append(loss_sum)
-                metrics.progress(step, total or 0, f"epoch {epoch}")
-                last = (total is not None and step >= total)
-                if step % t.log_every == 0 or last or index == n_batches:
-                    loss = float(tf.add_n(pending)) / (len(pending) * tokens_per_step)
-                    now = time.perf_counter()
-                    rate = (step - last_step) * tokens_per_step / max(now - last_time, 1e-9)
-                    self._check_finite(loss, step, states, epoch, index)
-                    values = {"epoch": epoch, "loss": loss, "learning_rate": lr,
-                              "grad_norm": float(grad_norm),
-                              "tokens_per_sec": rate, "tokens_per_sec_per_replica": rate / self.backend.num_replicas,
-                              "step_time": (now - last_time) / max(step - last_step, 1)}
-                    if self.loss_scale is not None:
-                        values["loss_scale"] = float(self.loss_scale.scale.read_value())
-                        values["skipped_steps"] = int(self.loss_scale.skipped_steps.read_value())
-                    metrics.train(step, values)
-                    pending, last_time, last_step = [], time.perf_counter(), step
-                if t.eval_every and step % t.eval_every == 0 and not last:
-                    self._evaluate_and_log(step)
-                    last_time = time.perf_counter()
-                if c.checkpoint.every_steps and step % c.checkpoint.every_steps == 0 and not last:
-                    self.save(step, epoch, index, states)
-                    last_time = time.perf_counter()
-                if last:
-                    finished = True
+        with StopRequest() as stop:
+            while not finished:
+                if t.max_epochs is not None and epoch > t.max_epochs:
                     break
-            if not finished:
+                n_batches = self.train_batches.batches_in_epoch(epoch)
+                if index == 0:
+                    states = self._zero_states(t.batch_size)
+                for inputs, targets in self.train_batches.dataset(epoch, index):
+                    lr = learning_rate_at(c.optimizer, step, epoch, t.max_steps, self.backend.num_replicas)
+                    self.optimizer.learning_rate.assign(lr)
+                    x, y = self.backend.shard((inputs, targets))
+                    seed = tf.constant([t.seed, step], tf.int64)
+                    loss_sum, states, grad_norm, finite = self.steps.train_step(x, y, states, seed)
+                    step, index = step + 1, index + 1
+                    pending.append(loss_sum)
+                    metrics.progress(step, total or 0, f"epoch {epoch}")
+                    last = total is not None and step >= total
+                    if step % t.log_every == 0 or last or index == n_batches:
+                        loss = self._mean_loss(pending, step)
+                        now = time.perf_counter()
+                        rate = (step - last_step) * tokens_per_step / max(now - last_time, 1e-9)
+                        norm = float(grad_norm)
+                        values = {"epoch": epoch, "loss": loss, "learning_rate": lr, "grad_norm": norm,
+                                  "clip_ratio": min(1.0, c.optimizer.clip_norm / norm) if c.optimizer.clip_norm and norm > 0 else 1.0,
+                                  "tokens_per_sec": rate, "tokens_per_sec_per_replica": rate / self.backend.num_replicas,
+                                  "step_time": (now - last_time) / max(step - last_step, 1)}
+                        if self.loss_scale is not None:
+                            values["loss_scale"] = float(self.loss_scale.scale.read_value())
+                            values["skipped_steps"] = int(self.loss_scale.skipped_steps.read_value())
+                        metrics.train(step, values)
+                        pending, last_time, last_step = [], time.perf_counter(), step
+                    if self.backend.any_worker(stop.requested is not None):
+                        self.stopped_by = stop.requested or "a signal on another worker"
+                        finished = True
+                        break
+                    if t.eval_every and step % t.eval_every == 0 and not last:
+                        self._evaluate_and_log(step)
+                        last_time = time.perf_counter()
+                    if c.checkpoint.every_steps and step % c.checkpoint.every_steps == 0 and not last:
+                        self._mean_loss(pending, step)
+                        self.save(step, epoch, index, states)
+                        last_time = time.perf_counter()
+                    if last:
+                        finished = True
+                        break
+                if not finished:
+                    epoch, index = epoch + 1, 0
+            if index >= self.train_batches.batches_in_epoch(epoch):
                 epoch, index = epoch + 1, 0
-        if index >= self.train_batches.batches_in_epoch(epoch):
-            epoch, index = epoch + 1, 0
-        self.save(step, epoch, index, states)
+            self._mean_loss(pending, step)
+            path = self.save(step, epoch, index, states)
+        if self.stopped_by:
+            log.info(f"stopped by {self.stopped_by} after step {step}; checkpoint {path or '(written by the chief)'}")
+            return {"step": step, "epoch": epoch, "valid": None, "stopped_by": self.stopped_by}
         valid = self._evaluate_and_log(step)
         return {"step": step, "epoch": epoch, "valid": valid.as_dict() if valid else None}
 
-    def _check_finite(self, loss: float, step: int, states, epoch: int, index: int) -> None:
+    def _mean_loss(self, pending: list, step: int) -> float:
+        """Mean token loss of the pending steps; raises if it is not finite in float32."""
+        if not pending:
+            return float("nan")
+        t = self.config.train
+        loss = float(tf.add_n(pending)) / (len(pending) * t.batch_size * t.num_steps)
+        self._check_finite(loss, step)
+        return loss
+
+    def _check_finite(self, loss: float, step: int) -> None:
         if math.isfinite(loss) or self.config.train.precision == "mixed_float16":
             return
         raise NonFiniteLossError(
@@ -250,6 +276,11 @@ class Trainer:
             return None
         result = self.evaluate("valid")
         self.metrics.evaluation(step, "valid", {"loss": result.loss, "tokens": result.tokens})
+        best = self.checkpointer.best_record()
+        if self.backend.is_chief and (best is None or result.loss < best["loss"]):
+            self.state.step.assign(step)
+            path = self.checkpointer.save_best(step, {"loss": result.loss, "perplexity": perplexity(result.loss)})
+            log.info(f"new best validation perplexity {perplexity(result.loss):.3f}: {path}")
         if self.config.train.sample_length and self.backend.is_chief:
             text = self.sample(self.config.train.sample_prime, self.config.train.sample_length, seed=0)
             self.metrics.text("valid", "sample", text, step)

@@ -87,3 +87,13 @@ def test_checkpoint_of_the_model_alone_holds_every_weight(tmp_path):
     path = tf.train.Checkpoint(model=model).save(str(tmp_path / "ckpt"))
     saved = {name for name, _ in tf.train.list_variables(path) if name.startswith("model/")}
     assert len(saved) == len(model.trainable_variables) == 1 + 3 * 3 + 2
+
+
+def test_dropout_mask_of_a_row_does_not_depend_on_the_replica_layout():
+    model = build_model(ModelConfig(cell="lstm", num_layers=1, hidden_size=16, embedding_size=8, dropout=0.5),
+                        40, seed=0)
+    tokens = tf.constant(np.random.default_rng(1).integers(0, 40, size=(4, 6)), tf.int32)
+    seed = tf.constant([3, 7], tf.int64)
+    whole, _ = model(tokens, training=True, seed=seed, rows=tf.constant([0, 4]))
+    halves = [model(tokens[r:r + 2], training=True, seed=seed, rows=tf.constant([r, 4]))[0] for r in (0, 2)]
+    np.testing.assert_allclose(np.concatenate(halves), whole.numpy(), atol=1e-6)
