@@ -32,8 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--run-dir", required=True)
     e.add_argument("--split", choices=["valid", "test"], default="valid")
 
-    g = sub.add_parser("generate", help="sample text from the latest checkpoint of a run")
-    g.add_argument("--run-dir", required=True)
+    g = sub.add_parser("generate", help="sample text from the latest checkpoint of a run, or from an export")
+    source = g.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run-dir", help="training run: samples from its latest checkpoint")
+    source.add_argument("--model", metavar="EXPORTED_DIR", help="folder written by 'dist-rnn export'")
     g.add_argument("--prime", default="", help="text that warms up the state")
     g.add_argument("--length", type=int, default=200, help="tokens to generate")
     g.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 is greedy")
@@ -41,6 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1: off)")
     g.add_argument("--num-samples", type=int, default=1, help="samples generated in one batch")
     g.add_argument("--seed", type=int, default=0)
+
+    x = sub.add_parser("export", help="export a run's latest checkpoint as a SavedModel and a .keras file")
+    x.add_argument("--run-dir", required=True)
+    x.add_argument("--out", required=True, metavar="DIR",
+                   help="new or empty folder, or a previous export (replaced)")
+
+    r = sub.add_parser("report", help="print a run's summary and plot its training curves")
+    r.add_argument("--run-dir", required=True)
+    r.add_argument("--out", metavar="PNG", help="image file of the curves (default RUN_DIR/report.png)")
     return parser
 
 
@@ -59,7 +70,13 @@ def main(argv: list[str] | None = None) -> int:
             app.print_json_line(app.evaluate(args.run_dir, args.split))
         elif args.command == "generate":
             app.generate(args.run_dir, args.prime, args.length, args.temperature, args.top_k, args.top_p,
-                         args.seed, args.num_samples)
+                         args.seed, args.num_samples, model_dir=args.model)
+        elif args.command == "export":
+            app.print_json_line(app.export(args.run_dir, args.out))
+        elif args.command == "report":
+            from dist_rnn import report
+
+            report.report(args.run_dir, args.out)
     except UserError as e:
         sys.stdout.flush()
         sys.stderr.write(f"error: {e}\n")
