@@ -103,6 +103,7 @@ def train(config_paths: list[str], overrides: list[str], run_dir: str | None) ->
                             config.data.level)
     metrics.text("train", "config", "```\n" + config.to_yaml() + "```", int(trainer.state.step))
     metrics.text("train", "kernels", "\n".join("    " + k.line() for k in trainer.kernels), int(trainer.state.step))
+    metrics.hparams(hparams_of(config, backend.num_replicas), rd.path.name)
     try:
         result = trainer.train(metrics)
         if backend.is_chief and config.train.sample_length:
@@ -111,6 +112,17 @@ def train(config_paths: list[str], overrides: list[str], run_dir: str | None) ->
     finally:
         metrics.close()
     return result
+
+
+def hparams_of(config: Config, num_replicas: int) -> dict:
+    """The hyperparameters shown in TensorBoard's HParams table."""
+    m, o, t = config.model, config.optimizer, config.train
+    return {"cell": m.cell, "num_layers": m.num_layers, "hidden_size": m.hidden_size,
+            "embedding_size": m.embedding_size, "dropout": m.dropout, "optimizer": o.name,
+            "learning_rate": o.learning_rate, "schedule": o.schedule.name, "clip_norm": o.clip_norm,
+            "batch_size": t.batch_size, "num_steps": t.num_steps, "precision": t.precision,
+            "backend": config.distribute.backend, "replicas": num_replicas, "corpus": config.data.corpus,
+            "level": config.data.level}
 
 
 def evaluate(run_dir: str, split: str) -> dict:
@@ -223,7 +235,7 @@ def _streamer(stream, level: str, prime: str):
     def on_tokens(tokens: list[str]) -> None:
         token = tokens[0]
         if level == "char":
-            stream.write(token)
+            stream.write("\ufffd" if token == "<unk>" else token)
         elif token == "<eos>":
             stream.write("\n")
             state["at_line_start"] = True

@@ -32,6 +32,19 @@ def setup_logging(is_chief: bool, log_file: Path | None = None) -> None:
         log.addHandler(handler)
 
 
+def peak_memory() -> dict:
+    """Peak memory in MiB: of each visible GPU (as TensorFlow reports it) and of this process on the host."""
+    import resource
+
+    out = {"peak_host_memory_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    for i, _ in enumerate(tf.config.list_logical_devices("GPU")):
+        try:
+            out[f"peak_gpu{i}_memory_mib"] = tf.config.experimental.get_memory_info(f"GPU:{i}")["peak"] / 2**20
+        except (ValueError, tf.errors.OpError):
+            pass
+    return out
+
+
 def perplexity(loss: float) -> float:
     """exp(loss), saturating instead of overflowing."""
     return math.exp(loss) if loss < 700 else float("inf")
@@ -86,11 +99,12 @@ class MetricsLogger:
         self._start = time.time()
 
     def writer(self, split: str) -> tf.summary.SummaryWriter | None:
-        """The TensorBoard writer of ``RUN_DIR/<split>`` (None when disabled)."""
+        """The TensorBoard writer of ``RUN_DIR/<split>`` (``"."``: RUN_DIR itself; None when disabled)."""
         if not self._tensorboard:
             return None
         if split not in self._writers:
-            self._writers[split] = tf.summary.create_file_writer(str(self.run_dir / split))
+            path = self.run_dir if split == "." else self.run_dir / split
+            self._writers[split] = tf.summary.create_file_writer(str(path))
         return self._writers[split]
 
     def _record(self, split: str, step: int, values: dict) -> None:
@@ -130,6 +144,37 @@ class MetricsLogger:
             with writer.as_default(step=step):
                 tf.summary.text(tag, tf.constant(text))
             writer.flush()
+
+    def hparams(self, hparams: dict, run_name: str) -> None:
+        """Records the run's hyperparameters for TensorBoard's HParams table.
+
+        Written to ``RUN_DIR`` itself, with the final validation perplexity
+        (``RUN_DIR/valid``, tag ``perplexity``) as the metric, so runs under
+        one log root compare in one table.
+        """
+        if not self._tensorboard:
+            return
+        from tensorboard.plugins.hparams import api as hp
+
+        writer = self.writer(".")
+        with writer.as_default():
+            hp.hparams_config(hparams=[hp.HParam(k) for k in hparams],
+                              metrics=[hp.Metric("perplexity", group="valid", display_name="valid perplexity"),
+                                       hp.Metric("loss", group="valid", display_name="valid loss")])
+            hp.hparams(hparams, trial_id=run_name)
+        writer.flush()
+
+    def histograms(self, step: int, weights: dict, gradients: dict) -> None:
+        """Writes weight and gradient histograms (``RUN_DIR/train``)."""
+        writer = self.writer("train")
+        if writer is None:
+            return
+        with writer.as_default(step=step):
+            for name, value in weights.items():
+                tf.summary.histogram(f"weights/{name}", value)
+            for name, value in gradients.items():
+                tf.summary.histogram(f"gradients/{name}", value)
+        writer.flush()
 
     def progress(self, done: int, total: int, text: str) -> None:
         """Updates the progress bar (terminal only)."""

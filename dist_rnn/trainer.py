@@ -31,7 +31,7 @@ from dist_rnn.preemption import StopRequest
 from dist_rnn.run_dir import RunDirectory
 from dist_rnn.schedules import learning_rate_at
 from dist_rnn.steps import StepFunctions
-from dist_rnn.summaries import MetricsLogger, perplexity
+from dist_rnn.summaries import MetricsLogger, peak_memory, perplexity
 
 log = logging.getLogger("dist_rnn")
 
@@ -195,8 +195,12 @@ class Trainer:
                     self.optimizer.learning_rate.assign(lr)
                     x, y = self.backend.shard((inputs, targets))
                     seed = tf.constant([t.seed, step], tf.int64)
+                    self._profile(step + 1, before=True)
                     loss_sum, states, grad_norm, finite = self.steps.train_step(x, y, states, seed)
                     step, index = step + 1, index + 1
+                    self._profile(step, before=False)
+                    if c.logging.histograms_every and step % c.logging.histograms_every == 0 and self.backend.is_chief:
+                        self._write_histograms(step, inputs, targets)
                     pending.append(loss_sum)
                     metrics.progress(step, total or 0, f"epoch {epoch}")
                     last = total is not None and step >= total
@@ -212,6 +216,7 @@ class Trainer:
                         if self.loss_scale is not None:
                             values["loss_scale"] = float(self.loss_scale.scale.read_value())
                             values["skipped_steps"] = int(self.loss_scale.skipped_steps.read_value())
+                        values.update(peak_memory())
                         metrics.train(step, values)
                         pending, last_time, last_step = [], time.perf_counter(), step
                     if self.backend.any_worker(stop.requested is not None):
@@ -234,11 +239,41 @@ class Trainer:
                 epoch, index = epoch + 1, 0
             self._mean_loss(pending, step)
             path = self.save(step, epoch, index, states)
+        self._profile(None, before=False)
         if self.stopped_by:
             log.info(f"stopped by {self.stopped_by} after step {step}; checkpoint {path or '(written by the chief)'}")
             return {"step": step, "epoch": epoch, "valid": None, "stopped_by": self.stopped_by}
         valid = self._evaluate_and_log(step)
-        return {"step": step, "epoch": epoch, "valid": valid.as_dict() if valid else None}
+        test = None
+        if "test" in self.eval_batches:
+            test = self.evaluate("test")
+            self.metrics.evaluation(step, "test", {"loss": test.loss, "tokens": test.tokens})
+        return {"step": step, "epoch": epoch, "valid": valid.as_dict() if valid else None,
+                "test": test.as_dict() if test else None}
+
+    def _profile(self, step: int | None, before: bool) -> None:
+        """Starts the profiler before the first and stops it after the last of ``logging.profile_steps``."""
+        window = self.config.logging.profile_steps
+        if not window or not self.backend.is_chief:
+            return
+        if before and step == window[0]:
+            tf.profiler.experimental.start(str(self.run_dir.path / "train"))
+            self._profiling = True
+        elif getattr(self, "_profiling", False) and (step is None or step == window[1]):
+            tf.profiler.experimental.stop()
+            self._profiling = False
+            log.info(f"profiler trace of steps {window[0]}-{window[1]} written to {self.run_dir.path / 'train'}")
+
+    def _write_histograms(self, step: int, inputs, targets) -> None:
+        """Histograms of the weights and of the (unclipped) gradient of the current batch."""
+        variables = self.model.trainable_variables
+        states = self.model.initial_state(int(inputs.shape[0]))
+        with tf.GradientTape() as tape:
+            logits, _ = self.model(inputs, states, training=False)
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(tf.cast(targets, tf.int32), logits))
+        grads = tape.gradient(loss, variables)
+        self.metrics.histograms(step, {v.path: v.value for v in variables},
+                                {v.path: tf.convert_to_tensor(g) for v, g in zip(variables, grads) if g is not None})
 
     def _mean_loss(self, pending: list, step: int) -> float:
         """Mean token loss of the pending steps; raises if it is not finite in float32."""

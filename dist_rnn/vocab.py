@@ -93,10 +93,11 @@ class Vocabulary:
         return list(dict.fromkeys(t for t in tokens if t not in self._ids))
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Maps ids back to text: characters joined, or words joined by spaces with ``<eos>`` as newline."""
+        """Maps ids back to text: characters joined (``<unk>`` as U+FFFD), or words joined by spaces with
+        ``<eos>`` as newline."""
         tokens = [self.tokens[int(i)] for i in ids]
         if self.level == "char":
-            return "".join(tokens)
+            return "".join("\ufffd" if t == UNK else t for t in tokens)
         return self.join_words(tokens)
 
     @staticmethod
