@@ -139,3 +139,16 @@ def test_mixed_precision_tracks_float32_loss_curve(shakespeare_slice, tmp_path, 
     assert reference[-10:].mean() < reference[:5].mean() - 0.5  # it learned
     np.testing.assert_allclose(mixed[-10:].mean(), reference[-10:].mean(), rtol=tolerance)
     assert np.abs(mixed - reference).max() < 4 * tolerance * reference.max()
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "ln_lstm", "ln_gru", "rnn"])
+def test_every_cell_lowers_validation_perplexity_on_real_text(cell, shakespeare_slice, tmp_path):
+    config = tiny_config(shakespeare_slice, model={"cell": cell, "num_layers": 2, "hidden_size": 48,
+                                                   "embedding_size": 16, "dropout": 0.1},
+                         train={"max_steps": 60, "batch_size": 16, "num_steps": 32})
+    trainer = make_trainer(config, tmp_path)
+    initial = trainer.evaluate("valid").loss
+    metrics = MetricsLogger(tmp_path, True, tensorboard=False, progress="off")
+    final = trainer.train(metrics)["valid"]["loss"]
+    metrics.close()
+    assert math.exp(final) < 0.6 * math.exp(initial), (cell, initial, final)
