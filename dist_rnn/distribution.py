@@ -275,6 +275,10 @@ class HorovodBackend(Backend):
         except ImportError:
             raise UserError("distribute.backend 'horovod' needs Horovod built for this TensorFlow: "
                             "run tools/install_horovod.sh") from None
+        except tf.errors.NotFoundError as e:  # its op library does not load (e.g. libnccl.so.2 or libmpi gone)
+            first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:300]
+            raise UserError(f"distribute.backend 'horovod': Horovod's TensorFlow ops do not load ({first}); "
+                            "rebuild it with tools/install_horovod.sh") from None
         self.hvd = hvd
         hvd.init()
         gpus = tf.config.list_physical_devices("GPU")

@@ -41,7 +41,8 @@ def train(run_dir, data, *extra):
 
 def variables(run_dir) -> dict[str, np.ndarray]:
     reader = tf.train.load_checkpoint(str(run_dir / "checkpoints"))
-    return {name: reader.get_tensor(name) for name, _ in tf.train.list_variables(str(run_dir / "checkpoints"))
+    return {name: np.asarray(reader.get_tensor(name))
+            for name, _ in tf.train.list_variables(str(run_dir / "checkpoints"))
             if name.endswith("VARIABLE_VALUE")}
 
 
