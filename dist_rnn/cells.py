@@ -224,10 +224,11 @@ def _lnlstm_forward(proj, h0, c0, rkernel, gain, bias, cell_gamma, cell_beta, ma
         zhat, rz = _ln_forward(_cast(z, sdt), 4, units, eps)
         y = tf.sigmoid(_cast(zhat * gain + bias, cdt))
         yi, yj, yf, yo = tf.split(y, 4, axis=-1)
-        c_raw = c * yf + yi * (2.0 * yj - 1.0)
-        chat, rc = _ln_forward(_cast(c_raw, sdt), 1, units, eps)
-        c_new = _cast(chat * cell_gamma + cell_beta, cdt)
-        h_new = tf.tanh(c_new) * yo
+        # Ba et al.: the carried cell state is the unnormalized one; only the
+        # output path sees LN_c(c).
+        c_new = c * yf + yi * (2.0 * yj - 1.0)
+        chat, rc = _ln_forward(_cast(c_new, sdt), 1, units, eps)
+        h_new = tf.tanh(_cast(chat * cell_gamma + cell_beta, cdt)) * yo
         return (t + 1, h_new, c_new, ta_h.write(t, h_new), ta_c.write(t, c_new),
                 ta_y.write(t, y), ta_zhat.write(t, zhat), ta_rz.write(t, rz),
                 ta_chat.write(t, chat), ta_rc.write(t, rc))
@@ -256,7 +257,7 @@ def _lnlstm_backward(d_outputs, inputs, mask, saved, units, eps):
     steps = tf.shape(proj)[0]
     h_prev = _shifted(h0, h_seq)
     c_prev = _shifted(c0, c_seq)
-    tanh_c = tf.tanh(c_seq)
+    tanh_c = tf.tanh(_cast(chat_seq * cell_gamma + cell_beta, cdt))
     yi, yj, yf, yo = tf.split(y_seq, 4, axis=-1)
     # Vectorized over time: dL/dc_t = dh_t * a_t + (carried); the sigmoid
     # arguments get dL/du = [dc_raw, dc_raw, dc_raw, dh] * k; dc_{t-1} = dc_raw * yf.
@@ -265,8 +266,8 @@ def _lnlstm_backward(d_outputs, inputs, mask, saved, units, eps):
 
     def back(t, dh_carry, dc_carry, ta_dz, ta_du, ta_dcn):
         dh = d_h_seq[t] + dh_carry
-        dcn = dh * a[t] + dc_carry
-        dc_raw = _cast(_ln_backward(_cast(dcn, sdt) * cell_gamma, chat_seq[t], rc_seq[t], 1, units), cdt)
+        dcn = dh * a[t]  # gradient at LN_c(c_t), which only the output path sees
+        dc_raw = _cast(_ln_backward(_cast(dcn, sdt) * cell_gamma, chat_seq[t], rc_seq[t], 1, units), cdt) + dc_carry
         du = tf.concat([dc_raw, dc_raw, dc_raw, dh], -1) * k[t]
         dz = _cast(_ln_backward(_cast(du, sdt) * gain, zhat_seq[t], rz_seq[t], 4, units), cdt)
         dh_next = _rows_matmul(dz, rkernel)
@@ -595,24 +596,24 @@ class _FusedRecurrentLayer(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="dist_rnn")
 class LayerNormLSTM(_FusedRecurrentLayer):
-    """Layer-normalized LSTM sequence layer (Ba et al. 2016, TF-contrib flavour).
+    """Layer-normalized LSTM sequence layer (Ba et al. 2016).
 
-    The cell of ``tf.contrib.rnn.LayerNormBasicLSTMCell`` (without its output
-    dropout), with gate order ``i, j, f, o``. For each timestep, with ``W`` the
+    As in the classic TensorFlow char-rnn tutorials' layer-normalized LSTM,
+    with gate order ``i, j, f, o``. For each timestep, with ``W`` the
     input kernel ``(features, 4U)``, ``U`` the recurrent kernel ``(U, 4U)`` and
     ``m`` the recurrent-dropout mask (all ones unless training with
     ``recurrent_dropout > 0``)::
 
         [i, j, f, o] = x_t @ W + (m * h_{t-1}) @ U          # no bias
         i, j, f, o   = LN_i(i), LN_j(j), LN_f(f), LN_o(o)    # separate gains/shifts
-        c_raw        = c_{t-1} * sigmoid(f + forget_bias) + sigmoid(i) * tanh(j)
-        c_t          = LN_c(c_raw)
-        h_t          = tanh(c_t) * sigmoid(o)
+        c_t          = c_{t-1} * sigmoid(f + forget_bias) + sigmoid(i) * tanh(j)
+        h_t          = tanh(LN_c(c_t)) * sigmoid(o)
 
     where ``LN(a) = gamma * (a - mean(a)) / sqrt(var(a) + 1e-5) + beta`` with
     mean and biased variance over the ``U`` units, gains initialised to 1 and
-    shifts to 0. As in TF-contrib the carried (and returned) cell state ``c_t``
-    is the normalized one. The four gate normalizations are computed as one op
+    shifts to 0. The carried (and returned) cell state ``c_t`` is the
+    unnormalized one, as in Ba et al. and the tutorials (TF-contrib's
+    ``LayerNormBasicLSTMCell`` carried ``LN_c(c_t)`` instead). The four gate normalizations are computed as one op
     on a ``(B, 4, U)`` view with gain/shift vectors of length ``4U``.
 
     Weights, in ``get_weights()`` order: ``kernel (features, 4U)``,

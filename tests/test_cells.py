@@ -44,8 +44,8 @@ def ref_lnlstm(x, states, weights, mask=None, forget_bias=1.0):
         hm = h if mask is None else h * mask
         pre = x[:, t] @ W + hm @ Uk
         i, j, f, o = (_ln(part(pre, k), part(gg, k), part(gb, k)) for k in range(4))
-        c = _ln(c * _sigmoid(f + forget_bias) + _sigmoid(i) * np.tanh(j), cg, cb)
-        h = np.tanh(c) * _sigmoid(o)
+        c = c * _sigmoid(f + forget_bias) + _sigmoid(i) * np.tanh(j)  # carried unnormalized
+        h = np.tanh(_ln(c, cg, cb)) * _sigmoid(o)
         outs.append(h)
     return np.stack(outs, axis=1), [h, c]
 

@@ -172,7 +172,7 @@ def test_greedy_follows_the_model_and_threads_state():
     ids = sampler.generate(prime="ab", length=6, temperature=0.0)
     # Prime 'ab' = [1, 2]; the last prime token conditions the first sample.
     assert ids == [[3, 4, 0, 1, 2, 3]]
-    assert VOCAB.decode(ids[0]) == "cd<unk>abc"
+    assert VOCAB.decode(ids[0]) == "cd\ufffdabc"  # char-level <unk> is shown as U+FFFD
     # One warm-up call on the whole prime from a zero state, then one call per token.
     assert len(model.calls) == 1 + 6
     first_tokens, first_states = model.calls[0]
