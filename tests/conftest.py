@@ -41,3 +41,26 @@ def tiny_config(data_path: Path, **sections):
     for section, values in sections.items():
         base.setdefault(section, {}).update(values)
     return config_from_dict(base)
+
+
+def run_cli(argv: list, capsys) -> tuple[int, str, str]:
+    """Runs ``dist-rnn ARGV`` in-process; returns (exit code, stdout, stderr)."""
+    from dist_rnn.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse errors exit from inside parse_args
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, out: str, err: str) -> str:
+    """Checks exit code 2, exactly one ``error:`` line on stderr and no traceback; returns the line."""
+    assert code == 2, (code, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error:"), err
+    assert "Traceback" not in out + err
+    return lines[0]

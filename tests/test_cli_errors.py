@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import assert_one_line_error, run_cli
+
 from dist_rnn.cli import build_parser, main
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -27,23 +29,6 @@ TINY_SETTINGS = [
 ]
 
 
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    """Runs ``dist-rnn ARGV`` in-process; returns (exit code, stdout, stderr)."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:  # argparse errors exit from inside parse_args
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code: int, out: str, err: str) -> str:
-    assert code == 2, (code, out, err)
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error:"), err
-    assert "Traceback" not in out and "Traceback" not in err
-    return lines[0]
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:

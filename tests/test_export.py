@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import assert_one_line_error, run_cli
+
 from dist_rnn.cli import main
 
 # Keras' own model.save(...) under NumPy 2 (keras/src/backend/tensorflow/core.py, not our code).
@@ -37,24 +39,6 @@ TEXT = "First Citizen:\nBefore we proceed any further, hear me speak."
 SAMPLE_ARGS = dict(length=60, temperature=0.8, top_k=0, top_p=0.95, seed=1234, num_samples=2)
 
 
-def run_cli(argv: list, capsys) -> tuple[int, str, str]:
-    """Runs ``dist-rnn ARGV`` in-process; returns (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:  # argparse errors exit from inside parse_args
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code: int, out: str, err: str) -> str:
-    assert code == 2, (code, out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error:"), err
-    assert "Traceback" not in out + err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
