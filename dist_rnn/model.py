@@ -161,8 +161,12 @@ class OutputProjection(keras.layers.Layer):
 def _recurrent_layer(config: ModelConfig, index: int, initializer, seed: int):
     common = dict(return_sequences=True, return_state=True, name=f"{config.cell}_{index}")
     init = {} if initializer is None else dict(kernel_initializer=initializer, recurrent_initializer=initializer)
+    from dist_rnn import cells
+
     if config.cell in FUSED_CELLS:
-        cls = keras.layers.LSTM if config.cell == "lstm" else keras.layers.GRU
+        # Keras' LSTM/GRU (cuDNN on a GPU, same weights) whose non-cuDNN path
+        # runs the fused recurrence of dist_rnn.cells instead of Keras' generic cell.
+        cls = cells.LSTM if config.cell == "lstm" else cells.GRU
         extra = {"reset_after": True} if config.cell == "gru" else {}
         if initializer is not None:
             extra["bias_initializer"] = initializer
@@ -172,8 +176,6 @@ def _recurrent_layer(config: ModelConfig, index: int, initializer, seed: int):
                    unroll=False, recurrent_dropout=config.recurrent_dropout,
                    use_cudnn=False if config.cudnn == "off" else "auto", seed=seed + 1000 + index,
                    **init, **extra, **common)
-    from dist_rnn import cells
-
     cls = {"ln_lstm": cells.LayerNormLSTM, "ln_gru": cells.LayerNormGRU, "rnn": cells.VanillaRNN}[config.cell]
     return cls(config.hidden_size, recurrent_dropout=config.recurrent_dropout, seed=seed + 1000 + index,
                **init, **common)

@@ -1,0 +1,95 @@
+"""Smoke test of tools/benchmark.py: the harness runs and writes sane JSONL, markdown and PNG.
+
+Not a timing test: ``--quick`` is a 1 x 16-unit model, two timed repeats of two steps.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "tools" / "benchmark.py"
+TORCH = importlib.util.find_spec("torch") is not None
+
+
+def _load_module():
+    spec = importlib.util.spec_from_file_location("dist_rnn_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.timeout(900)
+def test_quick_run_writes_jsonl_markdown_and_png(tmp_path):
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    systems = {row["system"] for row in rows}
+    assert {"loop", "step", "floor", "keras", "fit"} <= systems
+    assert ("torch" in systems) == TORCH
+    for row in rows:
+        assert row["cell"] == "lstm" and row["batch"] == 4 and row["bptt"] == 8 and row["hidden"] == 16
+        assert row["repeats"] == 2 and len(row["step_times_s"]) == 2
+        assert all(0 < t < 60 for t in row["step_times_s"])
+        assert math.isfinite(row["tokens_per_s"]) and row["tokens_per_s"] > 0
+        assert row["worst_tokens_per_s"] <= row["tokens_per_s"] <= row["best_tokens_per_s"]
+        assert row["tokens_per_s"] == pytest.approx(4 * 8 / row["median_step_s"], rel=1e-2)
+        assert 50 < row["peak_rss_mib"] < 20_000
+        assert row["machine"]["cpus"] >= 1 and row["machine"]["tensorflow"]
+    loop = next(row for row in rows if row["system"] == "loop")
+    assert loop["vocab"] == 20 and loop["trainer_reported_tokens_per_s"] > 0
+
+    text = (out / "results.md").read_text()
+    assert "| cell | precision | row | tokens/s (median) |" in text
+    assert "dist-rnn loop" in text and "minimal loop (dist-rnn model)" in text
+    assert "dist-rnn loop >= 0.97 x minimal loop (same model)" in text
+    if TORCH:
+        assert "PyTorch nn.LSTM" in text
+    png = (out / "results.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_rows_without_torch_are_skipped_with_a_note():
+    bench = _load_module()
+    args = bench.parse_args(["--cells", "lstm,ln_lstm", "--backend", "none,mirrored", "--jit", "both"])
+    rows, notes = bench.build_rows(args, torch_ok=False, gpu=False)
+    assert not [r for r in rows if r["system"] == "torch"]
+    assert any("PyTorch is not importable" in n for n in notes)
+    labels = [bench.label(r) for r in rows if r["cell"] == "lstm"]
+    assert labels == ["dist-rnn loop", "dist-rnn loop XLA", "dist-rnn loop mirrored x2", "dist-rnn step",
+                      "dist-rnn step XLA", "minimal loop (dist-rnn model)", "minimal loop (Keras layers)",
+                      "Keras model.fit"]
+    rows, notes = bench.build_rows(args, torch_ok=True, gpu=False)
+    assert [r["cell"] for r in rows if r["system"] == "torch"] == ["lstm"]
+    assert any("ln_lstm: PyTorch has no built-in" in n for n in notes)
+
+
+def test_targets_are_judged_from_the_rows():
+    bench = _load_module()
+
+    def row(system, cell, tokens, **kw):
+        base = {"system": system, "cell": cell, "precision": "float32", "backend": "none", "jit": False,
+                "replicas": 1, "tokens_per_s": tokens}
+        base.update(kw)
+        base["label"] = bench.label({**base, "system": system})
+        return base
+
+    rows = [row("loop", "lstm", 980.0), row("floor", "lstm", 1000.0), row("torch", "lstm", 1200.0),
+            row("loop", "lstm", 800.0, backend="mirrored", replicas=2), row("loop", "ln_lstm", 900.0)]
+    _, targets = bench.ratios_and_targets(rows)
+    judged = {t["target"]: t for t in targets}
+    assert judged["lstm: dist-rnn loop >= 0.97 x minimal loop (same model)"]["met"] is True
+    assert judged["lstm: dist-rnn loop >= 1.0 x PyTorch nn.LSTM"]["met"] is False
+    assert judged["ln_lstm >= 0.9 x lstm (dist-rnn loop)"]["ratio"] == pytest.approx(900 / 980)
+    mirrored = [t for t in targets if "mirrored" in t["target"]][0]
+    assert mirrored["ratio"] == pytest.approx(800 / 980) and mirrored["met"] is None
