@@ -106,7 +106,8 @@ def train(config_paths: list[str], overrides: list[str], run_dir: str | None) ->
     metrics.hparams(hparams_of(config, backend.num_replicas), rd.path.name)
     try:
         result = trainer.train(metrics)
-        if backend.is_chief and config.train.sample_length:
+        # A stopped run (preemption) exits at once: its grace period is for the checkpoint.
+        if backend.is_chief and config.train.sample_length and not result.get("stopped_by"):
             sample = trainer.sample(config.train.sample_prime, config.train.sample_length, seed=0)
             log.info("sample:\n" + sample)
     finally:
