@@ -86,8 +86,8 @@ class ModelConfig:
         tie_embeddings: Share the input embedding with the output projection
             (needs ``embedding_size == hidden_size``).
         cudnn: ``auto`` uses the fused kernel where eligible, ``require`` fails
-            before training unless every layer can use it, ``off`` forces the
-            generic kernel.
+            before training unless every layer can use it, ``off`` forces dist-rnn's fused
+            recurrence (the CPU path) even on a GPU.
         init_scale: If set, initialize every weight uniformly in
             ``[-init_scale, init_scale]`` (the PTB recipe); else Keras defaults.
     """

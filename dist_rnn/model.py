@@ -30,17 +30,34 @@ def states_per_layer(cell: str) -> int:
 
 @dataclass(frozen=True)
 class LayerKernel:
-    """Which kernel one recurrent layer runs, and why."""
+    """Which kernel one recurrent layer runs, and why.
+
+    Attributes:
+        index: Layer index, from 0.
+        cell: ``model.cell``.
+        units: Hidden units.
+        fused: Whether the layer runs the fused cuDNN kernel.
+        reason: Why not, when it does not (empty when it does).
+        keras_generic: Whether it then runs Keras' generic per-step cell
+            (``lstm``/``gru`` with recurrent dropout) rather than dist-rnn's
+            fused recurrence (one input matmul, hand-written backward pass).
+    """
 
     index: int
     cell: str
     units: int
     fused: bool
     reason: str
+    keras_generic: bool = False
 
     def line(self) -> str:
         """One line of the kernel report."""
-        kernel = "cuDNN fused" if self.fused else f"generic ({self.reason})"
+        if self.fused:
+            kernel = "cuDNN fused"
+        elif self.keras_generic:
+            kernel = f"Keras generic cell ({self.reason})"
+        else:
+            kernel = f"dist-rnn fused recurrence ({self.reason})"
         return f"layer {self.index}  {self.cell}  {self.units} units  kernel: {kernel}"
 
 
@@ -66,7 +83,8 @@ def kernel_report(config: ModelConfig, gpu_visible: bool) -> list[LayerKernel]:
             fused, reason = False, "no GPU visible"
         else:
             fused, reason = True, ""
-        report.append(LayerKernel(i, config.cell, config.hidden_size, fused, reason))
+        keras_generic = config.cell in FUSED_CELLS and reason == "recurrent dropout"
+        report.append(LayerKernel(i, config.cell, config.hidden_size, fused, reason, keras_generic))
     return report
 
 

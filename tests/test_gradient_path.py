@@ -40,13 +40,15 @@ def test_global_norm_clip_scales_only_above_bound():
 
 def test_kernel_report_names_each_layer_and_reason():
     lines = [k.line() for k in kernel_report(ModelConfig(cell="lstm", num_layers=2, hidden_size=256), False)]
-    assert lines == ["layer 0  lstm  256 units  kernel: generic (no GPU visible)",
-                     "layer 1  lstm  256 units  kernel: generic (no GPU visible)"]
+    assert lines == ["layer 0  lstm  256 units  kernel: dist-rnn fused recurrence (no GPU visible)",
+                     "layer 1  lstm  256 units  kernel: dist-rnn fused recurrence (no GPU visible)"]
     on_gpu = kernel_report(ModelConfig(cell="gru", num_layers=1), True)
     assert on_gpu[0].fused and on_gpu[0].line().endswith("kernel: cuDNN fused")
-    assert not kernel_report(ModelConfig(cell="lstm", recurrent_dropout=0.1), True)[0].fused
+    dropout = kernel_report(ModelConfig(cell="lstm", recurrent_dropout=0.1), True)[0]
+    assert dropout.line().endswith("kernel: Keras generic cell (recurrent dropout)")
     assert kernel_report(ModelConfig(cell="lstm", cudnn="off"), True)[0].reason == "model.cudnn: off"
-    assert kernel_report(ModelConfig(cell="ln_lstm"), True)[0].reason == "custom cell"
+    ln = kernel_report(ModelConfig(cell="ln_lstm", recurrent_dropout=0.1), True)[0]
+    assert ln.line().endswith("kernel: dist-rnn fused recurrence (custom cell)")
 
 
 def test_cudnn_require_fails_on_cpu_naming_each_layer():

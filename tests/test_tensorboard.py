@@ -67,7 +67,7 @@ def test_validation_test_text_hparams_histograms_and_profile(run):
     assert [s for s, _ in test["perplexity"]] == [20]
     train = read_events(run / "train")
     assert "```" in train["config"][0][1].item().decode()
-    assert "kernel: generic (no GPU visible)" in train["kernels"][0][1].item().decode()
+    assert "kernel: dist-rnn fused recurrence (no GPU visible)" in train["kernels"][0][1].item().decode()
     hist_tags = [t for t in train if t.startswith("weights/") or t.startswith("gradients/")]
     assert any(t.startswith("gradients/") for t in hist_tags) and any(t.startswith("weights/") for t in hist_tags)
     assert all(s == 10 or s == 20 for t in hist_tags for s, _ in train[t])
