@@ -1,0 +1,145 @@
+"""tools/results.py: the numbers it derives from metrics.jsonl, and docs/results.md agreeing with the runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "tools" / "results.py"
+RUNS = REPO / "docs" / "results" / "runs"
+RESULTS_MD = REPO / "docs" / "results.md"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("dist_rnn_results", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+results = _module()
+
+
+def write_run(folder: Path, cell: str, seed: int, train: list[tuple], valid: list[tuple],
+              batch: int = 2, bptt: int = 5) -> Path:
+    """A run folder: ``train`` rows are (step, epoch, loss, time, tokens/s), ``valid`` rows (step, loss, time)."""
+    folder.mkdir(parents=True)
+    config = {"model": {"cell": cell, "num_layers": 1, "hidden_size": 8, "dropout": 0.0},
+              "train": {"seed": seed, "batch_size": batch, "num_steps": bptt}}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    lines, previous = [], (0, 0.0)
+    for s, e, loss, t, r in train:  # step_time as the trainer logs it: the window's seconds per step
+        lines.append({"split": "train", "step": s, "epoch": e, "loss": loss, "time": t, "tokens_per_sec": r,
+                      "step_time": (t - previous[1]) / (s - previous[0])})
+        previous = (s, t)
+    lines += [{"split": "valid", "step": s, "loss": loss, "time": t} for s, loss, t in valid]
+    lines.sort(key=lambda r: r["time"])
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return folder
+
+
+def test_epoch_mean_weights_each_logged_window_by_its_steps(tmp_path):
+    # Epoch 1 = steps 1-10 logged after 4 and 10; epoch 2 = steps 11-20 logged after 12 and 20.
+    run = results.load_run(write_run(tmp_path / "r", "lstm", 0,
+                                     [(4, 1, 3.0, 1.0, 100), (10, 1, 2.0, 2.0, 200),
+                                      (12, 2, 1.9, 3.0, 300), (20, 2, 1.5, 4.0, 400)],
+                                     [(10, 2.5, 2.5), (20, 1.8, 4.5)]))
+    losses = run.epoch_train_losses()
+    assert losses[1] == pytest.approx((4 * 3.0 + 6 * 2.0) / 10)     # 2.4, not the mean of the logs (2.5)
+    assert losses[2] == pytest.approx((2 * 1.9 + 8 * 1.5) / 10)     # 1.58
+    assert run.final_epoch_train_loss() == pytest.approx(1.58)
+    assert run.steps_per_epoch() == 10
+    assert run.final_valid_loss() == 1.8
+    assert run.wall_time == 4.5
+    assert run.median_tokens_per_sec() == 250
+    assert run.training_time() == pytest.approx(4.0)  # the last train log's time: no evaluation in between
+    assert run.tokens_trained() == 20 * 2 * 5
+
+
+def test_resumed_run_sums_session_times_and_drops_replayed_records(tmp_path):
+    folder = write_run(tmp_path / "r", "gru", 1, [(5, 1, 3.0, 10.0, 100), (10, 1, 2.0, 20.0, 100)],
+                       [(10, 2.2, 21.0)])
+    # A second session resumed from step 5: its times restart, its step-10 record replaces the first.
+    with open(folder / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"split": "train", "step": 10, "epoch": 1, "loss": 1.0, "time": 8.0,
+                            "tokens_per_sec": 100}) + "\n")
+        f.write(json.dumps({"split": "valid", "step": 10, "loss": 2.0, "time": 9.0}) + "\n")
+    run = results.load_run(folder)
+    assert run.wall_time == pytest.approx(21.0 + 9.0)
+    assert run.valid[-1]["elapsed"] == pytest.approx(21.0 + 9.0)  # times since the run began
+    assert run.epoch_train_losses() == {1: pytest.approx((5 * 3.0 + 5 * 1.0) / 10)}
+    assert run.final_valid_loss() == 2.0
+
+
+def test_compare_table_mean_and_spread_over_seeds(tmp_path):
+    root = tmp_path / "runs" / results.COMPARE
+    for cell, seed, last, minutes in (("lstm", 0, 2.0, 10), ("lstm", 1, 2.2, 12), ("gru", 0, 1.7, 8)):
+        write_run(root / f"{cell}-s{seed}", cell, seed,
+                  [(10, 1, 3.0, 30.0, 1000), (20, 2, last, minutes * 60 - 5, 1000)],
+                  [(10, 2.9, 31.0), (20, last + 0.1, minutes * 60.0)])
+    runs = results.load_experiment(root)
+    assert [(r.cell, r.seed) for r in runs] == [("gru", 0), ("lstm", 0), ("lstm", 1)]
+    table = results.compare_table(runs).splitlines()
+    gru, lstm = table[2].split(" | "), table[3].split(" | ")
+    assert gru[0] == "| gru" and gru[2] == "1.700" and gru[3] == "1.75"
+    assert lstm[1] == "0, 1" and lstm[2] == "2.100 (2.000-2.200)" and lstm[3] == "2.03"
+    assert lstm[4] == "2.200 (2.100-2.300)"
+    assert lstm[5] == f"{2.2 / math.log(2):.3f} ({2.1 / math.log(2):.3f}-{2.3 / math.log(2):.3f})"
+    assert lstm[6] == "11.0 (10.0-12.0) min"
+    # Training time = the train logs' windows (the last ends 5 s before the run): 9.9 and 11.9 min.
+    assert lstm[7] == "10.9 (9.9-11.9) min"
+    assert gru[9].rstrip(" |") == f"{(8 * 60 - 5) / (0.5 * (595 + 715)):.2f}x"
+
+
+def test_strong_table_finds_the_first_evaluation_at_the_target(tmp_path):
+    root = tmp_path / "runs" / results.STRONG
+    write_run(root / "big", "gru", 0, [(10, 1, 2.0, 100.0, 500), (20, 2, 1.4, 200.0, 700), (30, 3, 1.3, 300.0, 600)],
+              [(10, 1.7, 110.0), (20, 1.49, 210.0), (30, 1.45, 310.0)])
+    row = results.strong_table(results.load_experiment(root)).splitlines()[2].split(" | ")
+    assert row[2] == "1.450 (step 30)"
+    assert row[4] == "step 20 (epoch 2.0)" and row[5] == "3.5 min" and row[6] == "5.2 min"
+
+
+def test_missing_metrics_is_a_one_line_error(tmp_path):
+    (tmp_path / "runs" / results.COMPARE / "empty").mkdir(parents=True)
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "runs")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error:"), proc.stderr
+
+
+def test_docs_results_tables_are_reproduced_from_the_committed_runs():
+    """Every table tools/results.py computes from docs/results/runs appears verbatim in docs/results.md."""
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(RUNS)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    document = RESULTS_MD.read_text(encoding="utf-8")
+    blocks = proc.stdout.split("<!-- table: ")[1:]
+    assert len(blocks) == 3
+    for block in blocks:
+        name, table = block.split(" -->\n", 1)
+        assert f"<!-- table: {name} -->\n{table.strip()}\n" in document, name
+
+
+
+@pytest.mark.parametrize("experiment, config_name", [("shakespeare_compare", "shakespeare_compare.yaml"),
+                                                     ("shakespeare_char", "shakespeare_char.yaml")])
+def test_committed_runs_used_the_shipped_config(experiment, config_name):
+    """A run may differ from configs/NAME only in the keys its command line sets (cell, seed, data path, output)."""
+    from dist_rnn.config import changed_keys, config_from_dict, load_config
+
+    allowed = {"data.path", "model.cell", "train.seed", "train.sample_length", "logging.progress"}
+    shipped = load_config([str(REPO / "configs" / config_name)])
+    runs = sorted(p for p in (RUNS / experiment).iterdir() if p.is_dir())
+    assert runs
+    for run in runs:
+        used = config_from_dict(yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")))
+        changes = changed_keys(shipped, used)
+        assert {change.split(":")[0] for change in changes} <= allowed, (run.name, changes)
