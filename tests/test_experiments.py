@@ -35,8 +35,15 @@ ZAREMBA = {
 }
 
 
-def metrics_of(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def train_and_read(config: str, overrides: list[str], run: Path, capsys) -> dict[str, list[dict]]:
+    """``dist-rnn train configs/CONFIG --set ...``; returns its metrics.jsonl records by split."""
+    argv = ["train", CONFIGS / config, "--run-dir", run, "--set", "logging.progress=off"]
+    for override in overrides:
+        argv += ["--set", override]
+    code, out, err = run_cli(argv, capsys)
+    assert code == 0, err[-3000:]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {split: [r for r in records if r["split"] == split] for split in ("train", "valid", "test")}
 
 
 # ------------------------------------------------------------------ experiment 1
@@ -96,14 +103,9 @@ def ptb_folder(tmp_path: Path, lines: int | None = None) -> Path:
 def test_ptb_small_trains_evaluates_and_tests_end_to_end(tmp_path, capsys):
     folder = ptb_folder(tmp_path)
     run = tmp_path / "run"
-    code, out, err = run_cli(["train", CONFIGS / "ptb_small.yaml", "--set", f"data.path={folder}",
-                              "--set", "train={max_epochs: 1, log_every: 46, eval_every: 92}",
-                              "--set", "logging.progress=off", "--run-dir", run], capsys)
-    assert code == 0, err[-3000:]
-    records = metrics_of(run)
-    train = [r for r in records if r["split"] == "train"]
-    valid = [r for r in records if r["split"] == "valid"]
-    test = [r for r in records if r["split"] == "test"]
+    splits = train_and_read("ptb_small.yaml", [f"data.path={folder}",
+                                                "train={max_epochs: 1, log_every: 46, eval_every: 92}"], run, capsys)
+    train, valid, test = splits["train"], splits["valid"], splits["test"]
     # 73,760 training tokens (words and <eos>): (73,760 - 1) // 20 // 20 = 184 steps per epoch.
     assert train[-1]["step"] == 184 and train[-1]["epoch"] == 1
     # The epoch schedule keeps lr 1.0 through epoch 4.
@@ -127,15 +129,13 @@ def test_ptb_small_trains_evaluates_and_tests_end_to_end(tmp_path, capsys):
 def test_ptb_medium_and_large_build_and_train_at_full_size(name, tmp_path, capsys):
     folder = ptb_folder(tmp_path, lines=60)
     run = tmp_path / "run"
-    code, out, err = run_cli(["train", CONFIGS / f"{name}.yaml", "--set", f"data.path={folder}",
-                              "--set", "train={max_epochs: null, max_steps: 3, log_every: 1, sample_length: 5}",
-                              "--set", "logging.progress=off", "--run-dir", run], capsys)
-    assert code == 0, err[-3000:]
+    splits = train_and_read(f"{name}.yaml", [f"data.path={folder}",
+                                             "train={max_epochs: null, max_steps: 3, log_every: 1, sample_length: 5}"],
+                            run, capsys)
     log = (run / "train.log").read_text(encoding="utf-8")
     hidden = ZAREMBA[name]["hidden"]
     assert re.search(rf"2 x lstm {hidden}, embedding {hidden}", log), log[:2000]
-    records = metrics_of(run)
-    losses = [r["loss"] for r in records if r["split"] == "train"]
+    losses = [r["loss"] for r in splits["train"]]
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
     # The first loss of a uniform-initialized model is about ln(vocabulary size).
     vocab_size = len(set(" ".join((folder / "ptb.train.txt").read_text().split()).split())) + 1  # + <eos>
@@ -170,16 +170,11 @@ def test_text8_pipeline_end_to_end_on_a_stand_in(tmp_path, capsys):
     data = text8_stand_in(tmp_path / "text8", 400_000)
     run = tmp_path / "run"
     # Decay every 200 steps instead of 5000, so that the staircase shows within 500 steps.
-    code, out, err = run_cli(["train", CONFIGS / "text8_udacity.yaml", "--set", f"data.path={data}",
-                              "--set", "data.split=[0.9, 0.1, 0.0]",
-                              "--set", "optimizer.schedule.decay_steps=200",
-                              "--set", "train={max_steps: 500, log_every: 50, eval_every: 250}",
-                              "--set", "checkpoint.every_steps=0",
-                              "--set", "logging.progress=off", "--run-dir", run], capsys)
-    assert code == 0, err[-3000:]
-    records = metrics_of(run)
-    train = [r for r in records if r["split"] == "train"]
-    valid = [r for r in records if r["split"] == "valid"]
+    splits = train_and_read("text8_udacity.yaml", [f"data.path={data}", "data.split=[0.9, 0.1, 0.0]",
+                                                   "optimizer.schedule.decay_steps=200",
+                                                   "train={max_steps: 500, log_every: 50, eval_every: 250}",
+                                                   "checkpoint.every_steps=0"], run, capsys)
+    train, valid = splits["train"], splits["valid"]
     by_step = {r["step"]: r for r in train}
     # Logged after step s, the rate used by step s (0-based s - 1).
     assert by_step[200]["learning_rate"] == pytest.approx(10.0)
