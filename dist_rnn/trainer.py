@@ -93,6 +93,7 @@ class Trainer:
         self.eval_batches = {split: StreamBatcher(corpus.split(split), self.eval_batch_size, t.num_steps, split)
                              for split in ("valid", "test") if len(corpus.split(split))}
         self.kernels = kernel_report(config.model, bool(tf.config.list_logical_devices("GPU")))
+        self._sampler: Sampler | None = None  # built once: its tf.functions trace on the first sample only
         check_cudnn_requirement(config.model, self.kernels)
         with backend.scope():
             self.model = build_model(config.model, len(corpus.vocab), t.seed)
@@ -340,6 +341,7 @@ class Trainer:
 
     def sample(self, prime: str, length: int, seed: int = 0, temperature: float = 0.8) -> str:
         """Generates a text sample from the current weights."""
-        sampler = Sampler(model_step_fn(self.model), self.corpus.vocab)
-        ids = sampler.generate(prime, length, temperature=temperature, seed=seed)[0]
+        if self._sampler is None:
+            self._sampler = Sampler(model_step_fn(self.model), self.corpus.vocab)
+        ids = self._sampler.generate(prime, length, temperature=temperature, seed=seed)[0]
         return self.corpus.vocab.decode(ids)

@@ -152,3 +152,18 @@ def test_every_cell_lowers_validation_perplexity_on_real_text(cell, shakespeare_
     final = trainer.train(metrics)["valid"]["loss"]
     metrics.close()
     assert math.exp(final) < 0.6 * math.exp(initial), (cell, initial, final)
+
+
+def test_sample_reuses_its_functions_and_reads_the_current_weights(shakespeare_slice, tmp_path):
+    trainer = make_trainer(tiny_config(shakespeare_slice), tmp_path / "run")
+    first = trainer.sample("the ", 40, seed=0)
+    sampler = trainer._sampler
+    assert trainer.sample("the ", 40, seed=0) == first and trainer._sampler is sampler
+    # Samples are drawn from the weights as they are now, not as they were at the first trace:
+    # zero weights and an output bias that puts all mass on "e" must sample "eee...".
+    vocab = trainer.corpus.vocab
+    for variable in trainer.model.trainable_variables:
+        variable.assign(tf.zeros_like(variable))
+    output_bias = [v for v in trainer.model.trainable_variables if tuple(v.shape) == (len(vocab),)][-1]
+    output_bias.assign(tf.one_hot(vocab.encode(["e"])[0], len(vocab)) * 100.0)
+    assert trainer.sample("the ", 40, seed=0) == "e" * 40 != first
