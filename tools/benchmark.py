@@ -300,6 +300,17 @@ def work_step(spec: dict, workdir: Path) -> None:
     states = backend.shard(trainer.model.initial_state(spec["batch"]))
     seed = tf.constant([0, 0], tf.int64)
     trainer.optimizer.learning_rate.assign(0.002)
+    run = _window_timer(windows, states, lambda x, y, s: trainer.steps.train_step(x, y, s, seed)[:2])
+
+    _serve(spec, run, lambda: _tf_memory(base_rss), info, lambda run, n: _tf_profile(run, n, workdir))
+
+
+def _window_timer(windows: list, states, step):
+    """A ``run(n)`` that times ``n`` calls of ``step(x, y, states) -> (loss, states)``.
+
+    Cycles through ``windows``, carries the state from call to call (and from one
+    ``run`` to the next) and waits for the last loss before stopping the clock.
+    """
     state = {"states": states, "i": 0}
 
     def run(n: int) -> float:
@@ -308,11 +319,11 @@ def work_step(spec: dict, workdir: Path) -> None:
         for _ in range(n):
             x, y = windows[state["i"] % len(windows)]
             state["i"] += 1
-            loss, state["states"], _, _ = trainer.steps.train_step(x, y, state["states"], seed)
+            loss, state["states"] = step(x, y, state["states"])
         float(loss)
         return time.perf_counter() - start
 
-    _serve(spec, run, lambda: _tf_memory(base_rss), info, lambda run, n: _tf_profile(run, n, workdir))
+    return run
 
 
 def _keras_layers(spec: dict, keras, return_state: bool = True):
@@ -393,18 +404,8 @@ def work_minimal(spec: dict, workdir: Path) -> None:
         return loss, new_states
 
     windows = [(tf.constant(x), tf.constant(y)) for x, y in _windows(spec)]
-    state = {"states": tuple(tf.zeros([spec["batch"], spec["hidden"]]) for _ in range(n_states * spec["layers"])),
-             "i": 0}
-
-    def run(n: int) -> float:
-        start = time.perf_counter()
-        loss = None
-        for _ in range(n):
-            x, y = windows[state["i"] % len(windows)]
-            state["i"] += 1
-            loss, state["states"] = train_step(x, y, state["states"])
-        float(loss)
-        return time.perf_counter() - start
+    zero = tuple(tf.zeros([spec["batch"], spec["hidden"]]) for _ in range(n_states * spec["layers"]))
+    run = _window_timer(windows, zero, train_step)
 
     info = {"vocab": spec["vocab"], "layer": kernel, "parameters": int(sum(int(tf.size(v)) for v in variables))}
     _serve(spec, run, lambda: _tf_memory(base_rss), info)
