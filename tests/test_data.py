@@ -167,6 +167,15 @@ def test_dataset_matches_window():
                 np.testing.assert_array_equal(gy, ey)
 
 
+def test_window_pipeline_runs_without_autotuning():
+    # An autotuned iterator's model thread made deleting the iterator at an
+    # epoch's end block for up to the autotuner's period (36 s measured).
+    b = StreamBatcher(np.arange(1003), batch_size=4, num_steps=10)
+    options = b.dataset(1).options()
+    assert options.autotune.enabled is False
+    assert b.dataset(2, 3).options().autotune.enabled is False
+
+
 def test_random_offset_deterministic_per_seed_and_epoch():
     ids = np.arange(5000)
     a = StreamBatcher(ids, 4, 20, seed=7, random_offset=True)
