@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -93,3 +94,35 @@ def test_targets_are_judged_from_the_rows():
     assert judged["ln_lstm >= 0.9 x lstm (dist-rnn loop)"]["ratio"] == pytest.approx(900 / 980)
     mirrored = [t for t in targets if "mirrored" in t["target"]][0]
     assert mirrored["ratio"] == pytest.approx(800 / 980) and mirrored["met"] is None
+
+
+def test_interleave_all_puts_every_cell_of_a_precision_in_one_group():
+    bench = _load_module()
+    args = bench.parse_args(["--cells", "lstm,ln_lstm", "--systems", "loop,step", "--backend", "none",
+                             "--jit", "off", "--precision", "float32,mixed_bfloat16", "--interleave", "all"])
+    rows, _ = bench.build_rows(args, torch_ok=False, gpu=False)
+    groups = bench.group_rows(rows, args.interleave)
+    assert list(groups) == ["float32", "mixed_bfloat16"]
+    assert [(r["cell"], r["system"]) for r in groups["float32"]] == [
+        ("lstm", "loop"), ("lstm", "step"), ("ln_lstm", "loop"), ("ln_lstm", "step")]
+    by_cell = bench.group_rows(rows, "cell")
+    assert list(by_cell) == ["lstm float32", "ln_lstm float32", "lstm mixed_bfloat16", "ln_lstm mixed_bfloat16"]
+    assert all(len(g) == 2 for g in by_cell.values())
+
+
+def test_layer_benchmark_times_each_cell_and_relates_ln_cells_to_plain_ones():
+    spec = importlib.util.spec_from_file_location("dist_rnn_layer_benchmark", REPO / "tools" / "layer_benchmark.py")
+    layer_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(layer_bench)
+    args = layer_bench.parse_args(["--cells", "lstm,ln_lstm", "--units", "8", "--batch", "2", "--bptt", "5",
+                                   "--repeats", "3", "--calls", "1"])
+    results = layer_bench.run(args)
+    assert [(r["cell"], r["pass"]) for r in results] == [
+        ("lstm", "forward"), ("lstm", "forward + backward"),
+        ("ln_lstm", "forward"), ("ln_lstm", "forward + backward")]
+    assert all(len(r["seconds"]) == 3 and all(0 < s < 30 for s in r["seconds"]) for r in results)
+    text = layer_bench.table(results)
+    row = next(line for line in text.splitlines() if line.startswith("| ln_lstm | forward + backward |"))
+    median = {(r["cell"], r["pass"]): statistics.median(r["seconds"]) for r in results}
+    expected = median[("ln_lstm", "forward + backward")] / median[("lstm", "forward + backward")]
+    assert row.split("|")[5].strip() == f"{expected:.2f}x lstm"

@@ -22,8 +22,9 @@ backend (logical CPU devices, or the GPUs) at the same global batch.
 Every row runs in its own worker process (logical devices must be configured
 before TensorFlow initializes, and each row's peak memory is its own). Workers
 build and warm up one at a time, then the timed repeats are interleaved across
-the rows of a cell (round-robin, rotated each round) so that a load change on
-a shared machine hits every row alike. A repeat times ``--steps`` training
+the rows of a cell (round-robin, rotated each round; ``--interleave all``:
+across the rows of every cell) so that a load change on a shared machine hits
+every row alike. A repeat times ``--steps`` training
 steps; the table shows the median step time over ``--repeats`` repeats,
 tokens/s = batch x bptt / step time, and the worker's peak memory.
 
@@ -665,6 +666,19 @@ def build_rows(args, torch_ok: bool, gpu: bool) -> tuple[list[dict], list[str]]:
     return rows, notes
 
 
+def group_rows(rows: list[dict], interleave: str) -> dict[str, list[dict]]:
+    """Rows whose timed repeats are interleaved with each other, by group name.
+
+    ``cell``: one group per cell and precision. ``all``: one group per
+    precision, so that rows of different cells share the load of the machine.
+    """
+    groups: dict[str, list[dict]] = {}
+    for spec in rows:
+        name = spec["precision"] if interleave == "all" else f"{spec['cell']} {spec['precision']}"
+        groups.setdefault(name, []).append(spec)
+    return groups
+
+
 def run_group(rows: list[dict], args, log, notes: list[str]) -> list[dict]:
     """Starts the rows' workers one by one, then interleaves their timed repeats."""
     workers, results = [], []
@@ -834,8 +848,9 @@ def markdown(rows: list[dict], notes: list[str], machine: dict, command: str, ar
     out.append(f"- versions: Python {machine['python']}, TensorFlow {machine['tensorflow']}, Keras {machine['keras']}, "
                f"PyTorch {machine['torch'] or 'not installed'}, NumPy {machine['numpy']}")
     out.append(f"- command: `{command}`")
+    across = "all cells" if args.interleave == "all" else "a cell"
     out.append(f"- each row: {args.warmup} warm-up repeat(s), then {args.repeats} timed repeats of {args.steps} steps, "
-               "interleaved across the rows of a cell; median step time, tokens/s = batch x bptt / median step "
+               f"interleaved across the rows of {across}; median step time, tokens/s = batch x bptt / median step "
                "time (best and worst repeat in brackets); peak memory = the row's worker process peak RSS")
     loads = [x for r in rows for x in r["load_avg_1min"]]
     if loads:
@@ -936,6 +951,9 @@ def parse_args(argv=None):
     p.add_argument("--omp-passive", action="store_true", help="OMP_WAIT_POLICY=PASSIVE for the PyTorch worker")
     p.add_argument("--profile", action="store_true",
                    help="also profile 3 steps of the dist-rnn step and PyTorch rows (op-type table in results.md)")
+    p.add_argument("--interleave", choices=["cell", "all"], default="cell",
+                   help="interleave the timed repeats within each cell (default) or across all rows of a "
+                        "precision (for ratios between cells, e.g. ln_lstm / lstm, under the same load)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds a worker may take to answer")
     p.add_argument("--out", default="benchmark-results", help="output folder")
     p.add_argument("--quick", action="store_true",
@@ -980,14 +998,11 @@ def main(argv=None) -> int:
     log(f"machine: {machine['cpus']} CPUs {machine['cpu_model']}, {machine['memory_gib']} GiB, "
         f"{'GPU' if gpu else 'no GPU'}; TF {machine['tensorflow']}, Keras {machine['keras']}, torch {machine['torch']}")
     rows, notes = build_rows(args, torch_ok, gpu)
-    groups = {}
-    for spec in rows:
-        groups.setdefault((spec["cell"], spec["precision"]), []).append(spec)
     results = []
     jsonl = out / "results.jsonl"
     with open(jsonl, "w", encoding="utf-8") as f:
-        for (cell, precision), specs in groups.items():
-            log(f"{cell} {precision}: {len(specs)} rows")
+        for name, specs in group_rows(rows, args.interleave).items():
+            log(f"{name}: {len(specs)} rows")
             for row in run_group(specs, args, log, notes):
                 row["machine"] = machine
                 row["command"] = command

@@ -1,0 +1,133 @@
+"""Times one recurrent layer alone: its forward pass, and forward + backward.
+
+``tools/benchmark.py`` times whole training steps (embedding, recurrent
+layers, softmax, optimizer). This script isolates one dist-rnn recurrent
+layer, as the model builds it off cuDNN, to show where a cell's cost sits::
+
+    python tools/layer_benchmark.py                                   # lstm, gru, ln_lstm, ln_gru
+    python tools/layer_benchmark.py --cells lstm,ln_lstm --repeats 14 --xla
+
+Each call runs the layer over a ``[batch, bptt, units]`` input from given
+initial states, in a ``tf.function`` (``--xla``: compiled with XLA); the
+backward variant also takes the gradient of a scalar of the outputs with
+respect to the input, the initial states and the weights. After one warm-up
+call per variant, the timed repeats (each ``--calls`` calls) are interleaved
+across all variants, round-robin, so that a load change hits all alike. The
+table gives the median and the best repeat, per call, and each cell's time
+relative to its plain cell (``ln_lstm`` / ``lstm``, ``ln_gru`` / ``gru``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+CELLS = ("lstm", "gru", "ln_lstm", "ln_gru", "rnn")
+PLAIN = {"ln_lstm": "lstm", "ln_gru": "gru"}
+
+
+def build_layer(cell: str, units: int):
+    """The recurrent layer dist-rnn's model builds for ``cell`` (defaults, no dropout)."""
+    from dist_rnn import cells
+
+    common = dict(return_sequences=True, return_state=True)
+    if cell == "lstm":
+        return cells.LSTM(units, **common)
+    if cell == "gru":
+        return cells.GRU(units, reset_after=True, **common)
+    return {"ln_lstm": cells.LayerNormLSTM, "ln_gru": cells.LayerNormGRU, "rnn": cells.VanillaRNN}[cell](units, **common)
+
+
+def make_calls(cell: str, units: int, batch: int, bptt: int, xla: bool):
+    """``(forward, forward_backward)``: zero-argument callables that run the layer once and block."""
+    import tensorflow as tf
+
+    layer = build_layer(cell, units)
+    rng = tf.random.Generator.from_seed(0)
+    x = rng.normal([batch, bptt, units])
+    n_states = 2 if cell in ("lstm", "ln_lstm") else 1
+    states = [0.1 * rng.normal([batch, units]) for _ in range(n_states)]
+    layer(x, initial_state=states)
+
+    def loss_of(outputs):
+        return tf.add_n([tf.reduce_sum(o * 0.01) for o in outputs])
+
+    @tf.function(jit_compile=xla)
+    def forward(x, states):
+        return loss_of(layer(x, initial_state=states))
+
+    @tf.function(jit_compile=xla)
+    def forward_backward(x, states):
+        with tf.GradientTape() as tape:
+            tape.watch([x] + states)
+            loss = loss_of(layer(x, initial_state=states))
+        grads = tape.gradient(loss, [x] + states + layer.trainable_variables)
+        return loss + tf.add_n([tf.reduce_sum(g) for g in grads]) * 0.0
+
+    return (lambda: float(forward(x, states))), (lambda: float(forward_backward(x, states)))
+
+
+def run(args) -> list[dict]:
+    """Times every variant; returns one dict per (cell, pass) with per-call seconds."""
+    variants = []
+    for cell in args.cells:
+        fwd, both = make_calls(cell, args.units, args.batch, args.bptt, args.xla)
+        for name, call in (("forward", fwd), ("forward + backward", both)):
+            call()  # warm-up: tracing (and XLA compile)
+            variants.append({"cell": cell, "pass": name, "call": call, "seconds": []})
+    for r in range(args.repeats):
+        order = variants[r % len(variants):] + variants[:r % len(variants)]
+        for v in order:
+            start = time.perf_counter()
+            for _ in range(args.calls):
+                v["call"]()
+            v["seconds"].append((time.perf_counter() - start) / args.calls)
+    return [{k: v for k, v in var.items() if k != "call"} for var in variants]
+
+
+def table(results: list[dict]) -> str:
+    """A markdown table: median and best ms per call, and the ratio to the plain cell's median."""
+    median = {(r["cell"], r["pass"]): statistics.median(r["seconds"]) for r in results}
+    lines = ["| cell | pass | ms per call (median) | best | time vs plain cell |", "|---|---|---:|---:|---:|"]
+    for r in results:
+        plain = PLAIN.get(r["cell"])
+        ratio = ""
+        if plain and (plain, r["pass"]) in median:
+            ratio = f"{median[(r['cell'], r['pass'])] / median[(plain, r['pass'])]:.2f}x {plain}"
+        lines.append(f"| {r['cell']} | {r['pass']} | {1000 * median[(r['cell'], r['pass'])]:.1f} | "
+                     f"{1000 * min(r['seconds']):.1f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--cells", default="lstm,gru,ln_lstm,ln_gru", help="comma list of " + ", ".join(CELLS))
+    p.add_argument("--units", type=int, default=256, help="units (input width is the same)")
+    p.add_argument("--batch", type=int, default=32, help="rows")
+    p.add_argument("--bptt", type=int, default=100, help="time steps")
+    p.add_argument("--repeats", type=int, default=8, help="timed repeats per variant (median reported)")
+    p.add_argument("--calls", type=int, default=3, help="calls per repeat")
+    p.add_argument("--xla", action="store_true", help="compile each call with XLA")
+    args = p.parse_args(argv)
+    args.cells = [c for c in args.cells.split(",") if c]
+    unknown = [c for c in args.cells if c not in CELLS]
+    if unknown:
+        p.error(f"unknown cell {unknown[0]!r}; choose from {', '.join(CELLS)}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    results = run(args)
+    print(f"one layer, {args.units} units, batch {args.batch}, {args.bptt} steps, "
+          f"{'XLA' if args.xla else 'no XLA'}, {args.repeats} repeats of {args.calls} calls")
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
