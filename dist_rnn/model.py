@@ -176,7 +176,21 @@ class OutputProjection(keras.layers.Layer):
                 "kernel_initializer": keras.initializers.serialize(self.kernel_initializer)}
 
 
-def _recurrent_layer(config: ModelConfig, index: int, initializer, seed: int):
+def recurrent_layer(config: ModelConfig, index: int, initializer=None, seed: int = 0):
+    """Recurrent layer ``index`` of the model that ``config`` describes.
+
+    Args:
+        config: The ``model`` section (cell, units, recurrent dropout, cuDNN use).
+        index: Layer index (names the layer and offsets its dropout seed).
+        initializer: Initializer of every weight (the PTB ``init_scale``
+            recipe), or None for the layer's defaults.
+        seed: Base seed of the recurrent-dropout generator.
+
+    Returns:
+        ``cells.LSTM``/``cells.GRU`` (Keras' layers: cuDNN on a GPU, dist-rnn's
+        fused recurrence elsewhere) or a dist-rnn layer-norm/vanilla layer, with
+        ``return_sequences`` and ``return_state``.
+    """
     common = dict(return_sequences=True, return_state=True, name=f"{config.cell}_{index}")
     init = {} if initializer is None else dict(kernel_initializer=initializer, recurrent_initializer=initializer)
     from dist_rnn import cells
@@ -223,7 +237,7 @@ class LanguageModel(keras.Model):
         self.embedding = keras.layers.Embedding(
             vocab_size, config.embedding_size, name="embedding",
             embeddings_initializer=initializer or keras.initializers.RandomUniform(-0.05, 0.05, seed=seed))
-        self.recurrent_layers = [_recurrent_layer(config, i, initializer, seed) for i in range(config.num_layers)]
+        self.recurrent_layers = [recurrent_layer(config, i, initializer, seed) for i in range(config.num_layers)]
         # tf.train.Checkpoint does not see layers inside a Python list: give
         # each its own attribute so checkpoints hold their weights under model/.
         for i, layer in enumerate(self.recurrent_layers):

@@ -29,15 +29,11 @@ PLAIN = {"ln_lstm": "lstm", "ln_gru": "gru"}
 
 
 def build_layer(cell: str, units: int):
-    """The recurrent layer dist-rnn's model builds for ``cell`` (defaults, no dropout)."""
-    from dist_rnn import cells
+    """One layer exactly as dist-rnn's model builds it for ``cell`` (defaults, no dropout)."""
+    from dist_rnn.config import ModelConfig
+    from dist_rnn.model import recurrent_layer
 
-    common = dict(return_sequences=True, return_state=True)
-    if cell == "lstm":
-        return cells.LSTM(units, **common)
-    if cell == "gru":
-        return cells.GRU(units, reset_after=True, **common)
-    return {"ln_lstm": cells.LayerNormLSTM, "ln_gru": cells.LayerNormGRU, "rnn": cells.VanillaRNN}[cell](units, **common)
+    return recurrent_layer(ModelConfig(cell=cell, num_layers=1, hidden_size=units, embedding_size=units), 0)
 
 
 def make_calls(cell: str, units: int, batch: int, bptt: int, xla: bool):
