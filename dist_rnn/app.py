@@ -16,6 +16,7 @@ from dist_rnn.config import (Config, changed_keys, check_divisible, load_config,
                              model_defining_differences, save_config)
 from dist_rnn.errors import UserError
 from dist_rnn.run_dir import RunDirectory
+from dist_rnn.runtime import import_tensorflow
 
 log = logging.getLogger("dist_rnn")
 
@@ -74,6 +75,7 @@ def train(config_paths: list[str], overrides: list[str], run_dir: str | None) ->
         The final step, epoch and validation result.
     """
     config, rd, changes = resolve_train_config(config_paths, overrides, run_dir)
+    import_tensorflow()
     from dist_rnn.dataset import encode_corpus
     from dist_rnn.distribution import create_backend
     from dist_rnn.summaries import MetricsLogger, setup_logging
@@ -134,6 +136,7 @@ def evaluate(run_dir: str, split: str) -> dict:
     vocab = rd.load_vocab()
     if vocab is None:
         raise UserError(f"{rd.path} has no vocab.json")
+    import_tensorflow()
     from dist_rnn.dataset import encode_corpus
     from dist_rnn.distribution import create_backend
     from dist_rnn.summaries import setup_logging
@@ -160,7 +163,7 @@ def load_model_for_inference(run_dir: str):
     vocab = rd.load_vocab()
     if vocab is None:
         raise UserError(f"{rd.path} has no vocab.json")
-    import tensorflow as tf
+    tf = import_tensorflow()
 
     from dist_rnn.model import build_model
 
@@ -186,6 +189,7 @@ def generate(run_dir: str, prime: str, length: int, temperature: float, top_k: i
     Returns:
         The generated continuations (prime excluded).
     """
+    import_tensorflow()
     from dist_rnn.generation import Sampler, check_sampling_args, model_step_fn
 
     stream = stream if stream is not None else sys.stdout
@@ -225,6 +229,7 @@ def export(run_dir: str, out_dir: str) -> dict:
     Returns:
         The export description (``export.json``) and its path.
     """
+    import_tensorflow()
     from dist_rnn.export import export_run
 
     return export_run(run_dir, out_dir)

@@ -20,19 +20,23 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of all subcommands."""
     parser = _Parser(prog="dist-rnn", description="Train, evaluate and sample recurrent language models.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true",
+                        help="also show TensorFlow's start-up notices (oneDNN, CUDA probe) on stderr")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    t = sub.add_parser("train", help="train a new run, or resume one")
+    t = sub.add_parser("train", parents=[common], help="train a new run, or resume one")
     t.add_argument("configs", nargs="*", metavar="CONFIG", help="YAML files, merged left to right")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, value parsed as YAML (repeatable)")
     t.add_argument("--run-dir", help="run directory (default runs/<last config name>); an existing run resumes")
 
-    e = sub.add_parser("eval", help="evaluate the latest checkpoint of a run")
+    e = sub.add_parser("eval", parents=[common], help="evaluate the latest checkpoint of a run")
     e.add_argument("--run-dir", required=True)
     e.add_argument("--split", choices=["valid", "test"], default="valid")
 
-    g = sub.add_parser("generate", help="sample text from the latest checkpoint of a run, or from an export")
+    g = sub.add_parser("generate", parents=[common],
+                       help="sample text from the latest checkpoint of a run, or from an export")
     source = g.add_mutually_exclusive_group(required=True)
     source.add_argument("--run-dir", help="training run: samples from its latest checkpoint")
     source.add_argument("--model", metavar="EXPORTED_DIR", help="folder written by 'dist-rnn export'")
@@ -44,12 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-samples", type=int, default=1, help="samples generated in one batch")
     g.add_argument("--seed", type=int, default=0)
 
-    x = sub.add_parser("export", help="export a run's latest checkpoint as a SavedModel and a .keras file")
+    x = sub.add_parser("export", parents=[common],
+                       help="export a run's latest checkpoint as a SavedModel and a .keras file")
     x.add_argument("--run-dir", required=True)
     x.add_argument("--out", required=True, metavar="DIR",
                    help="new or empty folder, or a previous export (replaced)")
 
-    r = sub.add_parser("report", help="print a run's summary and plot its training curves")
+    r = sub.add_parser("report", parents=[common], help="print a run's summary and plot its training curves")
     r.add_argument("--run-dir", required=True)
     r.add_argument("--out", metavar="PNG", help="image file of the curves (default RUN_DIR/report.png)")
     return parser
@@ -59,7 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dist-rnn`` console script; returns the exit code."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
+    from dist_rnn import runtime
     from dist_rnn.errors import UserError
+
+    runtime.show_startup_logs(args.verbose)
 
     try:
         from dist_rnn import app
