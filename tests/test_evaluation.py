@@ -9,6 +9,7 @@ same loss sum and count ``N - 1`` tokens.
 from __future__ import annotations
 
 import json
+import os
 import math
 import subprocess
 import sys
@@ -18,7 +19,6 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO, SHAKESPEARE, assert_one_line_error, run_cli, tiny_config
-from dist_rnn.batching import EvalBatcher
 from dist_rnn.dataset import encode_corpus
 from dist_rnn.distribution import Backend
 from dist_rnn.run_dir import RunDirectory
@@ -75,6 +75,8 @@ def trained(shakespeare_20k, tmp_path_factory):
 
 @pytest.mark.parametrize("n, rows, steps", [(20, 3, 4), (23, 4, 5), (101, 8, 7), (5, 8, 3), (2, 4, 10), (1000, 1, 64)])
 def test_eval_windows_predict_every_position_once_from_its_predecessor(n, rows, steps):
+    from dist_rnn.batching import EvalBatcher
+
     ids = np.arange(n) + 100  # the id tells the position
     b = EvalBatcher(ids, rows, steps)
     seen, inputs_of = [], {}
@@ -96,7 +98,7 @@ def test_evaluation_scores_every_valid_token_once_and_equals_per_row_oracle(trai
     ids = trained.corpus.valid
     assert len(ids) == 4000
     result = trained.evaluate("valid")
-    assert result.tokens == len(ids) - 1  # the old cut to whole rows and windows scored 3,840 of them
+    assert result.tokens == len(ids) - 1  # the old cut to whole rows and windows scored 3,978 of them
     expected = oracle_loss_sum(trained.model, ids, 6)
     assert result.loss * result.tokens == pytest.approx(expected, rel=1e-6)
     # Sensitivity: resetting the state at every window moves the loss far beyond that tolerance.
@@ -111,9 +113,10 @@ def test_split_with_fewer_targets_than_eval_rows_still_scores_every_token(shakes
     train_file, valid_file = tmp_path / "train.txt", tmp_path / "valid.txt"
     train_file.write_text(text[:16_000], encoding="utf-8")
     valid_file.write_text("First", encoding="utf-8")  # 5 tokens, 4 targets, 8 evaluation rows
+    # Used to be an error blaming train.batch_size, though only train.eval_batch_size was too large.
     config = tiny_config(shakespeare_20k, data={"corpus": "file", "path": None, "train_file": str(train_file),
-                                                "valid_file": str(valid_file)})
-    assert config.train.eval_batch_size is None and config.train.batch_size == 8
+                                                "valid_file": str(valid_file)},
+                         train={"batch_size": 4, "eval_batch_size": 8})
     trainer = make_trainer(config, tmp_path / "run")
     result = trainer.evaluate("valid")
     assert result.tokens == 4
@@ -149,3 +152,37 @@ def test_eval_cli_reports_every_token_of_the_split(shakespeare_20k, tmp_path, ca
     result = json.loads(out.strip().splitlines()[-1])
     assert result["tokens"] == 3999
     assert math.isfinite(result["loss"])
+
+
+MIRRORED_EVAL = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from conftest import tiny_config
+from dist_rnn.distribution import create_backend
+config = tiny_config({data!r}, train={train!r}, distribute={{"backend": "mirrored", "cpu_devices": 2}})
+backend = create_backend(config.distribute)  # logical CPU devices before TensorFlow initializes
+import tensorflow as tf
+from dist_rnn.dataset import encode_corpus
+from dist_rnn.run_dir import RunDirectory
+from dist_rnn.trainer import Trainer, set_precision
+tf.keras.utils.set_random_seed(config.train.seed)
+set_precision(config.train.precision)
+trainer = Trainer(config, RunDirectory({run_dir!r}), backend, encode_corpus(config.data))
+result = trainer.evaluate("valid")
+print(json.dumps({{"replicas": backend.num_replicas, "loss": result.loss, "tokens": result.tokens}}))
+"""
+
+
+def test_mirrored_evaluation_equals_one_device(shakespeare_20k, tmp_path):
+    # 3,999 targets over 6 rows: rows of 667 and 666 targets, 3 rows per replica, a short last window.
+    train = {"eval_batch_size": 6, "num_steps": 100}
+    script = MIRRORED_EVAL.format(tests=str(REPO / "tests"), data=str(shakespeare_20k), train=train,
+                                  run_dir=str(tmp_path / "mirrored"))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    mirrored = json.loads(proc.stdout.strip().splitlines()[-1])
+    single = make_trainer(tiny_config(shakespeare_20k, train=train), tmp_path / "single").evaluate("valid")
+    assert mirrored["replicas"] == 2
+    assert mirrored["tokens"] == single.tokens == 3999
+    assert mirrored["loss"] == pytest.approx(single.loss, rel=1e-6)
