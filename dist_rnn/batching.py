@@ -4,6 +4,11 @@ The token stream is cut into ``batch_size`` contiguous rows and walked
 ``num_steps`` tokens at a time, so row ``i`` of batch ``k + 1`` continues row
 ``i`` of batch ``k``. The recurrent state of row ``i`` can therefore be carried
 from one batch to the next.
+
+Training (:class:`StreamBatcher`) cuts the split to whole rows and whole
+windows. Evaluation (:class:`EvalBatcher`) scores every token of the split
+except the first exactly once: rows overlap by one token, may differ in length
+by one (padded, with weight 0) and the last window may be shorter.
 """
 
 from __future__ import annotations
@@ -85,6 +90,76 @@ class StreamBatcher:
             return rows[:, start:start + n], rows[:, start + 1:start + 1 + n]
 
         return (tf.data.Dataset.range(start_index, self.batches_in_epoch(epoch))
+                .map(window, num_parallel_calls=1, deterministic=True)
+                .prefetch(2)
+                .with_options(pipeline_options()))
+
+
+class EvalBatcher:
+    """Cuts a split into rows whose targets are every token but the first, once each.
+
+    With ``N`` tokens and ``B`` rows, the ``N - 1`` targets (positions
+    ``1 .. N-1``) are dealt out in contiguous runs whose lengths differ by at
+    most one; row ``i`` reads from the last token of row ``i - 1`` (rows overlap
+    by one token), so every target is predicted with the state carried from
+    the tokens before it in its row. Short rows are padded at the end with id 0
+    and weight 0; rows get no targets at all when ``N - 1 < B``. Nothing
+    follows a padded position, so its recurrent state does not matter.
+
+    Args:
+        ids: The whole split as token ids.
+        batch_size: Number of rows (``train.eval_batch_size``).
+        num_steps: Window length; the last window may be shorter.
+        split: Split name, for error messages.
+
+    Raises:
+        UserError: If the split has fewer than 2 tokens (nothing to predict).
+    """
+
+    def __init__(self, ids: np.ndarray, batch_size: int, num_steps: int, split: str = "valid"):
+        ids = np.asarray(ids, dtype=np.int32)
+        if len(ids) < 2:
+            raise UserError(f"data: the {split} split has {len(ids)} token(s); evaluation needs at least 2 "
+                            f"(the first token is only context)")
+        self.batch_size = batch_size
+        self.num_steps = num_steps
+        self.tokens = len(ids) - 1
+        lengths = np.full(batch_size, self.tokens // batch_size)
+        lengths[: self.tokens % batch_size] += 1
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])  # row i's first (input) token
+        width = int(lengths.max())
+        column = np.arange(width + 1)
+        positions = np.minimum(starts[:, None] + column, len(ids) - 1)
+        self.rows = np.where(column <= lengths[:, None], ids[positions], 0).astype(np.int32)
+        self.weights = (column[:-1] < lengths[:, None]).astype(np.float32)
+
+    @property
+    def row_length(self) -> int:
+        """Targets of the longest row (the padded width)."""
+        return self.weights.shape[1]
+
+    @property
+    def num_windows(self) -> int:
+        """Windows of the walk, the last one possibly shorter than ``num_steps``."""
+        return -(-self.row_length // self.num_steps)
+
+    def window(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Returns window ``index`` as numpy (inputs, targets, weights), each ``[batch, <= num_steps]``."""
+        start = index * self.num_steps
+        end = min(start + self.num_steps, self.row_length)
+        return self.rows[:, start:end], self.rows[:, start + 1:end + 1], self.weights[:, start:end]
+
+    def dataset(self) -> tf.data.Dataset:
+        """A tf.data pipeline of all windows in order, prefetched."""
+        rows, weights = tf.constant(self.rows), tf.constant(self.weights)
+        n, width = self.num_steps, self.row_length
+
+        def window(i):
+            start = tf.cast(i * n, tf.int32)
+            end = tf.minimum(start + n, width)
+            return rows[:, start:end], rows[:, start + 1:end + 1], weights[:, start:end]
+
+        return (tf.data.Dataset.range(self.num_windows)
                 .map(window, num_parallel_calls=1, deterministic=True)
                 .prefetch(2)
                 .with_options(pipeline_options()))

@@ -84,11 +84,17 @@ class StepFunctions:
         loss_sum, states, grad_norm, finite = self.backend.run(self._replica_train, (inputs, targets, states, seed))
         return self.backend.reduce_sum(loss_sum), states, self.backend.first(grad_norm), self.backend.first(finite)
 
-    def _replica_eval(self, inputs, targets, states):
+    def _replica_eval(self, inputs, targets, weights, states):
         logits, new_states = self.model(inputs, states, training=False)
-        return token_loss_sum(targets, logits), new_states
+        losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.cast(targets, tf.int32), logits=logits)
+        # Padded targets (weight 0) add nothing.
+        return tf.reduce_sum(losses * tf.cast(weights, losses.dtype)), new_states
 
-    def _eval_step(self, inputs, targets, states):
-        """Returns (global loss sum, per-replica new states)."""
-        loss_sum, states = self.backend.run(self._replica_eval, (inputs, targets, states))
+    def _eval_step(self, inputs, targets, weights, states):
+        """Returns (global weighted loss sum, per-replica new states).
+
+        ``weights`` (float ``[batch, time]``) is 1 for a real target and 0 for
+        padding (see :class:`~dist_rnn.batching.EvalBatcher`).
+        """
+        loss_sum, states = self.backend.run(self._replica_eval, (inputs, targets, weights, states))
         return self.backend.reduce_sum(loss_sum), states

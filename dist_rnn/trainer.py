@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from dist_rnn.batching import StreamBatcher
+from dist_rnn.batching import EvalBatcher, StreamBatcher
 from dist_rnn.checkpoints import Checkpointer, TrainingState, fingerprint
 from dist_rnn.config import MODEL_DEFINING_KEYS, Config, _flatten
 from dist_rnn.dataset import EncodedCorpus
@@ -90,7 +90,7 @@ class Trainer:
         self.eval_batch_size = t.eval_batch_size or t.batch_size
         self.train_batches = StreamBatcher(corpus.train, t.batch_size, t.num_steps, "train", t.seed,
                                            config.data.random_offset)
-        self.eval_batches = {split: StreamBatcher(corpus.split(split), self.eval_batch_size, t.num_steps, split)
+        self.eval_batches = {split: EvalBatcher(corpus.split(split), self.eval_batch_size, t.num_steps, split)
                              for split in ("valid", "test") if len(corpus.split(split))}
         self.kernels = kernel_report(config.model, bool(tf.config.list_logical_devices("GPU")))
         self._sampler: Sampler | None = None  # built once: its tf.functions trace on the first sample only
@@ -325,6 +325,9 @@ class Trainer:
     def evaluate(self, split: str) -> EvalResult:
         """Evaluates a whole split with the state carried across batches.
 
+        Every token but the first is scored exactly once (see
+        :class:`~dist_rnn.batching.EvalBatcher`); ``tokens`` counts them.
+
         Raises:
             UserError: If the split is empty.
         """
@@ -333,10 +336,10 @@ class Trainer:
         batches = self.eval_batches[split]
         states = self._zero_states(self.eval_batch_size)
         total = tf.constant(0.0, tf.float64)
-        for inputs, targets in batches.dataset(epoch=1):
-            loss_sum, states = self.steps.eval_step(*self.backend.shard((inputs, targets)), states)
+        for inputs, targets, weights in batches.dataset():
+            loss_sum, states = self.steps.eval_step(*self.backend.shard((inputs, targets, weights)), states)
             total += tf.cast(loss_sum, tf.float64)
-        tokens = batches.tokens_per_epoch()
+        tokens = batches.tokens
         return EvalResult(split, float(total) / tokens, tokens, self.corpus.vocab.level)
 
     def sample(self, prime: str, length: int, seed: int = 0, temperature: float = 0.8) -> str:

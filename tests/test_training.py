@@ -50,12 +50,12 @@ def test_carried_state_lowers_loss_versus_reset_state(trained):
     batches = trainer.eval_batches["valid"]
     carried_total, reset_total = 0.0, 0.0
     states = trainer.model.initial_state(batches.batch_size)
-    for inputs, targets in batches.dataset(epoch=1):
-        loss, states = trainer.steps.eval_step(inputs, targets, states)
+    for inputs, targets, weights in batches.dataset():
+        loss, states = trainer.steps.eval_step(inputs, targets, weights, states)
         carried_total += float(loss)
-        loss, _ = trainer.steps.eval_step(inputs, targets, trainer.model.initial_state(batches.batch_size))
+        loss, _ = trainer.steps.eval_step(inputs, targets, weights, trainer.model.initial_state(batches.batch_size))
         reset_total += float(loss)
-    tokens = batches.tokens_per_epoch()
+    tokens = batches.tokens
     assert carried_total / tokens == pytest.approx(trainer.evaluate("valid").loss, rel=1e-6)
     # Carrying context across the truncation boundary must help a trained model.
     assert carried_total / tokens < reset_total / tokens - 0.01
