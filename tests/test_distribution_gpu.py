@@ -184,3 +184,107 @@ def test_horovod_pins_its_gpu_and_warns_without_nccl(monkeypatch, caplog, nccl):
     assert len(warnings) == (0 if nccl else 1)
     if not nccl:
         assert "through host memory" in warnings[0]
+
+
+# ------------------------------------------------------ launcher GPU sharing
+
+
+def launch_workers(tmp_path, n: int, gpus: list[str] | None, **env) -> subprocess.CompletedProcess:
+    """Runs launch/multiworker.sh -n N with a fake nvidia-smi and a fake trainer that prints its GPUs.
+
+    ``gpus`` is what nvidia-smi lists; None makes nvidia-smi fail (no driver).
+    """
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text("#!/bin/sh\n" + ("exit 9\n" if gpus is None else "".join(f"echo '{g}'\n" for g in gpus)))
+    python = bin_dir / "python"  # the train command reports; helper calls go to the real interpreter
+    python.write_text(f"""#!/bin/bash
+if [ "$1" = -u ]; then echo "index=$(echo "$TF_CONFIG" | sed 's/.*"index": *//; s/}}.*//') gpus=${{CUDA_VISIBLE_DEVICES-unset}}"; exit 0; fi
+exec {sys.executable} "$@"
+""")
+    for f in (smi, python):
+        f.chmod(f.stat().st_mode | stat.S_IXUSR)
+    base = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    return subprocess.run([str(REPO / "launch" / "multiworker.sh"), "-n", str(n), "--", "cfg.yaml"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120,
+                          env={**base, "PATH": f"{bin_dir}{os.pathsep}{base['PATH']}", "PYTHON": str(python), **env})
+
+
+def worker_gpus(proc) -> dict[str, str]:
+    assert proc.returncode == 0, proc.stderr
+    seen = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
+    return {worker: text for worker, text in sorted(seen.items())}
+
+
+def test_launcher_gives_each_local_worker_its_share_of_the_gpus(tmp_path):
+    proc = launch_workers(tmp_path, 2, ["0", "1", "2", "3"])
+    assert worker_gpus(proc) == {"[w0]": "index=0 gpus=0,1", "[w1]": "index=1 gpus=2,3"}
+    proc = launch_workers(tmp_path, 4, ["0", "1", "2", "3"])
+    assert worker_gpus(proc) == {f"[w{i}]": f"index={i} gpus={i}" for i in range(4)}
+
+
+def test_launcher_shares_out_cuda_visible_devices(tmp_path):
+    proc = launch_workers(tmp_path, 2, ["0", "1", "2", "3"], CUDA_VISIBLE_DEVICES="5,7")
+    assert worker_gpus(proc) == {"[w0]": "index=0 gpus=5", "[w1]": "index=1 gpus=7"}
+
+
+def test_launcher_without_gpus_leaves_the_environment_alone(tmp_path):
+    assert worker_gpus(launch_workers(tmp_path, 2, None)) == {"[w0]": "index=0 gpus=unset",
+                                                             "[w1]": "index=1 gpus=unset"}
+    assert worker_gpus(launch_workers(tmp_path, 2, ["0"], CUDA_VISIBLE_DEVICES="")) == {
+        "[w0]": "index=0 gpus=", "[w1]": "index=1 gpus="}
+
+
+@pytest.mark.parametrize("n, gpus", [(3, ["0", "1", "2", "3"]), (2, ["0"])])
+def test_launcher_refuses_gpus_it_cannot_share_equally(tmp_path, n, gpus):
+    proc = launch_workers(tmp_path, n, gpus)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: launch/multiworker.sh: -n {n} workers cannot share"), proc.stderr
+    assert proc.stdout == ""  # no worker started
+
+
+# ------------------------------------------------- Horovod NCCL source patch
+
+
+@pytest.fixture(scope="module")
+def horovod_sdist(tmp_path_factory) -> Path:
+    """The Horovod 0.28.1 sdist: $DIST_RNN_HOROVOD_SDIST, else pip downloads it (from its cache when there)."""
+    given = os.environ.get("DIST_RNN_HOROVOD_SDIST")
+    if given:
+        return Path(given)
+    folder = tmp_path_factory.mktemp("sdist")
+    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                           "--no-build-isolation", "-d", str(folder), "horovod==0.28.1"],
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        pytest.skip(f"the horovod 0.28.1 sdist could not be downloaded: {proc.stderr.strip()[-300:]}")
+    return folder / "horovod-0.28.1.tar.gz"
+
+
+def test_install_horovod_patches_the_nccl_stream_call(horovod_sdist, tmp_path):
+    import tarfile
+
+    with tarfile.open(horovod_sdist) as sdist:
+        sdist.extractall(tmp_path, filter="data")
+    source = tmp_path / "horovod-0.28.1"
+    ops = source / "horovod" / "tensorflow" / "mpi_ops.cc"
+    before = ops.read_text()
+    calls = before.count("stream_executor::gpu::AsGpuStreamValue(")
+    assert calls >= 10  # the unpatched GPU ops would need a symbol TensorFlow 2.21 does not export
+    proc = subprocess.run([str(REPO / "tools" / "install_horovod.sh"), "--patch-only", str(source)],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stderr
+    after = ops.read_text()
+    assert "AsGpuStreamValue" not in after
+    assert after.count("HvdGpuStream(") == calls + 1  # every call, and the helper's definition
+    assert "stream->platform_specific_handle().stream" in after
+    helper = after.index("static inline GpuStreamHandle HvdGpuStream(")
+    assert after.index('#include "tensorflow/compiler/xla/stream_executor/stream.h"') < helper < after.index(
+        "#endif // HAVE_GPU")  # declared after Stream, only in GPU builds
+    assert "xla_mpi_ops.cc" not in (source / "horovod" / "tensorflow" / "CMakeLists.txt").read_text()
+    # A source the patch does not recognize stops the build instead of compiling it unpatched.
+    proc = subprocess.run([str(REPO / "tools" / "install_horovod.sh"), "--patch-only", str(source)],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode != 0 and "the patch no longer applies" in proc.stderr
