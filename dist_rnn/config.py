@@ -251,9 +251,11 @@ class DistributeConfig:
             or ``horovod``.
         cpu_devices: Logical CPU devices for ``mirrored`` on a host without
             GPUs (0: use the GPUs).
-        timeout_seconds: ``multiworker``: a collective that waits longer than
-            this fails, so a dead worker stops the others instead of hanging
-            them.
+        timeout_seconds: ``multiworker``: heartbeat timeout of the
+            coordination service; a worker silent this long is declared lost
+            and the others' collectives fail instead of hanging (a worker that
+            exits is noticed at once). Not a per-collective timeout: that
+            starts threads for every collective.
     """
 
     backend: Literal["none", "mirrored", "multiworker", "horovod"] = "none"

@@ -114,7 +114,11 @@ class Backend:
         """Hook to synchronize freshly initialized or restored variables."""
 
     def any_worker(self, flag: bool) -> bool:
-        """Whether ``flag`` is set on any worker (a collective on multi-process backends)."""
+        """Whether ``flag`` is set on any worker (a collective on multi-process backends).
+
+        Every worker must call it at the same steps; the trainer does so every
+        ``train.log_every`` steps when there are several workers.
+        """
         return flag
 
     def barrier(self) -> None:

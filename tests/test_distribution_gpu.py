@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import stat
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -73,6 +75,39 @@ def test_multiworker_thread_count_stays_flat(shakespeare_slice, tmp_path):
     for early, late in zip(counts[20], counts[200]):
         # 180 steps with a per-collective timeout added over 1,000 threads.
         assert late - early <= 10, counts
+
+
+def test_multiworker_survivor_fails_when_a_worker_hangs(shakespeare_slice, tmp_path):
+    """A worker that stops (no exit, no closed connection) is found by the missing heartbeats."""
+    ports = free_ports(2)
+    cmd = [sys.executable, "-u", "-m", "dist_rnn", "train", "--run-dir", str(tmp_path / "run"),
+           "--set", f"data={{corpus: file, path: {shakespeare_slice}}}", *TINY,
+           "--set", "train.max_steps=100000", "--set", "train.log_every=1",
+           "--set", "distribute={backend: multiworker, timeout_seconds: 10}"]
+    chief = subprocess.Popen(cmd, cwd=REPO, env=worker_env(ports, 0), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    other = subprocess.Popen(cmd, cwd=REPO, env=worker_env(ports, 1), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        for line in chief.stdout:  # wait until training is under way
+            if line.startswith("step       3"):
+                break
+        other.send_signal(signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        chief.stdout.close()
+        returncode = chief.wait(timeout=180)
+        elapsed = time.monotonic() - stopped_at
+        stderr = chief.stderr.read()
+    finally:
+        for p in (chief, other):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert returncode == 1, stderr[-2000:]
+    assert 10 <= elapsed < 90, elapsed  # the 10 s heartbeat timeout, then the abort and exit
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: a collective operation failed") and "heartbeat" in last, last
 
 
 # ------------------------------------------------------------- stop agreement
@@ -273,8 +308,14 @@ def test_install_horovod_patches_the_nccl_stream_call(horovod_sdist, tmp_path):
     before = ops.read_text()
     calls = before.count("stream_executor::gpu::AsGpuStreamValue(")
     assert calls >= 10  # the unpatched GPU ops would need a symbol TensorFlow 2.21 does not export
+    # An interpreter without pip: a script that ignored --patch-only would stop at once instead of
+    # building and installing Horovod into this environment.
+    python = tmp_path / "python-without-pip"
+    python.write_text(f'#!/bin/sh\n[ "$1" = -m ] && [ "$2" = pip ] && exit 1\nexec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(python)}
     proc = subprocess.run([str(REPO / "tools" / "install_horovod.sh"), "--patch-only", str(source)],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHON": sys.executable})
+                          capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     after = ops.read_text()
     assert "AsGpuStreamValue" not in after
@@ -286,5 +327,5 @@ def test_install_horovod_patches_the_nccl_stream_call(horovod_sdist, tmp_path):
     assert "xla_mpi_ops.cc" not in (source / "horovod" / "tensorflow" / "CMakeLists.txt").read_text()
     # A source the patch does not recognize stops the build instead of compiling it unpatched.
     proc = subprocess.run([str(REPO / "tools" / "install_horovod.sh"), "--patch-only", str(source)],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHON": sys.executable})
+                          capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode != 0 and "the patch no longer applies" in proc.stderr
