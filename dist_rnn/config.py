@@ -197,7 +197,8 @@ class TrainConfig:
         eval_every: Evaluate on the validation split every N steps (0: only
             at the end).
         eval_batch_size: Rows of the evaluation stream; default ``batch_size``.
-        log_every: One log line (and metrics.jsonl line) every N steps.
+        log_every: One log line (and metrics.jsonl line) every N steps; with
+            several workers also how often they agree on a stop signal.
         precision: ``float32``, ``mixed_float16`` or ``mixed_bfloat16``.
         loss_scale: Dynamic loss scaling (``mixed_float16`` only).
         jit_compile: Compile the train step with XLA (models without cuDNN

@@ -64,7 +64,8 @@ def test_multiworker_thread_count_stays_flat(shakespeare_slice, tmp_path):
                     counts[step] = (thread_count(chief.pid), thread_count(other.pid))
             if 200 in counts:
                 break
-        assert chief.wait(timeout=300) == 0
+        chief.communicate(timeout=300)  # drains stdout: evaluation and saving follow step 200
+        assert chief.returncode == 0
         assert other.wait(timeout=60) == 0
     finally:
         for p in (chief, other):
