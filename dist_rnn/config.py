@@ -197,7 +197,8 @@ class TrainConfig:
         eval_every: Evaluate on the validation split every N steps (0: only
             at the end).
         eval_batch_size: Rows of the evaluation stream; default ``batch_size``.
-        log_every: One log line (and metrics.jsonl line) every N steps.
+        log_every: One log line (and metrics.jsonl line) every N steps; with
+            several workers also how often they agree on a stop signal.
         precision: ``float32``, ``mixed_float16`` or ``mixed_bfloat16``.
         loss_scale: Dynamic loss scaling (``mixed_float16`` only).
         jit_compile: Compile the train step with XLA (models without cuDNN
@@ -251,9 +252,11 @@ class DistributeConfig:
             or ``horovod``.
         cpu_devices: Logical CPU devices for ``mirrored`` on a host without
             GPUs (0: use the GPUs).
-        timeout_seconds: ``multiworker``: a collective that waits longer than
-            this fails, so a dead worker stops the others instead of hanging
-            them.
+        timeout_seconds: ``multiworker``: heartbeat timeout of the
+            coordination service; a worker silent this long is declared lost
+            and the others' collectives fail instead of hanging (a worker that
+            exits is noticed at once). Not a per-collective timeout: that
+            starts threads for every collective.
     """
 
     backend: Literal["none", "mirrored", "multiworker", "horovod"] = "none"

@@ -11,6 +11,7 @@ once, in cross-replica context, with ``apply_once``. Everything else
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any, Callable
 
@@ -18,6 +19,8 @@ import tensorflow as tf
 
 from dist_rnn.config import DistributeConfig
 from dist_rnn.errors import UserError
+
+log = logging.getLogger("dist_rnn")
 
 
 class Backend:
@@ -111,7 +114,11 @@ class Backend:
         """Hook to synchronize freshly initialized or restored variables."""
 
     def any_worker(self, flag: bool) -> bool:
-        """Whether ``flag`` is set on any worker (a collective on multi-process backends)."""
+        """Whether ``flag`` is set on any worker (a collective on multi-process backends).
+
+        Every worker must call it at the same steps; the trainer does so every
+        ``train.log_every`` steps when there are several workers.
+        """
         return flag
 
     def barrier(self) -> None:
@@ -198,11 +205,16 @@ class MultiWorkerBackend(MirroredBackend):
     """tf.distribute.MultiWorkerMirroredStrategy from ``TF_CONFIG`` (NCCL on GPUs, ring on CPUs).
 
     Every worker builds the same global batch and keeps the rows of its own
-    replicas. Collectives time out after ``timeout_seconds``, so a dead worker
-    makes the others fail instead of hanging.
+    replicas. A lost worker is detected by the coordination service's
+    heartbeats, not by a timeout on each collective: TensorFlow starts two
+    threads per collective that sleep for the whole timeout, so a per-collective
+    timeout grows the thread count by thousands per minute of training. A
+    worker that stops sending heartbeats for ``timeout_seconds`` makes the
+    coordination service abort every pending collective on the others (a
+    worker that exits aborts them sooner, through its closed connections).
 
     Args:
-        timeout_seconds: Collective timeout.
+        timeout_seconds: Heartbeat timeout of the coordination service.
 
     Raises:
         UserError: If ``TF_CONFIG`` is missing or malformed.
@@ -213,11 +225,11 @@ class MultiWorkerBackend(MirroredBackend):
     def __init__(self, timeout_seconds: float):
         Backend.__init__(self)
         cluster, task = parse_tf_config(os.environ.get("TF_CONFIG"))
+        _configure_heartbeats(cluster, timeout_seconds)
         gpus = tf.config.list_physical_devices("GPU")
         implementation = (tf.distribute.experimental.CommunicationImplementation.NCCL if gpus
                           else tf.distribute.experimental.CommunicationImplementation.RING)
-        options = tf.distribute.experimental.CommunicationOptions(implementation=implementation,
-                                                                  timeout_seconds=timeout_seconds)
+        options = tf.distribute.experimental.CommunicationOptions(implementation=implementation)
         self.strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
         self.num_replicas = self.strategy.num_replicas_in_sync
         workers = cluster.get("chief", []) + cluster.get("worker", [])
@@ -233,6 +245,25 @@ class MultiWorkerBackend(MirroredBackend):
     def local_replica_ids(self) -> list[int]:
         per_worker = self.num_replicas // self.num_workers
         return list(range(self.worker_index * per_worker, (self.worker_index + 1) * per_worker))
+
+
+def _configure_heartbeats(cluster: dict, timeout_seconds: float) -> None:
+    """Starts the coordination service with a heartbeat timeout (before the strategy exists).
+
+    MultiWorkerMirroredStrategy would start it with TensorFlow's default
+    timeout; configured first, ours is kept.
+    """
+    from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
+    from tensorflow.python.eager import context
+
+    if context.context().coordination_service is not None:
+        return
+    jobs = [job for job in ("chief", "worker") if cluster.get(job)]
+    context.context().configure_coordination_service(
+        service_type="standalone", service_leader=f"/job:{jobs[0]}/replica:0/task:0",
+        heartbeat_timeout_in_ms=int(timeout_seconds * 1000),
+        coordinated_jobs=[coordination_config_pb2.CoordinatedJob(name=job, num_tasks=len(cluster[job]))
+                          for job in jobs])
 
 
 def parse_tf_config(text: str | None) -> tuple[dict, dict]:
@@ -261,10 +292,13 @@ class HorovodBackend(Backend):
     variables are broadcast from rank 0 after the optimizer is built (and
     after a restore). ``horovod.tensorflow.keras`` and
     ``DistributedGradientTape`` are not used: they do not work with Keras 3
-    variables. Each process pins one GPU by local rank.
+    variables. Each process pins the GPU of its local rank; more ranks on a
+    host than GPUs is refused, and a Horovod built without NCCL is warned
+    about on GPUs.
 
     Raises:
-        UserError: If Horovod is not installed with TensorFlow support.
+        UserError: If Horovod is not installed with TensorFlow support, or a
+            host runs more ranks than it has GPUs.
     """
 
     name = "horovod"
@@ -283,7 +317,15 @@ class HorovodBackend(Backend):
         hvd.init()
         gpus = tf.config.list_physical_devices("GPU")
         if gpus:
-            gpu = gpus[hvd.local_rank() % len(gpus)]
+            if hvd.local_size() > len(gpus):
+                raise UserError(f"distribute.backend 'horovod': {hvd.local_size()} ranks on this host but only "
+                                f"{len(gpus)} visible GPU(s); two ranks on one GPU fail in NCCL: start at most "
+                                f"{len(gpus)} rank(s) per host (launch/horovod.sh -H host:{len(gpus)})")
+            if not hvd.nccl_built():
+                log.warning("warning: Horovod was built without NCCL: gradients are all-reduced through host "
+                            "memory (slow on GPUs); rebuild it with tools/install_horovod.sh on a host with "
+                            "CUDA and NCCL")
+            gpu = gpus[hvd.local_rank()]
             tf.config.set_visible_devices(gpu, "GPU")
             tf.config.experimental.set_memory_growth(gpu, True)
         super().__init__()
@@ -330,6 +372,21 @@ def _rows(tensor, replica: int, num_replicas: int):
     return tensor[replica * per:(replica + 1) * per]
 
 
+def enable_memory_growth() -> None:
+    """Lets every visible GPU allocate memory as needed instead of all of it at start.
+
+    Needed for every backend: without it the first TensorFlow process on a GPU
+    takes nearly all its memory, and a second process on the same host (another
+    worker or rank, an evaluation) runs out. Does nothing once TensorFlow has
+    initialized its devices (the setting can then no longer change).
+    """
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:  # devices already initialized: the setting is fixed
+            return
+
+
 def configure_devices(config: DistributeConfig) -> None:
     """Creates logical CPU devices before TensorFlow initializes (mirrored on CPU).
 
@@ -361,6 +418,7 @@ def create_backend(config: DistributeConfig) -> Backend:
         UserError: If the backend cannot start (no GPU, missing Horovod,
             missing or malformed TF_CONFIG).
     """
+    enable_memory_growth()
     if config.backend == "none":
         return Backend()
     if config.backend == "mirrored":

@@ -1,8 +1,9 @@
 """Graceful stop on SIGTERM/SIGINT: finish the step, save, exit 0.
 
-The first signal only raises a flag that the trainer checks after each step
-(all workers agree on the step through the backend). A second signal exits at
-once.
+The first signal only raises a flag that the trainer checks after a step: after
+every step on one process; on multi-process backends every ``train.log_every``
+steps, when all workers agree through one collective (so all stop after the
+same step). A second signal exits at once.
 """
 
 from __future__ import annotations

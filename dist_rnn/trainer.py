@@ -220,7 +220,10 @@ class Trainer:
                         values.update(peak_memory())
                         metrics.train(step, values)
                         pending, last_time, last_step = [], time.perf_counter(), step
-                    if self.backend.any_worker(stop.requested is not None):
+                    # Agreeing on a stop is a collective plus a host read on multi-process backends:
+                    # every worker checks at the same steps, the logging cadence (log_every).
+                    check_stop = self.backend.num_workers == 1 or step % t.log_every == 0 or last or index == n_batches
+                    if check_stop and self.backend.any_worker(stop.requested is not None):
                         self.stopped_by = stop.requested or "a signal on another worker"
                         finished = True
                         break

@@ -8,7 +8,9 @@
 #       the same checkout and Python on each, the run directory on a shared
 #       filesystem). --mpi uses mpirun instead of the Gloo controller (needs a
 #       Horovod built with MPI). On GPUs each rank pins the GPU of its local
-#       rank and the all-reduce uses NCCL when Horovod was built with it.
+#       rank (more ranks on a host than GPUs is refused: give slots <= GPUs)
+#       and the all-reduce uses NCCL when Horovod was built with it (else it
+#       goes through host memory, with a warning).
 #
 # Only rank 0 writes the run directory and prints INFO lines. Output lines are
 # prefixed by horovodrun with [rank]<stdout>: / [rank]<stderr>:. $PYTHON picks
@@ -17,7 +19,7 @@
 # 60) bounds how long a Gloo collective waits for a dead rank.
 set -euo pipefail
 
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
 n="" hosts="" controller=(--gloo)
 while [ $# -gt 0 ]; do

@@ -11,9 +11,14 @@
 # SIGINT/SIGTERM are forwarded to the workers; if any worker fails, the others
 # are stopped and the script exits non-zero. $PYTHON picks the interpreter
 # (default: python3 on PATH).
+#
+# GPUs with -n: the host's GPUs (CUDA_VISIBLE_DEVICES if set, else those
+# `nvidia-smi` lists) are shared out in equal consecutive blocks, one block per
+# worker through its CUDA_VISIBLE_DEVICES; a GPU count that -n does not divide
+# is refused. Without either source of GPUs the environment is left alone.
 set -euo pipefail
 
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
 n="" hosts="" index=""
 while [ $# -gt 0 ]; do
@@ -50,6 +55,23 @@ for s in socks:
 PY
 )
 
+# This host's GPUs, to give each local worker its own (every worker seeing all
+# of them would put two replicas on one GPU, which NCCL refuses).
+gpus=()
+if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
+  [[ "$CUDA_VISIBLE_DEVICES" =~ ^-|^$ ]] || IFS=, read -ra gpus <<<"$CUDA_VISIBLE_DEVICES"
+elif command -v nvidia-smi >/dev/null 2>&1; then
+  mapfile -t gpus < <(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | tr -d ' ' | grep -E '^[0-9]+$' || true)
+fi
+per_worker=0
+if [ "${#gpus[@]}" -gt 0 ]; then
+  if [ $(( ${#gpus[@]} % n )) -ne 0 ]; then
+    echo "error: launch/multiworker.sh: -n $n workers cannot share this host's ${#gpus[@]} GPU(s) (${gpus[*]}) equally; use -n dividing ${#gpus[@]}, or list the GPUs to use in CUDA_VISIBLE_DEVICES" >&2
+    exit 2
+  fi
+  per_worker=$(( ${#gpus[@]} / n ))
+fi
+
 pids=()
 stop_all() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; }
 forward() { trap - INT TERM; stop_all; }
@@ -58,6 +80,10 @@ trap forward INT TERM
 for ((i = 0; i < n; i++)); do
   (
     export TF_CONFIG; TF_CONFIG=$(tf_config "$ports" "$i")
+    if [ "$per_worker" -gt 0 ]; then
+      mine=("${gpus[@]:$((i * per_worker)):$per_worker}")
+      export CUDA_VISIBLE_DEVICES; CUDA_VISIBLE_DEVICES=$(IFS=,; echo "${mine[*]}")
+    fi
     exec "$PYTHON" -u -m dist_rnn train "$@" --set distribute.backend=multiworker
   ) > >(sed -u "s/^/[w$i] /") 2> >(sed -u "s/^/[w$i] /" >&2) &
   pids+=($!)

@@ -4,11 +4,16 @@
 # Usage:
 #   tools/install_horovod.sh                 # uses `python` on PATH
 #   PYTHON=/path/to/venv/bin/python tools/install_horovod.sh
+#   tools/install_horovod.sh --patch-only DIR   # only patch an unpacked sdist
 #
-# Why: Horovod 0.28.1 (latest on PyPI) fails to build against recent TensorFlow
-# (2.21) only in horovod/tensorflow/xla_mpi_ops.cc (the optional XLA ops). This
-# script downloads the sdist, drops that one source from
-# horovod/tensorflow/CMakeLists.txt, builds a wheel with
+# Why: Horovod 0.28.1 (latest on PyPI) does not build or load against recent
+# TensorFlow (2.21) as published: horovod/tensorflow/xla_mpi_ops.cc (the
+# optional XLA ops) no longer compiles, and the NCCL (GPU) build of
+# horovod/tensorflow/mpi_ops.cc calls stream_executor::gpu::AsGpuStreamValue,
+# which TensorFlow 2.21 neither declares nor exports (the op library would fail
+# to load with "undefined symbol"). This script downloads the sdist, drops
+# xla_mpi_ops.cc from horovod/tensorflow/CMakeLists.txt, reads the CUDA stream
+# through Stream::platform_specific_handle() instead, builds a wheel with
 # `pip wheel --no-build-isolation --no-deps` against the env's TensorFlow,
 # caches it, installs it and finishes with `horovodrun --check-build`.
 #
@@ -51,6 +56,55 @@ export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-3}"   # quiet TF imports
 log()  { printf '[install_horovod] %s\n' "$*" >&2; }
 warn() { printf '[install_horovod] WARNING: %s\n' "$*" >&2; }
 die()  { printf '[install_horovod] ERROR: %s\n' "$*" >&2; exit 1; }
+
+# ---------------------------------------------------------------- source patch
+# patch_sources SRC: makes the unpacked Horovod $HVD_VERSION sdist in SRC build
+# and load against TensorFlow 2.21; fails if a pattern no longer matches.
+patch_sources() {
+    local src="$1" cml="$1/horovod/tensorflow/CMakeLists.txt" ops="$1/horovod/tensorflow/mpi_ops.cc"
+    [[ -f "$cml" && -f "$ops" ]] || die "$src is not an unpacked horovod-$HVD_VERSION sdist (no $cml or $ops)"
+
+    log "patching $cml: dropping xla_mpi_ops.cc (does not compile against TensorFlow 2.21)"
+    grep -q 'xla_mpi_ops\.cc' "$cml" || die "pattern 'xla_mpi_ops.cc' not found in $cml; the patch no longer applies"
+    sed -i '/xla_mpi_ops\.cc/d' "$cml"
+    if grep -q 'xla_mpi_ops' "$cml"; then die "failed to remove xla_mpi_ops.cc from $cml"; fi
+    grep -q 'horovod/tensorflow/mpi_ops\.cc' "$cml" || die "patched $cml no longer lists mpi_ops.cc; aborting"
+
+    # The GPU build declares stream_executor::gpu::AsGpuStreamValue itself and
+    # calls it in every GPU op; TensorFlow 2.21 no longer has that function.
+    # Every Stream exposes its CUDA/ROCm stream as platform_specific_handle().
+    log "patching $ops: GPU stream through Stream::platform_specific_handle() (AsGpuStreamValue is gone)"
+    "${PYTHON_FOR_PATCH:-python3}" - "$ops" <<'PATCH' || die "patching $ops failed; the patch no longer applies"
+import re, sys
+path = sys.argv[1]
+text = open(path).read()
+declaration = re.compile(r"// Forward declaration of AsGpuStreamValue\n"
+                         r"namespace stream_executor \{\nnamespace gpu \{\n"
+                         r"GpuStreamHandle AsGpuStreamValue\(Stream\* stream\);\n"
+                         r"\} // namespace \w+\n\} // namespace \w+\n")
+text, declared = declaration.subn("", text)
+include_end = "#endif // TENSORFLOW_VERSION >= 2011000000\n#endif // HAVE_GPU\n"
+helper = ("#endif // TENSORFLOW_VERSION >= 2011000000\n"
+          "// dist-rnn patch: the CUDA/ROCm stream of a Stream (TensorFlow 2.21 dropped its gpu helper).\n"
+          "static inline GpuStreamHandle HvdGpuStream(stream_executor::Stream* stream) {\n"
+          "  return static_cast<GpuStreamHandle>(stream->platform_specific_handle().stream);\n"
+          "}\n"
+          "#endif // HAVE_GPU\n")
+anchored = text.count(include_end)
+text = text.replace(include_end, helper)
+text, calls = re.subn(r"stream_executor::gpu::AsGpuStreamValue\(", "HvdGpuStream(", text)
+if declared != 1 or anchored != 1 or calls < 1 or "AsGpuStreamValue" in text:
+    sys.exit(f"{path}: expected 1 declaration, 1 include block and calls of AsGpuStreamValue; "
+             f"found {declared}, {anchored}, {calls}")
+open(path, "w").write(text)
+PATCH
+}
+
+if [[ "${1:-}" == --patch-only ]]; then
+    [[ -n "${2:-}" ]] || die "--patch-only needs the directory of an unpacked horovod-$HVD_VERSION sdist"
+    PYTHON_FOR_PATCH="${PYTHON:-python3}" patch_sources "$2"
+    exit 0
+fi
 
 case "$GPU_MODE" in auto|0|1) ;; *) die "DIST_RNN_HOROVOD_GPU must be auto, 0 or 1 (got '$GPU_MODE')";; esac
 case "$MPI_MODE" in auto|0|1) ;; *) die "DIST_RNN_HOROVOD_MPI must be auto, 0 or 1 (got '$MPI_MODE')";; esac
@@ -318,14 +372,7 @@ sdist="$(compgen -G "$BUILD_TMP/sdist/horovod-$HVD_VERSION.tar.gz" | head -1 || 
 [[ -n "$sdist" ]] || die "sdist horovod-$HVD_VERSION.tar.gz not downloaded"
 tar -xzf "$sdist" -C "$BUILD_TMP"
 SRC="$BUILD_TMP/horovod-$HVD_VERSION"
-CML="$SRC/horovod/tensorflow/CMakeLists.txt"
-[[ -f "$CML" ]] || die "$CML not found in the sdist"
-
-log "patching $CML: dropping xla_mpi_ops.cc (does not compile against TF $TF_VERSION)"
-grep -q 'xla_mpi_ops\.cc' "$CML" || die "pattern 'xla_mpi_ops.cc' not found in $CML; the patch no longer applies"
-sed -i '/xla_mpi_ops\.cc/d' "$CML"
-if grep -q 'xla_mpi_ops' "$CML"; then die "failed to remove xla_mpi_ops.cc from $CML"; fi
-grep -q 'horovod/tensorflow/mpi_ops\.cc' "$CML" || die "patched $CML no longer lists mpi_ops.cc; aborting"
+PYTHON_FOR_PATCH="$PY" patch_sources "$SRC"
 
 # ------------------------------------------------------------ build wheel
 log "building wheel (MAKEFLAGS=$MAKEFLAGS; takes a few minutes)"
