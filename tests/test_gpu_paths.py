@@ -14,6 +14,9 @@ import contextlib
 import importlib
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from unittest import mock
 
@@ -130,7 +133,8 @@ def test_bfloat16_on_a_gpu_runs_the_fused_recurrence(shakespeare_slice, tmp_path
 
 
 def test_float16_on_a_gpu_keeps_cudnn(shakespeare_slice, tmp_path):
-    # cuDNN RNNs in float16 are documented and registered; only bfloat16 and XLA are kept off.
+    # float16 keeps cuDNN as before (NVIDIA's cuDNN RNNs support FP16; never run here either):
+    # only XLA, bfloat16 and exports are kept off it.
     config = tiny_config(shakespeare_slice, train={"precision": "mixed_float16"})
     with faked_gpu():
         trainer = make_trainer(config, tmp_path / "run")
@@ -225,3 +229,16 @@ def test_an_export_made_with_a_gpu_visible_serves_on_cpu(shakespeare_slice, tmp_
     logits, states = exported.step(tokens)
     np.testing.assert_allclose(logits.numpy(), expected, rtol=1e-5, atol=1e-5)
     assert len(states) == 4
+
+
+def test_suite_hides_gpus_from_itself_and_its_subprocesses(request):
+    # Tests assume a CPU (replica counts, "no GPU visible", exports compared on CPU):
+    # conftest hides GPUs before TensorFlow is imported, and subprocesses inherit that.
+    if os.environ.get("DIST_RNN_TEST_GPU") == "1":
+        pytest.skip("DIST_RNN_TEST_GPU=1 keeps GPUs visible on purpose")
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == ""
+    assert tf.config.list_physical_devices("GPU") == []
+    child = subprocess.run([sys.executable, "-c", "import os; print(repr(os.environ.get('CUDA_VISIBLE_DEVICES')))"],
+                           capture_output=True, text=True, timeout=60)
+    assert child.stdout.strip() == "''"
+    assert any(line.startswith("gpu:") for line in request.config.getini("markers"))
