@@ -152,8 +152,12 @@ def evaluate(run_dir: str, split: str) -> dict:
     return result
 
 
-def load_model_for_inference(run_dir: str):
+def load_model_for_inference(run_dir: str, allow_cudnn: bool = True):
     """Builds the model of a run and restores its latest weights (float32, one device).
+
+    Args:
+        run_dir: The training run.
+        allow_cudnn: False keeps ``lstm``/``gru`` off cuDNN even on a GPU (for a portable export).
 
     Returns:
         ``(model, vocab, config, checkpoint_path)``.
@@ -168,7 +172,7 @@ def load_model_for_inference(run_dir: str):
     from dist_rnn.model import build_model
 
     _setup_tensorflow(config, precision="float32")
-    model = build_model(config.model, len(vocab), config.train.seed)
+    model = build_model(config.model, len(vocab), config.train.seed, allow_cudnn=allow_cudnn)
     path = tf.train.latest_checkpoint(str(rd.checkpoints))
     if path is None:
         raise UserError(f"{rd.checkpoints} holds no checkpoint")

@@ -87,7 +87,9 @@ class ModelConfig:
             (needs ``embedding_size == hidden_size``).
         cudnn: ``auto`` uses the fused kernel where eligible, ``require`` fails
             before training unless every layer can use it, ``off`` forces dist-rnn's fused
-            recurrence (the CPU path) even on a GPU.
+            recurrence (the CPU path) even on a GPU. ``train.jit_compile``,
+            ``mixed_bfloat16`` and ``dist-rnn export`` also use the fused recurrence
+            (``require`` is refused with the first two).
         init_scale: If set, initialize every weight uniformly in
             ``[-init_scale, init_scale]`` (the PTB recipe); else Keras defaults.
     """
@@ -201,8 +203,8 @@ class TrainConfig:
             several workers also how often they agree on a stop signal.
         precision: ``float32``, ``mixed_float16`` or ``mixed_bfloat16``.
         loss_scale: Dynamic loss scaling (``mixed_float16`` only).
-        jit_compile: Compile the train step with XLA (models without cuDNN
-            layers).
+        jit_compile: Compile the train step with XLA (``lstm``/``gru`` then
+            run dist-rnn's fused recurrence, not cuDNN, also on a GPU).
         deterministic: Turn on TensorFlow op determinism.
         sample_length: Characters/words of the sample generated at each
             evaluation and at the end (0: none).
@@ -619,6 +621,12 @@ def validate(config: Config) -> None:
         total = s.total_steps or t.max_steps
         _require(total is not None, "optimizer.schedule.total_steps", "cosine needs total_steps or train.max_steps")
         _require(total > s.warmup_steps, "optimizer.schedule.total_steps", f"must exceed warmup_steps ({s.warmup_steps}), got {total}")
+    _require(m.cudnn != "require" or not t.jit_compile, "model.cudnn",
+             "'require' conflicts with train.jit_compile: true (XLA cannot compile the cuDNN kernel); "
+             "set model.cudnn to auto or train.jit_compile to false")
+    _require(m.cudnn != "require" or t.precision != "mixed_bfloat16", "model.cudnn",
+             "'require' conflicts with train.precision: mixed_bfloat16 (lstm/gru run the fused recurrence "
+             "in bfloat16: no documented cuDNN bfloat16 RNN); set model.cudnn to auto or another precision")
     _require(t.batch_size >= 1, "train.batch_size", f"must be positive, got {t.batch_size}")
     _require(t.eval_batch_size is None or t.eval_batch_size >= 1, "train.eval_batch_size", f"must be positive, got {t.eval_batch_size}")
     _require(t.num_steps >= 1, "train.num_steps", f"must be at least 1, got {t.num_steps}")

@@ -19,6 +19,11 @@ Signatures of the SavedModel (all token ids int32, all other tensors float32):
   layer, one per GRU or RNN layer), ``H`` its ``hidden_size``; the zero state
   starts a sequence.
 
+The signatures are traced with ``lstm``/``gru`` off cuDNN (dist-rnn's fused
+recurrence, same weights), even when exporting on a GPU machine: a traced
+``CudnnRNNV3`` op has no CPU kernel, so such a SavedModel would serve on GPUs
+only. One export serves on CPU and GPU.
+
 :class:`ExportedModel` loads an export with ``tf.saved_model.load`` only (it
 never imports :mod:`dist_rnn.model`) and plugs into
 :class:`dist_rnn.generation.Sampler`.
@@ -122,7 +127,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> dict:
 
     out = Path(out_dir)
     _check_out_dir(out)
-    model, vocab, config, checkpoint = load_model_for_inference(str(run_dir))
+    from dist_rnn.model import kernel_report
+
+    model, vocab, config, checkpoint = load_model_for_inference(str(run_dir), allow_cudnn=False)
+    kernels = kernel_report(config.model, bool(tf.config.list_logical_devices("GPU")), export=True)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
@@ -143,6 +151,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> dict:
             "hidden_size": config.model.hidden_size,
             "model": asdict(config.model),
             "precision": "float32",
+            "kernels": [k.line() for k in kernels],
             "source_run": str(Path(run_dir).resolve()),
             "source_checkpoint": str(Path(checkpoint).resolve()),
             "step": _checkpoint_step(checkpoint),

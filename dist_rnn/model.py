@@ -61,16 +61,40 @@ class LayerKernel:
         return f"layer {self.index}  {self.cell}  {self.units} units  kernel: {kernel}"
 
 
-def kernel_report(config: ModelConfig, gpu_visible: bool) -> list[LayerKernel]:
+def cudnn_excluded_by(jit_compile: bool = False, precision: str = "float32", export: bool = False) -> str:
+    """Why ``lstm``/``gru`` must run dist-rnn's fused recurrence even on a GPU ("" when cuDNN may run).
+
+    XLA cannot compile the cuDNN op (``CudnnRNNV3``); TensorFlow does not
+    document cuDNN RNNs in bfloat16 (never run here); an export must load on
+    machines without a GPU, where no ``CudnnRNNV3`` kernel exists.
+
+    Args:
+        jit_compile: ``train.jit_compile``.
+        precision: The dtype policy the model is built under.
+        export: Whether the model is traced for a SavedModel export.
+    """
+    if export:
+        return "export: portable to CPU and GPU"
+    if jit_compile:
+        return "train.jit_compile: XLA cannot compile cuDNN"
+    if precision == "mixed_bfloat16":
+        return "mixed_bfloat16: no documented cuDNN bfloat16 RNN"
+    return ""
+
+
+def kernel_report(config: ModelConfig, gpu_visible: bool, jit_compile: bool = False, precision: str = "float32",
+                  export: bool = False) -> list[LayerKernel]:
     """Says for each layer whether it runs the fused cuDNN kernel.
 
     Args:
         config: The ``model`` section.
         gpu_visible: Whether a GPU is visible to this process.
+        jit_compile, precision, export: As for :func:`cudnn_excluded_by`.
 
     Returns:
         One entry per layer.
     """
+    excluded = cudnn_excluded_by(jit_compile, precision, export)
     report = []
     for i in range(config.num_layers):
         if config.cell not in FUSED_CELLS:
@@ -79,6 +103,8 @@ def kernel_report(config: ModelConfig, gpu_visible: bool) -> list[LayerKernel]:
             fused, reason = False, "model.cudnn: off"
         elif config.recurrent_dropout > 0:
             fused, reason = False, "recurrent dropout"
+        elif excluded:
+            fused, reason = False, excluded
         elif not gpu_visible:
             fused, reason = False, "no GPU visible"
         else:
@@ -144,6 +170,10 @@ class StatelessDropout(keras.layers.Layer):
 class OutputProjection(keras.layers.Layer):
     """Projects hidden states to float32 vocabulary logits, optionally tied to the embedding.
 
+    The matmul (the largest of a word model) runs in the compute dtype
+    (bfloat16/float16 under mixed precision); its result is cast to float32
+    before the float32 bias is added, so softmax and loss stay float32.
+
     Args:
         vocab_size: Number of output classes.
         tied_embedding: An Embedding layer whose matrix is reused (transposed).
@@ -151,7 +181,7 @@ class OutputProjection(keras.layers.Layer):
     """
 
     def __init__(self, vocab_size: int, tied_embedding=None, kernel_initializer="glorot_uniform", **kwargs):
-        super().__init__(dtype="float32", **kwargs)
+        super().__init__(**kwargs)
         self.vocab_size = vocab_size
         self.tied_embedding = tied_embedding
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
@@ -160,23 +190,24 @@ class OutputProjection(keras.layers.Layer):
         if self.tied_embedding is None:
             self.kernel = self.add_weight(name="kernel", shape=(input_shape[-1], self.vocab_size),
                                           initializer=self.kernel_initializer)
-        self.bias = self.add_weight(name="bias", shape=(self.vocab_size,), initializer="zeros")
+        self.bias = self.add_weight(name="bias", shape=(self.vocab_size,), initializer="zeros", autocast=False)
 
     def call(self, inputs):
-        inputs = tf.cast(inputs, tf.float32)
+        cdt = tf.as_dtype(self.compute_dtype)
+        inputs = tf.cast(inputs, cdt)
         if self.tied_embedding is not None:
-            kernel = tf.cast(self.tied_embedding.embeddings, tf.float32)
+            kernel = tf.cast(self.tied_embedding.embeddings, cdt)
             logits = tf.matmul(inputs, kernel, transpose_b=True)
         else:
-            logits = tf.matmul(inputs, self.kernel)
-        return logits + self.bias
+            logits = tf.matmul(inputs, tf.cast(self.kernel, cdt))
+        return tf.cast(logits, tf.float32) + tf.cast(self.bias, tf.float32)
 
     def get_config(self):
         return {**super().get_config(), "vocab_size": self.vocab_size,
                 "kernel_initializer": keras.initializers.serialize(self.kernel_initializer)}
 
 
-def recurrent_layer(config: ModelConfig, index: int, initializer=None, seed: int = 0):
+def recurrent_layer(config: ModelConfig, index: int, initializer=None, seed: int = 0, allow_cudnn: bool = True):
     """Recurrent layer ``index`` of the model that ``config`` describes.
 
     Args:
@@ -185,6 +216,8 @@ def recurrent_layer(config: ModelConfig, index: int, initializer=None, seed: int
         initializer: Initializer of every weight (the PTB ``init_scale``
             recipe), or None for the layer's defaults.
         seed: Base seed of the recurrent-dropout generator.
+        allow_cudnn: False builds ``lstm``/``gru`` without cuDNN even on a GPU
+            (see :func:`cudnn_excluded_by`); same weights either way.
 
     Returns:
         ``cells.LSTM``/``cells.GRU`` (Keras' layers: cuDNN on a GPU, dist-rnn's
@@ -206,7 +239,7 @@ def recurrent_layer(config: ModelConfig, index: int, initializer=None, seed: int
                 extra["unit_forget_bias"] = False
         return cls(config.hidden_size, activation="tanh", recurrent_activation="sigmoid", use_bias=True,
                    unroll=False, recurrent_dropout=config.recurrent_dropout,
-                   use_cudnn=False if config.cudnn == "off" else "auto", seed=seed + 1000 + index,
+                   use_cudnn="auto" if allow_cudnn and config.cudnn != "off" else False, seed=seed + 1000 + index,
                    **init, **extra, **common)
     cls = {"ln_lstm": cells.LayerNormLSTM, "ln_gru": cells.LayerNormGRU, "rnn": cells.VanillaRNN}[config.cell]
     return cls(config.hidden_size, recurrent_dropout=config.recurrent_dropout, seed=seed + 1000 + index,
@@ -225,9 +258,12 @@ class LanguageModel(keras.Model):
         vocab_size: Vocabulary size.
         config: The ``model`` section.
         seed: Seed of the weight initializers and dropout sites.
+        allow_cudnn: False keeps ``lstm``/``gru`` off cuDNN even on a GPU
+            (XLA, bfloat16, export); not saved in the Keras config, so a
+            loaded ``.keras`` model decides on the machine that loads it.
     """
 
-    def __init__(self, vocab_size: int, config: ModelConfig, seed: int = 0, **kwargs):
+    def __init__(self, vocab_size: int, config: ModelConfig, seed: int = 0, allow_cudnn: bool = True, **kwargs):
         super().__init__(**kwargs)
         self.vocab_size = vocab_size
         self.model_config = config
@@ -237,7 +273,8 @@ class LanguageModel(keras.Model):
         self.embedding = keras.layers.Embedding(
             vocab_size, config.embedding_size, name="embedding",
             embeddings_initializer=initializer or keras.initializers.RandomUniform(-0.05, 0.05, seed=seed))
-        self.recurrent_layers = [recurrent_layer(config, i, initializer, seed) for i in range(config.num_layers)]
+        self.recurrent_layers = [recurrent_layer(config, i, initializer, seed, allow_cudnn)
+                                 for i in range(config.num_layers)]
         # tf.train.Checkpoint does not see layers inside a Python list: give
         # each its own attribute so checkpoints hold their weights under model/.
         for i, layer in enumerate(self.recurrent_layers):
@@ -302,17 +339,19 @@ class LanguageModel(keras.Model):
         return cls(config.pop("vocab_size"), model_config, seed=config.pop("seed"), **config)
 
 
-def build_model(config: ModelConfig, vocab_size: int, seed: int) -> LanguageModel:
+def build_model(config: ModelConfig, vocab_size: int, seed: int, allow_cudnn: bool = True) -> LanguageModel:
     """Creates the model and its variables (call inside the strategy scope).
 
     Args:
         config: The ``model`` section.
         vocab_size: Vocabulary size.
         seed: Initializer seed.
+        allow_cudnn: False keeps ``lstm``/``gru`` off cuDNN even on a GPU
+            (pass ``not cudnn_excluded_by(...)``).
 
     Returns:
         A built :class:`LanguageModel`.
     """
-    model = LanguageModel(vocab_size, config, seed=seed, name="language_model")
+    model = LanguageModel(vocab_size, config, seed=seed, allow_cudnn=allow_cudnn, name="language_model")
     model(tf.zeros([1, 1], tf.int32), training=False)
     return model

@@ -25,7 +25,7 @@ from dist_rnn.distribution import Backend
 from dist_rnn.errors import UserError
 from dist_rnn.generation import Sampler, model_step_fn
 from dist_rnn.gradients import DynamicLossScale
-from dist_rnn.model import build_model, check_cudnn_requirement, kernel_report
+from dist_rnn.model import build_model, check_cudnn_requirement, cudnn_excluded_by, kernel_report
 from dist_rnn.optimizers import build_optimizer
 from dist_rnn.preemption import StopRequest
 from dist_rnn.run_dir import RunDirectory
@@ -92,11 +92,15 @@ class Trainer:
                                            config.data.random_offset)
         self.eval_batches = {split: EvalBatcher(corpus.split(split), self.eval_batch_size, t.num_steps, split)
                              for split in ("valid", "test") if len(corpus.split(split))}
-        self.kernels = kernel_report(config.model, bool(tf.config.list_logical_devices("GPU")))
+        # The policy in force, not train.precision: ``dist-rnn eval`` builds a float32 model.
+        precision = keras.mixed_precision.global_policy().name
+        self.kernels = kernel_report(config.model, bool(tf.config.list_logical_devices("GPU")),
+                                     jit_compile=t.jit_compile, precision=precision)
         self._sampler: Sampler | None = None  # built once: its tf.functions trace on the first sample only
         check_cudnn_requirement(config.model, self.kernels)
         with backend.scope():
-            self.model = build_model(config.model, len(corpus.vocab), t.seed)
+            self.model = build_model(config.model, len(corpus.vocab), t.seed,
+                                     allow_cudnn=not cudnn_excluded_by(t.jit_compile, precision))
             self.optimizer = build_optimizer(config.optimizer)
             self.optimizer.build(self.model.trainable_variables)
             self.loss_scale = DynamicLossScale(t.loss_scale) if t.precision == "mixed_float16" else None

@@ -61,6 +61,7 @@ def test_cudnn_require_fails_on_cpu_naming_each_layer():
     check_cudnn_requirement(ok, kernel_report(ok, gpu_visible=True))  # no error when every layer is fused
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not tf.config.list_physical_devices("GPU"), reason="needs a GPU: the fused kernel exists only there")
 def test_lstm_and_gru_layers_run_the_fused_kernel_on_gpu():
     from dist_rnn.model import build_model
