@@ -206,6 +206,17 @@ class TrainConfig:
         sample_length: Characters/words of the sample generated at each
             evaluation and at the end (0: none).
         sample_prime: Prime text of that sample (empty: a newline).
+        loss_normalization: What the training objective averages over.
+            ``token`` (default): the mean cross-entropy over every token of
+            the global batch. ``sequence``: summed over the ``num_steps``
+            time steps of a row and averaged over the rows, as the TensorFlow
+            PTB tutorial (Zaremba et al.) does; its gradient, hence the
+            logged ``grad_norm`` and what ``clip_norm`` and the learning rate
+            act on, is ``num_steps`` times larger. The logged loss is nats
+            per token either way.
+        max_consecutive_skips: Stop the run with an error (exit code 1,
+            naming the last good checkpoint) after this many optimizer steps
+            in a row were skipped for a non-finite gradient, in any precision.
     """
 
     batch_size: int = 32
@@ -222,6 +233,8 @@ class TrainConfig:
     deterministic: bool = False
     sample_length: int = 200
     sample_prime: str = ""
+    loss_normalization: Literal["token", "sequence"] = "token"
+    max_consecutive_skips: int = 20
 
 
 @dataclass
@@ -625,6 +638,8 @@ def validate(config: Config) -> None:
     _require(t.eval_every >= 0, "train.eval_every", f"must be >= 0, got {t.eval_every}")
     _require(t.log_every >= 1, "train.log_every", f"must be at least 1, got {t.log_every}")
     _require(t.sample_length >= 0, "train.sample_length", f"must be >= 0, got {t.sample_length}")
+    _require(t.max_consecutive_skips >= 1, "train.max_consecutive_skips",
+             f"must be at least 1, got {t.max_consecutive_skips}")
     ls = t.loss_scale
     _require(ls.initial >= 1, "train.loss_scale.initial", f"must be >= 1, got {ls.initial}")
     _require(ls.growth_interval >= 1, "train.loss_scale.growth_interval", f"must be at least 1, got {ls.growth_interval}")

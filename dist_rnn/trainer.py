@@ -105,7 +105,8 @@ class Trainer:
         self.state = TrainingState([(t.batch_size, config.model.hidden_size)] * self.model.num_state_tensors,
                                    self.fingerprint)
         self.steps = StepFunctions(self.model, self.optimizer, backend, t.batch_size, t.num_steps,
-                                   config.optimizer.clip_norm, self.loss_scale, t.jit_compile)
+                                   config.optimizer.clip_norm, self.loss_scale, t.jit_compile,
+                                   t.loss_normalization)
         objects = dict(model=self.model, optimizer=self.optimizer, training_state=self.state)
         if self.loss_scale is not None:
             objects["loss_scale"] = self.loss_scale
