@@ -120,8 +120,10 @@ class ScheduleConfig:
         decay_start_epoch: Last epoch at the full rate (``epoch``).
         warmup_steps: Linear warmup steps (``cosine``; and the linear scaling
             rule's warmup when ``optimizer.scale_lr_with_replicas`` is on).
-        total_steps: Step at which cosine reaches its floor; default
-            ``train.max_steps``.
+        total_steps: Step at which cosine reaches its floor; ``null``
+            (default): the run's length (``train.max_steps``, or the steps
+            of ``train.max_epochs`` epochs if that ends first). A run shorter
+            than ``warmup_steps`` just ends during the warmup.
         min_learning_rate: Cosine floor.
     """
 
@@ -625,10 +627,13 @@ def validate(config: Config) -> None:
     _require(s.decay_start_epoch >= 0, "optimizer.schedule.decay_start_epoch", f"must be >= 0, got {s.decay_start_epoch}")
     _require(s.warmup_steps >= 0, "optimizer.schedule.warmup_steps", f"must be >= 0, got {s.warmup_steps}")
     _require(s.min_learning_rate >= 0, "optimizer.schedule.min_learning_rate", f"must be >= 0, got {s.min_learning_rate}")
-    if s.name == "cosine":
-        total = s.total_steps or t.max_steps
-        _require(total is not None, "optimizer.schedule.total_steps", "cosine needs total_steps or train.max_steps")
-        _require(total > s.warmup_steps, "optimizer.schedule.total_steps", f"must exceed warmup_steps ({s.warmup_steps}), got {total}")
+    _require(s.total_steps is None or s.total_steps >= 1, "optimizer.schedule.total_steps",
+             f"must be at least 1 (null: the run's length), got {s.total_steps}")
+    # Only a horizon the user wrote is checked against the warmup: the default
+    # one (the run's length) may be shorter, and such a run just ends in the warmup.
+    _require(s.name != "cosine" or s.total_steps is None or s.total_steps > s.warmup_steps,
+             "optimizer.schedule.total_steps",
+             f"must exceed optimizer.schedule.warmup_steps ({s.warmup_steps}), got {s.total_steps}")
     _require(t.batch_size >= 1, "train.batch_size", f"must be positive, got {t.batch_size}")
     _require(t.eval_batch_size is None or t.eval_batch_size >= 1, "train.eval_batch_size", f"must be positive, got {t.eval_batch_size}")
     _require(t.num_steps >= 1, "train.num_steps", f"must be at least 1, got {t.num_steps}")

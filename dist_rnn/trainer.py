@@ -193,7 +193,7 @@ class Trainer:
                 if index == 0:
                     states = self._zero_states(t.batch_size)
                 for inputs, targets in self.train_batches.dataset(epoch, index):
-                    lr = learning_rate_at(c.optimizer, step, epoch, t.max_steps, self.backend.num_replicas)
+                    lr = learning_rate_at(c.optimizer, step, epoch, total, self.backend.num_replicas)
                     self.optimizer.learning_rate.assign(lr)
                     x, y = self.backend.shard((inputs, targets))
                     seed = tf.constant([t.seed, step], tf.int64)
