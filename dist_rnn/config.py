@@ -90,6 +90,7 @@ class ModelConfig:
             recurrence (the CPU path) even on a GPU.
         init_scale: If set, initialize every weight uniformly in
             ``[-init_scale, init_scale]`` (the PTB recipe); else Keras defaults.
+            Either way each weight draws its own values, fixed by ``train.seed``.
     """
 
     cell: Literal["lstm", "gru", "ln_lstm", "ln_gru", "rnn"] = "lstm"
