@@ -92,6 +92,7 @@ class ModelConfig:
             (``require`` is refused with the first two).
         init_scale: If set, initialize every weight uniformly in
             ``[-init_scale, init_scale]`` (the PTB recipe); else Keras defaults.
+            Either way each weight draws its own values, fixed by ``train.seed``.
     """
 
     cell: Literal["lstm", "gru", "ln_lstm", "ln_gru", "rnn"] = "lstm"
@@ -122,8 +123,10 @@ class ScheduleConfig:
         decay_start_epoch: Last epoch at the full rate (``epoch``).
         warmup_steps: Linear warmup steps (``cosine``; and the linear scaling
             rule's warmup when ``optimizer.scale_lr_with_replicas`` is on).
-        total_steps: Step at which cosine reaches its floor; default
-            ``train.max_steps``.
+        total_steps: Step at which cosine reaches its floor; ``null``
+            (default): the run's length (``train.max_steps``, or the steps
+            of ``train.max_epochs`` epochs if that ends first). A run shorter
+            than ``warmup_steps`` just ends during the warmup.
         min_learning_rate: Cosine floor.
     """
 
@@ -209,6 +212,17 @@ class TrainConfig:
         sample_length: Characters/words of the sample generated at each
             evaluation and at the end (0: none).
         sample_prime: Prime text of that sample (empty: a newline).
+        loss_normalization: What the training objective averages over.
+            ``token`` (default): the mean cross-entropy over every token of
+            the global batch. ``sequence``: summed over the ``num_steps``
+            time steps of a row and averaged over the rows, as the TensorFlow
+            PTB tutorial (Zaremba et al.) does; its gradient, hence the
+            logged ``grad_norm`` and what ``clip_norm`` and the learning rate
+            act on, is ``num_steps`` times larger. The logged loss is nats
+            per token either way.
+        max_consecutive_skips: Stop the run with an error (exit code 1,
+            naming the last good checkpoint) after this many optimizer steps
+            in a row were skipped for a non-finite gradient, in any precision.
     """
 
     batch_size: int = 32
@@ -225,6 +239,8 @@ class TrainConfig:
     deterministic: bool = False
     sample_length: int = 200
     sample_prime: str = ""
+    loss_normalization: Literal["token", "sequence"] = "token"
+    max_consecutive_skips: int = 20
 
 
 @dataclass
@@ -617,10 +633,13 @@ def validate(config: Config) -> None:
     _require(s.decay_start_epoch >= 0, "optimizer.schedule.decay_start_epoch", f"must be >= 0, got {s.decay_start_epoch}")
     _require(s.warmup_steps >= 0, "optimizer.schedule.warmup_steps", f"must be >= 0, got {s.warmup_steps}")
     _require(s.min_learning_rate >= 0, "optimizer.schedule.min_learning_rate", f"must be >= 0, got {s.min_learning_rate}")
-    if s.name == "cosine":
-        total = s.total_steps or t.max_steps
-        _require(total is not None, "optimizer.schedule.total_steps", "cosine needs total_steps or train.max_steps")
-        _require(total > s.warmup_steps, "optimizer.schedule.total_steps", f"must exceed warmup_steps ({s.warmup_steps}), got {total}")
+    _require(s.total_steps is None or s.total_steps >= 1, "optimizer.schedule.total_steps",
+             f"must be at least 1 (null: the run's length), got {s.total_steps}")
+    # Only a horizon the user wrote is checked against the warmup: the default
+    # one (the run's length) may be shorter, and such a run just ends in the warmup.
+    _require(s.name != "cosine" or s.total_steps is None or s.total_steps > s.warmup_steps,
+             "optimizer.schedule.total_steps",
+             f"must exceed optimizer.schedule.warmup_steps ({s.warmup_steps}), got {s.total_steps}")
     _require(m.cudnn != "require" or not t.jit_compile, "model.cudnn",
              "'require' conflicts with train.jit_compile: true (XLA cannot compile the cuDNN kernel); "
              "set model.cudnn to auto or train.jit_compile to false")
@@ -636,6 +655,8 @@ def validate(config: Config) -> None:
     _require(t.eval_every >= 0, "train.eval_every", f"must be >= 0, got {t.eval_every}")
     _require(t.log_every >= 1, "train.log_every", f"must be at least 1, got {t.log_every}")
     _require(t.sample_length >= 0, "train.sample_length", f"must be >= 0, got {t.sample_length}")
+    _require(t.max_consecutive_skips >= 1, "train.max_consecutive_skips",
+             f"must be at least 1, got {t.max_consecutive_skips}")
     ls = t.loss_scale
     _require(ls.initial >= 1, "train.loss_scale.initial", f"must be >= 1, got {ls.initial}")
     _require(ls.growth_interval >= 1, "train.loss_scale.growth_interval", f"must be at least 1, got {ls.growth_interval}")

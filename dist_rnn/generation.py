@@ -37,7 +37,8 @@ def choose_next(logits: np.ndarray, rng: np.random.Generator, temperature: float
         logits: ``[batch, vocab]`` logits.
         rng: Random generator (its state advances by one draw per row).
         temperature: Softmax temperature; 0 picks the argmax (greedy).
-        top_k: Keep only the k most likely tokens (0: all).
+        top_k: Keep only the k most likely tokens (0: all); exactly k, ties
+            at the k-th place going to the lower token ids.
         top_p: Keep the smallest set of most likely tokens whose probability
             reaches ``top_p`` (nucleus sampling; 1: all).
 
@@ -49,8 +50,11 @@ def choose_next(logits: np.ndarray, rng: np.random.Generator, temperature: float
         return logits.argmax(axis=-1)
     logits = logits / temperature
     if top_k and top_k < logits.shape[-1]:
-        kth = np.sort(logits, axis=-1)[:, -top_k][:, None]
-        logits = np.where(logits < kth, -np.inf, logits)
+        # A stable sort of the negated logits: among equal logits the lower id ranks first.
+        top = np.argsort(-logits, axis=-1, kind="stable")[:, :top_k]
+        kept = np.full_like(logits, -np.inf)
+        np.put_along_axis(kept, top, np.take_along_axis(logits, top, axis=-1), axis=-1)
+        logits = kept
     probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
     probs /= probs.sum(axis=-1, keepdims=True)
     if top_p < 1.0:

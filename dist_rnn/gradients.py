@@ -2,9 +2,11 @@
 
 Order, identical on one device, many replicas and many workers:
 
-1. per-replica gradients of (loss sum of the replica's rows / global tokens),
-   scaled by the loss scale under float16;
-2. all-reduce (sum): the gradient of the global-batch mean loss;
+1. per-replica gradients of (loss sum of the replica's rows / a global
+   denominator: the global batch's tokens, or its rows under
+   ``train.loss_normalization: sequence``), scaled by the loss scale under
+   float16;
+2. all-reduce (sum): the gradient of the global-batch objective;
 3. unscale;
 4. one finite check, agreed by construction since every replica now holds the
    same reduced gradient;

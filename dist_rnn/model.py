@@ -11,6 +11,7 @@ random-generator variable has to be mirrored.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import keras
@@ -177,7 +178,7 @@ class OutputProjection(keras.layers.Layer):
     Args:
         vocab_size: Number of output classes.
         tied_embedding: An Embedding layer whose matrix is reused (transposed).
-        kernel_initializer: Initializer of the untied kernel and of the bias.
+        kernel_initializer: Initializer of the untied kernel (the bias starts at zero).
     """
 
     def __init__(self, vocab_size: int, tied_embedding=None, kernel_initializer="glorot_uniform", **kwargs):
@@ -207,15 +208,57 @@ class OutputProjection(keras.layers.Layer):
                 "kernel_initializer": keras.initializers.serialize(self.kernel_initializer)}
 
 
-def recurrent_layer(config: ModelConfig, index: int, initializer=None, seed: int = 0, allow_cudnn: bool = True):
+def weight_seed(seed: int, weight: str) -> int:
+    """Seed of one weight's initializer, derived from the model seed and the weight's name.
+
+    A seeded Keras 3 initializer returns the same values on every call, so
+    weights that shared one seed would start equal wherever their shapes
+    match. Each weight gets its own seed instead: distinct streams for
+    distinct weights, all fixed by ``train.seed``.
+
+    Args:
+        seed: The model seed (``train.seed``).
+        weight: A name unique within the model, e.g. ``"lstm_1/kernel"``.
+
+    Returns:
+        A seed in ``[0, 2**31)``.
+    """
+    digest = hashlib.sha256(f"{seed}/{weight}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def weight_initializer(config: ModelConfig, seed: int, weight: str, default=keras.initializers.GlorotUniform,
+                       **default_args):
+    """A new initializer object for exactly one weight.
+
+    Args:
+        config: The ``model`` section (``init_scale``).
+        seed: The model seed.
+        weight: The weight's name (see :func:`weight_seed`).
+        default: Keras initializer class used without ``init_scale``.
+        **default_args: Its arguments other than ``seed``.
+
+    Returns:
+        ``RandomUniform(-init_scale, init_scale)`` when ``model.init_scale``
+        is set (the PTB recipe), else ``default(**default_args)``; seeded by
+        :func:`weight_seed`.
+    """
+    s = weight_seed(seed, weight)
+    if config.init_scale:
+        return keras.initializers.RandomUniform(-config.init_scale, config.init_scale, seed=s)
+    return default(seed=s, **default_args)
+
+
+def recurrent_layer(config: ModelConfig, index: int, seed: int = 0, allow_cudnn: bool = True):
     """Recurrent layer ``index`` of the model that ``config`` describes.
 
     Args:
-        config: The ``model`` section (cell, units, recurrent dropout, cuDNN use).
+        config: The ``model`` section (cell, units, recurrent dropout, cuDNN
+            use, ``init_scale``).
         index: Layer index (names the layer and offsets its dropout seed).
-        initializer: Initializer of every weight (the PTB ``init_scale``
-            recipe), or None for the layer's defaults.
-        seed: Base seed of the recurrent-dropout generator.
+        seed: Model seed: each weight's initializer seed is derived from it
+            (:func:`weight_seed`), and it is the base seed of the
+            recurrent-dropout generator.
         allow_cudnn: False builds ``lstm``/``gru`` without cuDNN even on a GPU
             (see :func:`cudnn_excluded_by`); same weights either way.
 
@@ -224,8 +267,14 @@ def recurrent_layer(config: ModelConfig, index: int, initializer=None, seed: int
         fused recurrence elsewhere) or a dist-rnn layer-norm/vanilla layer, with
         ``return_sequences`` and ``return_state``.
     """
-    common = dict(return_sequences=True, return_state=True, name=f"{config.cell}_{index}")
-    init = {} if initializer is None else dict(kernel_initializer=initializer, recurrent_initializer=initializer)
+    name = f"{config.cell}_{index}"
+    common = dict(return_sequences=True, return_state=True, name=name)
+    init = dict(kernel_initializer=weight_initializer(config, seed, f"{name}/kernel"),
+                recurrent_initializer=weight_initializer(config, seed, f"{name}/recurrent_kernel",
+                                                         keras.initializers.Orthogonal))
+    if config.init_scale and config.cell in ("lstm", "gru", "rnn"):
+        # The layer-norm cells have no bias; their gains and shifts keep their constant starts.
+        init["bias_initializer"] = weight_initializer(config, seed, f"{name}/bias")
     from dist_rnn import cells
 
     if config.cell in FUSED_CELLS:
@@ -233,10 +282,8 @@ def recurrent_layer(config: ModelConfig, index: int, initializer=None, seed: int
         # runs the fused recurrence of dist_rnn.cells instead of Keras' generic cell.
         cls = cells.LSTM if config.cell == "lstm" else cells.GRU
         extra = {"reset_after": True} if config.cell == "gru" else {}
-        if initializer is not None:
-            extra["bias_initializer"] = initializer
-            if config.cell == "lstm":
-                extra["unit_forget_bias"] = False
+        if config.init_scale and config.cell == "lstm":
+            extra["unit_forget_bias"] = False
         return cls(config.hidden_size, activation="tanh", recurrent_activation="sigmoid", use_bias=True,
                    unroll=False, recurrent_dropout=config.recurrent_dropout,
                    use_cudnn="auto" if allow_cudnn and config.cudnn != "off" else False, seed=seed + 1000 + index,
@@ -257,7 +304,8 @@ class LanguageModel(keras.Model):
     Args:
         vocab_size: Vocabulary size.
         config: The ``model`` section.
-        seed: Seed of the weight initializers and dropout sites.
+        seed: Seed of the weight initializers (one stream per weight, see
+            :func:`weight_seed`) and of the recurrent-dropout generators.
         allow_cudnn: False keeps ``lstm``/``gru`` off cuDNN even on a GPU
             (XLA, bfloat16, export); not saved in the Keras config, so a
             loaded ``.keras`` model decides on the machine that loads it.
@@ -268,12 +316,11 @@ class LanguageModel(keras.Model):
         self.vocab_size = vocab_size
         self.model_config = config
         self.seed = seed
-        initializer = (keras.initializers.RandomUniform(-config.init_scale, config.init_scale, seed=seed)
-                       if config.init_scale else None)
         self.embedding = keras.layers.Embedding(
             vocab_size, config.embedding_size, name="embedding",
-            embeddings_initializer=initializer or keras.initializers.RandomUniform(-0.05, 0.05, seed=seed))
-        self.recurrent_layers = [recurrent_layer(config, i, initializer, seed, allow_cudnn)
+            embeddings_initializer=weight_initializer(config, seed, "embedding/embeddings",
+                                                      keras.initializers.RandomUniform, minval=-0.05, maxval=0.05))
+        self.recurrent_layers = [recurrent_layer(config, i, seed, allow_cudnn)
                                  for i in range(config.num_layers)]
         # tf.train.Checkpoint does not see layers inside a Python list: give
         # each its own attribute so checkpoints hold their weights under model/.
@@ -282,7 +329,8 @@ class LanguageModel(keras.Model):
         self.dropouts = [StatelessDropout(config.dropout, salt=i, name=f"dropout_{i}")
                          for i in range(config.num_layers + 1)]
         self.projection = OutputProjection(vocab_size, self.embedding if config.tie_embeddings else None,
-                                           kernel_initializer=initializer or "glorot_uniform", name="projection")
+                                           kernel_initializer=weight_initializer(config, seed, "projection/kernel"),
+                                           name="projection")
         self.state_counts = [states_per_layer(config.cell)] * config.num_layers
 
     @property

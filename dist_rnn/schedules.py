@@ -20,7 +20,9 @@ def learning_rate_at(config: OptimizerConfig, step: int, epoch: int, max_steps: 
         config: The ``optimizer`` section (base rate and schedule).
         step: Number of steps taken before this one.
         epoch: Current epoch, counted from 1.
-        max_steps: ``train.max_steps``, the default cosine horizon.
+        max_steps: The run's length in steps (``train.max_steps``, or the
+            steps of ``train.max_epochs`` epochs if fewer): the cosine horizon
+            unless ``schedule.total_steps`` is set.
         num_replicas: Replica count, for ``scale_lr_with_replicas``.
 
     Returns:
@@ -36,7 +38,9 @@ def learning_rate_at(config: OptimizerConfig, step: int, epoch: int, max_steps: 
     elif s.name == "epoch":
         lr = lr * s.decay_rate ** max(epoch - s.decay_start_epoch, 0)
     elif s.name == "cosine":
-        total = s.total_steps or max_steps
+        total = s.total_steps if s.total_steps is not None else max_steps
+        if total is None:
+            raise ValueError("the cosine schedule needs schedule.total_steps or the run's length (max_steps)")
         if s.warmup_steps and step < s.warmup_steps:
             lr = lr * (step + 1) / s.warmup_steps
         else:

@@ -19,6 +19,27 @@ def token_loss_sum(targets: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
     return tf.reduce_sum(losses)
 
 
+def loss_denominator(loss_normalization: str, global_batch: int, num_steps: int) -> float:
+    """What the summed token losses of the global batch are divided by to form the objective.
+
+    Args:
+        loss_normalization: ``token``: mean over every token of the global
+            batch. ``sequence``: sum over the time steps of a row, mean over
+            the rows (the TensorFlow PTB tutorial's loss), whose gradient is
+            ``num_steps`` times the ``token`` one.
+        global_batch: Rows of the global training batch.
+        num_steps: Window length.
+
+    Returns:
+        ``global_batch * num_steps`` or ``global_batch``.
+    """
+    if loss_normalization == "token":
+        return float(global_batch * num_steps)
+    if loss_normalization == "sequence":
+        return float(global_batch)
+    raise ValueError(f"unknown loss normalization {loss_normalization!r}")
+
+
 class StepFunctions:
     """Builds the tf.functions of one run.
 
@@ -32,15 +53,18 @@ class StepFunctions:
         loss_scale: A :class:`~dist_rnn.gradients.DynamicLossScale` under
             float16, else None.
         jit_compile: Compile the per-replica step with XLA.
+        loss_normalization: ``train.loss_normalization`` (see
+            :func:`loss_denominator`); it sets the objective that is
+            differentiated, never the returned loss sum.
     """
 
     def __init__(self, model, optimizer, backend: Backend, global_batch: int, num_steps: int,
-                 clip_norm: float, loss_scale=None, jit_compile: bool = False):
+                 clip_norm: float, loss_scale=None, jit_compile: bool = False, loss_normalization: str = "token"):
         self.model = model
         self.optimizer = optimizer
         self.backend = backend
         self.global_batch = global_batch
-        self.global_tokens = float(global_batch * num_steps)
+        self.denominator = loss_denominator(loss_normalization, global_batch, num_steps)
         self.clip_norm = clip_norm
         self.loss_scale = loss_scale
         self.variables = list(model.trainable_variables)
@@ -52,9 +76,10 @@ class StepFunctions:
         with tf.GradientTape() as tape:
             logits, new_states = self.model(inputs, states, training=True, seed=seed, rows=rows)
             loss_sum = token_loss_sum(targets, logits)
-            # Loss of this replica's rows as a share of the global mean: the
-            # all-reduced SUM of these gradients is the global-mean gradient.
-            objective = loss_sum / self.global_tokens * scale
+            # Loss of this replica's rows as a share of the global objective
+            # (the denominator is global, not per replica): the all-reduced
+            # SUM of these gradients is the gradient of the global objective.
+            objective = loss_sum / self.denominator * scale
         grads = tape.gradient(objective, self.variables)
         return loss_sum, new_states, gradients.densify(grads)
 

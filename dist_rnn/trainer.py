@@ -37,9 +37,50 @@ log = logging.getLogger("dist_rnn")
 
 
 class NonFiniteLossError(UserError):
-    """Training produced a non-finite loss in float32 (exit code 1)."""
+    """Training produced a non-finite float32 loss, or too many skipped steps in a row (exit code 1)."""
 
     exit_code = 1
+
+
+class SkippedSteps:
+    """Optimizer steps skipped because the reduced gradient was not finite.
+
+    The finite flag is computed from the all-reduced gradient, so every
+    replica and worker records the same skips and stops at the same step.
+
+    Args:
+        max_consecutive: ``train.max_consecutive_skips``.
+    """
+
+    def __init__(self, max_consecutive: int):
+        self.max_consecutive = max_consecutive
+        self.total = 0
+        self.consecutive: list[int] = []
+        self.unreported: list[int] = []
+
+    def record(self, step: int, finite: bool) -> bool:
+        """Records whether ``step`` (1-based) applied its update.
+
+        Returns:
+            True when the last ``max_consecutive`` steps were all skipped.
+        """
+        if finite:
+            self.consecutive = []
+            return False
+        self.total += 1
+        self.consecutive.append(step)
+        self.unreported.append(step)
+        return len(self.consecutive) >= self.max_consecutive
+
+    def report(self) -> str | None:
+        """One line naming the skips since the last report (and clearing them), or None."""
+        if not self.unreported:
+            return None
+        steps = self.unreported
+        shown = ", ".join(str(s) for s in steps[:20]) + (f", ... {steps[-1]}" if len(steps) > 20 else "")
+        self.unreported = []
+        return (f"skipped {len(steps)} step(s) whose all-reduced gradient was not finite (weights and "
+                f"optimizer state unchanged): step {shown}; {self.total} skipped since this process started")
 
 
 @dataclass
@@ -109,7 +150,8 @@ class Trainer:
         self.state = TrainingState([(t.batch_size, config.model.hidden_size)] * self.model.num_state_tensors,
                                    self.fingerprint)
         self.steps = StepFunctions(self.model, self.optimizer, backend, t.batch_size, t.num_steps,
-                                   config.optimizer.clip_norm, self.loss_scale, t.jit_compile)
+                                   config.optimizer.clip_norm, self.loss_scale, t.jit_compile,
+                                   t.loss_normalization)
         objects = dict(model=self.model, optimizer=self.optimizer, training_state=self.state)
         if self.loss_scale is not None:
             objects["loss_scale"] = self.loss_scale
@@ -174,7 +216,9 @@ class Trainer:
             ``{"step", "epoch", "valid"}`` with the final validation result (or None).
 
         Raises:
-            NonFiniteLossError: If the float32 loss becomes NaN or infinite.
+            NonFiniteLossError: If the float32 loss becomes NaN or infinite, or
+                ``train.max_consecutive_skips`` steps in a row are skipped for
+                a non-finite gradient (any precision).
         """
         self.metrics = metrics
         c, t = self.config, self.config.train
@@ -187,6 +231,7 @@ class Trainer:
         tokens_per_step = t.batch_size * t.num_steps
         pending: list[tf.Tensor] = []
         last_time, last_step = time.perf_counter(), step
+        skips = SkippedSteps(t.max_consecutive_skips)
         finished = total is not None and step >= total
         with StopRequest() as stop:
             while not finished:
@@ -196,13 +241,21 @@ class Trainer:
                 if index == 0:
                     states = self._zero_states(t.batch_size)
                 for inputs, targets in self.train_batches.dataset(epoch, index):
-                    lr = learning_rate_at(c.optimizer, step, epoch, t.max_steps, self.backend.num_replicas)
+                    lr = learning_rate_at(c.optimizer, step, epoch, total, self.backend.num_replicas)
                     self.optimizer.learning_rate.assign(lr)
                     x, y = self.backend.shard((inputs, targets))
                     seed = tf.constant([t.seed, step], tf.int64)
                     self._profile(step + 1, before=True)
                     loss_sum, states, grad_norm, finite = self.steps.train_step(x, y, states, seed)
                     step, index = step + 1, index + 1
+                    if skips.record(step, bool(finite)):
+                        self._report_skips(skips)
+                        raise NonFiniteLossError(
+                            f"{len(skips.consecutive)} steps in a row (steps {skips.consecutive[0]}-{step}) were "
+                            f"skipped because the all-reduced gradient was not finite "
+                            f"(train.max_consecutive_skips: {t.max_consecutive_skips}); the last good checkpoint is "
+                            f"{self.checkpointer.latest or 'none'} (lower optimizer.learning_rate or set "
+                            f"optimizer.clip_norm)")
                     self._profile(step, before=False)
                     if c.logging.histograms_every and step % c.logging.histograms_every == 0 and self.backend.is_chief:
                         self._write_histograms(step, inputs, targets)
@@ -210,6 +263,7 @@ class Trainer:
                     metrics.progress(step, total or 0, f"epoch {epoch}")
                     last = total is not None and step >= total
                     if step % t.log_every == 0 or last or index == n_batches:
+                        self._report_skips(skips)
                         loss = self._mean_loss(pending, step)
                         now = time.perf_counter()
                         rate = (step - last_step) * tokens_per_step / max(now - last_time, 1e-9)
@@ -221,6 +275,8 @@ class Trainer:
                         if self.loss_scale is not None:
                             values["loss_scale"] = float(self.loss_scale.scale.read_value())
                             values["skipped_steps"] = int(self.loss_scale.skipped_steps.read_value())
+                        elif skips.total:
+                            values["skipped_steps"] = skips.total
                         values.update(peak_memory())
                         metrics.train(step, values)
                         pending, last_time, last_step = [], time.perf_counter(), step
@@ -245,6 +301,7 @@ class Trainer:
                     epoch, index = epoch + 1, 0
             if index >= self.train_batches.batches_in_epoch(epoch):
                 epoch, index = epoch + 1, 0
+            self._report_skips(skips)
             self._mean_loss(pending, step)
             path = self.save(step, epoch, index, states)
         self._profile(None, before=False)
@@ -282,6 +339,16 @@ class Trainer:
         grads = tape.gradient(loss, variables)
         self.metrics.histograms(step, {v.path: v.value for v in variables},
                                 {v.path: tf.convert_to_tensor(g) for v, g in zip(variables, grads) if g is not None})
+
+    def _report_skips(self, skips: SkippedSteps) -> None:
+        """Logs the steps skipped since the last report: a warning in float32, where a skip is never routine."""
+        line = skips.report()
+        if line is None:
+            return
+        if self.loss_scale is not None:
+            log.info(f"{line} (float16 loss scale now {float(self.loss_scale.scale.read_value()):g})")
+        else:
+            log.warning(f"warning: {line}")
 
     def _mean_loss(self, pending: list, step: int) -> float:
         """Mean token loss of the pending steps; raises if it is not finite in float32."""

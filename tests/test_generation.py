@@ -81,6 +81,18 @@ def test_top_k_frequencies_renormalized():
     assert freq[0] == 0.0 and freq[2] == 0.0
 
 
+def test_top_k_keeps_exactly_k_tokens_when_logits_tie():
+    # Four tokens tie for the highest logit: top_k=2 keeps two of them (the lowest ids), not all four.
+    logits = np.array([0.0, 2.0, 2.0, 2.0, 2.0, 1.0])
+    n = 20000
+    draws = choose_next(np.tile(logits, (n, 1)), np.random.default_rng(7), top_k=2)
+    freq = np.bincount(draws, minlength=6) / n
+    np.testing.assert_allclose(freq, [0.0, 0.5, 0.5, 0.0, 0.0, 0.0], atol=0.02)
+    # A tie across the k-th place: top_k=3 of [3, 2, 2, 2] keeps 3 and the first two 2s.
+    draws = choose_next(np.tile([3.0, 2.0, 2.0, 2.0], (n, 1)), np.random.default_rng(8), top_k=3)
+    assert set(np.unique(draws)) == {0, 1, 2}
+
+
 def test_top_p_frequencies_renormalized():
     logits = np.log(np.array([0.15, 0.5, 0.05, 0.3]))
     n = 20000

@@ -118,3 +118,61 @@ def test_scale_lr_with_replicas_edge_cases():
 def test_scale_lr_with_replicas_composes_with_epoch_decay():
     config = opt(1.0, scale=True, name="epoch", decay_rate=0.5, decay_start_epoch=1, warmup_steps=0)
     assert learning_rate_at(config, 50, 3, num_replicas=2) == pytest.approx(2 * 0.25)
+
+
+# ---------------------------------------------------------------- horizons the user did not write
+
+
+def train_records(argv: list, capsys) -> list[dict]:
+    """Runs ``dist-rnn train ARGV``; returns its training records of metrics.jsonl."""
+    import json
+    from pathlib import Path
+
+    from conftest import run_cli
+
+    code, out, err = run_cli(argv, capsys)
+    assert code == 0, err[-2000:]
+    run_dir = Path(argv[argv.index("--run-dir") + 1])
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if r["split"] == "train"]
+
+
+def test_a_run_shorter_than_the_warmup_just_runs(tmp_path, capsys):
+    # quickstart.yaml warms up over 20 steps and sets no total_steps: 10 steps end inside the warmup.
+    from conftest import REPO
+
+    records = train_records(["train", REPO / "configs" / "quickstart.yaml", "--set", "train.max_steps=10",
+                             "--set", "train={log_every: 5, eval_every: 0, sample_length: 0}",
+                             "--set", "data.max_chars=100000", "--set", "logging.progress=off",
+                             "--run-dir", tmp_path / "run"], capsys)
+    assert [r["step"] for r in records] == [5, 10]
+    # Logged after step s: the rate of step s - 1 (0-based) of the 20-step warmup from 0.004.
+    assert [r["learning_rate"] for r in records] == pytest.approx([0.004 * 5 / 20, 0.004 * 10 / 20])
+
+
+def test_cosine_horizon_defaults_to_the_length_of_an_epoch_bounded_run(shakespeare_slice, tmp_path, capsys):
+    data = tmp_path / "text.txt"
+    data.write_text(shakespeare_slice.read_text(encoding="utf-8")[:8001], encoding="utf-8")
+    # A training split of about 6,400 characters: about 40 steps in the one epoch, the cosine horizon.
+    records = train_records(["train", "--run-dir", tmp_path / "run",
+                             "--set", f"data={{corpus: file, path: {data}, split: [0.8, 0.2, 0.0]}}",
+                             "--set", "model={num_layers: 1, hidden_size: 16, embedding_size: 8}",
+                             "--set", "optimizer={name: adam, learning_rate: 0.01, schedule: "
+                                      "{name: cosine, warmup_steps: 4, min_learning_rate: 0.001}}",
+                             "--set", "train={batch_size: 8, num_steps: 20, max_steps: null, max_epochs: 1, "
+                                      "log_every: 10, sample_length: 0}",
+                             "--set", "checkpoint.every_steps=0", "--set", "logging.progress=off"], capsys)
+    epoch = records[-1]["step"]
+    assert [r["step"] for r in records] == [10, 20, 30, epoch] and 30 < epoch <= 40
+    steps = (10, 20, 30, epoch)
+    expected = [0.001 + 0.009 * 0.5 * (1 + math.cos(math.pi * (s - 1 - 4) / (epoch - 4))) for s in steps]
+    assert [r["learning_rate"] for r in records] == pytest.approx(expected, rel=1e-9)
+
+
+def test_total_steps_zero_is_not_taken_for_unset():
+    from dist_rnn.errors import UserError
+
+    with pytest.raises(UserError, match=r"config key 'optimizer.schedule.total_steps': must be at least 1"):
+        load_config([], ["optimizer.schedule.name=cosine", "optimizer.schedule.total_steps=0", "train.max_steps=100"])
+    config = opt(1.0, name="cosine", total_steps=50)
+    assert learning_rate_at(config, 50, 1, max_steps=1000) == pytest.approx(0.0, abs=1e-12)
