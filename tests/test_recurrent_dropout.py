@@ -346,3 +346,25 @@ def test_two_mirrored_replicas_with_recurrent_dropout_match_one_device(runs, cel
         np.testing.assert_allclose(two[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
         compared += 1
     assert compared > 10
+
+
+def test_a_cudnn_require_run_still_loads_for_sampling_on_a_cpu(shakespeare_slice, tmp_path):
+    # `cudnn: require` builds use_cudnn=True for training; sampling and export
+    # (same weights) must not inherit it where no GPU exists.
+    from dist_rnn.app import load_model_for_inference
+    from dist_rnn.config import save_config
+    from dist_rnn.run_dir import RunDirectory
+    from dist_rnn.vocab import Vocabulary
+    from conftest import tiny_config
+
+    config = tiny_config(shakespeare_slice, model={"cudnn": "require", "hidden_size": 8, "embedding_size": 4})
+    rd = RunDirectory(tmp_path / "run")
+    rd.ensure()
+    save_config(config, rd.config_file)
+    vocab = Vocabulary.build("abcdefgh", "char")
+    vocab.save(rd.vocab_file)
+    trained = build_model(ModelConfig(cell="lstm", num_layers=2, hidden_size=8, embedding_size=4), len(vocab), seed=5)
+    tf.train.Checkpoint(model=trained).save(str(rd.checkpoints / "ckpt"))
+    model, _, _, _ = load_model_for_inference(str(rd.path))
+    tokens = tf.constant([[1, 2, 3]], tf.int32)
+    np.testing.assert_allclose(model(tokens)[0].numpy(), trained(tokens)[0].numpy(), atol=1e-6)
