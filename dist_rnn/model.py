@@ -183,7 +183,7 @@ def recurrent_layer(config: ModelConfig, index: int, initializer=None, seed: int
 
     Args:
         config: The ``model`` section (cell, units, recurrent dropout, cuDNN use).
-        index: Layer index (names the layer and offsets its dropout seed).
+        index: Layer index (names the layer and offsets its recurrent-dropout salt).
         initializer: Initializer of every weight (the PTB ``init_scale``
             recipe), or None for the layer's defaults.
         seed: Run seed; fixes the (unused) dropout generator Keras' LSTM/GRU
