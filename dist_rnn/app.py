@@ -172,6 +172,9 @@ def load_model_for_inference(run_dir: str, allow_cudnn: bool = True):
     from dist_rnn.model import build_model
 
     _setup_tensorflow(config, precision="float32")
+    if config.model.cudnn == "require":
+        # Same weights; sampling and export must also work where cuDNN cannot run.
+        config.model.cudnn = "auto"
     model = build_model(config.model, len(vocab), config.train.seed, allow_cudnn=allow_cudnn)
     path = tf.train.latest_checkpoint(str(rd.checkpoints))
     if path is None:

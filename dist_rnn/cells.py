@@ -34,10 +34,15 @@ outputs and final states are float16 / bfloat16. The layer-norm epsilon is
 :data:`LN_EPSILON` (``1e-5``), added to the variance.
 
 Recurrent dropout is variational (Gal & Ghahramani 2016): with
-``recurrent_dropout > 0`` and ``training=True`` one mask of shape
-``(batch, units)`` is drawn per call (per sequence) and multiplied, with the
-``1 / (1 - rate)`` scaling, into ``h`` before the recurrent matmul at every
-timestep. Only the matmul input is masked; the carried state is not.
+``recurrent_dropout > 0``, ``training=True`` and a ``seed`` passed to the call,
+one mask of shape ``(batch, units)`` is drawn per call (per sequence) and
+multiplied, with the ``1 / (1 - rate)`` scaling, into ``h`` before the
+recurrent matmul at every timestep. Only the matmul input is masked; the
+carried state is not (this holds for :class:`LSTM` and :class:`GRU` too).
+The mask is stateless (:func:`recurrent_dropout_mask`): a pure function of
+the call's ``seed``, the layer's ``dropout_salt`` and the row's index in the
+global batch (``rows``), so it is the same after a resume and on any replica
+layout. Without a ``seed`` nothing is dropped.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-__all__ = ["LN_EPSILON", "LayerNormLSTM", "LayerNormGRU", "VanillaRNN", "LSTM", "GRU"]
+__all__ = ["LN_EPSILON", "LayerNormLSTM", "LayerNormGRU", "VanillaRNN", "LSTM", "GRU", "recurrent_dropout_mask"]
 
 #: Epsilon added to the variance in every layer normalization of this module.
 LN_EPSILON = 1e-5
@@ -59,6 +64,48 @@ LN_EPSILON = 1e-5
 def _cast(x, dtype):
     """``tf.cast`` that adds no op when ``x`` already has ``dtype``."""
     return x if x.dtype == dtype else tf.cast(x, dtype)
+
+
+def recurrent_dropout_mask(rate, units, batch, dtype, seed, salt, rows=None):
+    """The variational recurrent-dropout mask of one layer for one call.
+
+    Drawn statelessly for the whole global batch and sliced to this replica's
+    rows, as the non-recurrent dropout of ``dist_rnn.model.StatelessDropout``:
+    row ``g`` of the global batch gets the same mask however the rows are
+    spread over replicas, and the same mask again when a step is re-run
+    (after a resume).
+
+    Args:
+        rate: Fraction of units dropped, in ``(0, 1)``.
+        units: Width of the state.
+        batch: Rows of this replica (scalar int tensor).
+        dtype: dtype of the mask.
+        seed: int ``[2]`` stateless seed of the call (the training step's).
+        salt: Folded into ``seed`` so that each layer draws its own mask.
+        rows: int ``[2]``: (first global row of this replica's batch, global
+            batch rows), or None when ``batch`` is the whole batch.
+
+    Returns:
+        ``(batch, units)`` tensor of ``0`` and ``1 / (1 - rate)``.
+    """
+    layer_seed = tf.random.experimental.stateless_fold_in(seed, salt)
+    if rows is None:
+        keep = tf.random.stateless_uniform(tf.stack([batch, units]), seed=layer_seed) >= rate
+    else:
+        uniform = tf.random.stateless_uniform(tf.stack([rows[1], units]), seed=layer_seed)
+        keep = uniform[rows[0]:rows[0] + batch] >= rate
+    return tf.cast(keep, dtype) * tf.cast(1.0 / (1.0 - rate), dtype)
+
+
+def _call_dropout_mask(rate, units, batch, dtype, training, seed, salt, rows):
+    """:func:`recurrent_dropout_mask` when a call drops (rate > 0, training, a seed), else None."""
+    if rate == 0.0 or seed is None or training is None or training is False:
+        return None
+    if training is True:
+        return recurrent_dropout_mask(rate, units, batch, dtype, seed, salt, rows)
+    return tf.cond(tf.cast(training, tf.bool),
+                   lambda: recurrent_dropout_mask(rate, units, batch, dtype, seed, salt, rows),
+                   lambda: tf.ones(tf.stack([batch, units]), dtype))
 
 
 def _ln_forward(x, groups, units, eps):
@@ -473,7 +520,7 @@ class _FusedRecurrentLayer(keras.layers.Layer):
         recurrent_dropout=0.0,
         kernel_initializer="glorot_uniform",
         recurrent_initializer="orthogonal",
-        seed=None,
+        dropout_salt=0,
         return_sequences=True,
         return_state=True,
         **kwargs,
@@ -487,10 +534,9 @@ class _FusedRecurrentLayer(keras.layers.Layer):
         self.recurrent_dropout = float(recurrent_dropout)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.recurrent_initializer = keras.initializers.get(recurrent_initializer)
-        self.seed = seed
+        self.dropout_salt = int(dropout_salt)
         self.return_sequences = bool(return_sequences)
         self.return_state = bool(return_state)
-        self.seed_generator = keras.random.SeedGenerator(seed)
         self.input_spec = keras.layers.InputSpec(ndim=3)
 
     @property
@@ -524,19 +570,7 @@ class _FusedRecurrentLayer(keras.layers.Layer):
     def _stats_dtype(self):
         return tf.float64 if tf.as_dtype(self.compute_dtype) == tf.float64 else tf.float32
 
-    def _dropout_mask(self, batch, dtype, training):
-        if self.recurrent_dropout == 0.0 or training is None or training is False:
-            return None
-        ones = tf.ones(tf.stack([batch, self.units]), dtype)
-
-        def draw():
-            return keras.random.dropout(ones, self.recurrent_dropout, seed=self.seed_generator)
-
-        if training is True:
-            return draw()
-        return tf.cond(tf.cast(training, tf.bool), draw, lambda: ones)
-
-    def call(self, inputs, initial_state=None, training=None):
+    def call(self, inputs, initial_state=None, training=None, seed=None, rows=None):
         """Runs the layer over a batch of sequences.
 
         Args:
@@ -544,6 +578,10 @@ class _FusedRecurrentLayer(keras.layers.Layer):
             initial_state: ``None`` (zeros) or a list with one ``(batch, units)``
                 tensor per entry of ``state_size``.
             training: Whether recurrent dropout is active.
+            seed: int ``[2]`` stateless seed of the recurrent-dropout mask
+                (see :func:`recurrent_dropout_mask`); None: no dropout.
+            rows: int ``[2]``: first global row of ``inputs`` and the global
+                batch rows (None: ``inputs`` is the whole batch).
 
         Returns:
             ``[sequences (batch, time, units), *final_states]`` (the default);
@@ -565,7 +603,8 @@ class _FusedRecurrentLayer(keras.layers.Layer):
                     f"got {len(initial_state)}"
                 )
             states = [_cast(tf.convert_to_tensor(s), cdt) for s in initial_state]
-        mask = self._dropout_mask(batch, cdt, training)
+        mask = _call_dropout_mask(self.recurrent_dropout, self.units, batch, cdt, training, seed,
+                                  self.dropout_salt, rows)
         # One matmul for the input projection of every timestep, time-major.
         x_tm = tf.transpose(x, [1, 0, 2])
         kernel = _cast(tf.convert_to_tensor(self.kernel), cdt)
@@ -593,7 +632,7 @@ class _FusedRecurrentLayer(keras.layers.Layer):
                 "recurrent_dropout": self.recurrent_dropout,
                 "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
                 "recurrent_initializer": keras.initializers.serialize(self.recurrent_initializer),
-                "seed": self.seed,
+                "dropout_salt": self.dropout_salt,
                 "return_sequences": self.return_sequences,
                 "return_state": self.return_state,
             }
@@ -634,7 +673,8 @@ class LayerNormLSTM(_FusedRecurrentLayer):
             the recurrent matmul (one mask per sequence).
         kernel_initializer: Initializer of ``kernel``.
         recurrent_initializer: Initializer of ``recurrent_kernel``.
-        seed: Seed of the recurrent-dropout ``SeedGenerator`` (``None``: random).
+        dropout_salt: Folded into the call's ``seed`` so that each layer
+            draws its own recurrent-dropout mask.
         return_sequences: Return all outputs (default) or only the last one.
         return_state: Also return the final states (default). The defaults
             give the contract of ``keras.layers.LSTM(units,
@@ -654,7 +694,7 @@ class LayerNormLSTM(_FusedRecurrentLayer):
         recurrent_dropout=0.0,
         kernel_initializer="glorot_uniform",
         recurrent_initializer="orthogonal",
-        seed=None,
+        dropout_salt=0,
         return_sequences=True,
         return_state=True,
         **kwargs,
@@ -664,7 +704,7 @@ class LayerNormLSTM(_FusedRecurrentLayer):
             recurrent_dropout=recurrent_dropout,
             kernel_initializer=kernel_initializer,
             recurrent_initializer=recurrent_initializer,
-            seed=seed,
+            dropout_salt=dropout_salt,
             return_sequences=return_sequences,
             return_state=return_state,
             **kwargs,
@@ -734,7 +774,8 @@ class LayerNormGRU(_FusedRecurrentLayer):
             the recurrent matmul (one mask per sequence).
         kernel_initializer: Initializer of ``kernel``.
         recurrent_initializer: Initializer of ``recurrent_kernel``.
-        seed: Seed of the recurrent-dropout ``SeedGenerator`` (``None``: random).
+        dropout_salt: Folded into the call's ``seed`` so that each layer
+            draws its own recurrent-dropout mask.
         return_sequences: Return all outputs (default) or only the last one.
         return_state: Also return the final states (default). The defaults
             give the contract of ``keras.layers.LSTM(units,
@@ -786,7 +827,8 @@ class VanillaRNN(_FusedRecurrentLayer):
         kernel_initializer: Initializer of ``kernel``.
         recurrent_initializer: Initializer of ``recurrent_kernel``.
         bias_initializer: Initializer of ``bias``.
-        seed: Seed of the recurrent-dropout ``SeedGenerator`` (``None``: random).
+        dropout_salt: Folded into the call's ``seed`` so that each layer
+            draws its own recurrent-dropout mask.
         return_sequences: Return all outputs (default) or only the last one.
         return_state: Also return the final states (default). The defaults
             give the contract of ``keras.layers.LSTM(units,
@@ -806,7 +848,7 @@ class VanillaRNN(_FusedRecurrentLayer):
         kernel_initializer="glorot_uniform",
         recurrent_initializer="orthogonal",
         bias_initializer="zeros",
-        seed=None,
+        dropout_salt=0,
         return_sequences=True,
         return_state=True,
         **kwargs,
@@ -816,7 +858,7 @@ class VanillaRNN(_FusedRecurrentLayer):
             recurrent_dropout=recurrent_dropout,
             kernel_initializer=kernel_initializer,
             recurrent_initializer=recurrent_initializer,
-            seed=seed,
+            dropout_salt=dropout_salt,
             return_sequences=return_sequences,
             return_state=return_state,
             **kwargs,
@@ -864,6 +906,7 @@ def _lstm_forward(proj, h0, c0, rkernel, mask, units):
 
     ``proj`` (``x @ W + b``) and ``rkernel`` come with the c-gate columns
     doubled so that one sigmoid gives every gate (``tanh(a) = 2 sigmoid(2a) - 1``).
+    ``mask`` (recurrent dropout, or None) multiplies ``h`` before the recurrent matmul.
 
     Returns:
         ``h_seq, h_T, c_T``, then the saved ``c_seq`` and ``y`` (sigmoid outputs).
@@ -873,7 +916,8 @@ def _lstm_forward(proj, h0, c0, rkernel, mask, units):
     steps = tf.shape(proj)[0]
 
     def step(t, h, c, ta_h, ta_c, ta_y):
-        y = tf.sigmoid(proj[t] + _rows_matmul(h, rkernel_t))
+        hm = h if mask is None else h * mask
+        y = tf.sigmoid(proj[t] + _rows_matmul(hm, rkernel_t))
         yi, yf, yc, yo = tf.split(y, 4, axis=-1)
         c_new = c * yf + yi * (2.0 * yc - 1.0)
         h_new = tf.tanh(c_new) * yo
@@ -911,7 +955,10 @@ def _lstm_backward(d_outputs, inputs, mask, saved, units):
         dh = d_h_seq[t] + dh_carry
         dc = dh * a[t] + dc_carry
         dz = tf.concat([dc, dc, dc, dh], -1) * k[t]
-        return t - 1, tf.matmul(dz, rkernel_t), dc * yf[t], ta_dz.write(t, dz)
+        dh_prev = tf.matmul(dz, rkernel_t)
+        if mask is not None:
+            dh_prev = dh_prev * mask
+        return t - 1, dh_prev, dc * yf[t], ta_dz.write(t, dz)
 
     out = tf.while_loop(
         lambda t, *_: t >= 0, back,
@@ -919,11 +966,17 @@ def _lstm_backward(d_outputs, inputs, mask, saved, units):
         parallel_iterations=1,
     )
     dz_seq = out[3].stack()
+    if mask is not None:
+        h_prev = h_prev * mask
     return dz_seq, out[1], out[2], _weight_grad(h_prev, dz_seq)
 
 
 def _gru_forward(proj, h0, rkernel, rbias, mask, units):
     """Forward pass of :class:`GRU` (``reset_after``) over ``proj`` ``(T, B, 3U)`` (order z, r, h).
+
+    ``mask`` (recurrent dropout, or None) multiplies ``h`` before the
+    recurrent matmul; the update ``h_t = hh + z * (h_{t-1} - hh)`` uses the
+    unmasked state.
 
     Returns:
         ``h_seq, h_T``, then the saved ``zr`` (gates), ``hu_h`` (recurrent
@@ -936,7 +989,8 @@ def _gru_forward(proj, h0, rkernel, rbias, mask, units):
     proj_h = proj[:, :, 2 * units:]
 
     def step(t, h, ta_h, ta_zr, ta_hu, ta_hh):
-        hu_zr, hu_h = tf.split(_rows_matmul(h, rkernel_t) + rbias, [2 * units, units], axis=-1)
+        hm = h if mask is None else h * mask
+        hu_zr, hu_h = tf.split(_rows_matmul(hm, rkernel_t) + rbias, [2 * units, units], axis=-1)
         zr = tf.sigmoid(proj_zr[t] + hu_zr)
         z, r = tf.split(zr, 2, axis=-1)
         hh = tf.tanh(proj_h[t] + r * hu_h)
@@ -973,7 +1027,10 @@ def _gru_backward(d_outputs, inputs, mask, saved, units):
     def back(t, dh_carry, ta_dhu, ta_dh):
         dh = d_h_seq[t] + dh_carry
         dhu = tf.concat([dh, dh, dh], -1) * k[t]
-        return (t - 1, tf.matmul(dhu, rkernel_t) + dh * z[t], ta_dhu.write(t, dhu), ta_dh.write(t, dh))
+        dh_rec = tf.matmul(dhu, rkernel_t)
+        if mask is not None:
+            dh_rec = dh_rec * mask
+        return (t - 1, dh_rec + dh * z[t], ta_dhu.write(t, dhu), ta_dh.write(t, dh))
 
     out = tf.while_loop(
         lambda t, *_: t >= 0, back,
@@ -984,7 +1041,8 @@ def _gru_backward(d_outputs, inputs, mask, saved, units):
     )
     dhu_seq, dh_seq = out[2].stack(), out[3].stack()
     d_proj = tf.concat([dhu_seq[:, :, : 2 * units], dh_seq * kh], -1)
-    return d_proj, out[1], _weight_grad(h_prev, dhu_seq), _sum_tb(dhu_seq)
+    h_prev_masked = h_prev if mask is None else h_prev * mask
+    return d_proj, out[1], _weight_grad(h_prev_masked, dhu_seq), _sum_tb(dhu_seq)
 
 
 def _time_major_projection(x, kernel, bias):
@@ -997,45 +1055,102 @@ def _time_major_projection(x, kernel, bias):
 class _FusedFallback:
     """Mixin for ``keras.layers.LSTM``/``GRU``: the fused recurrence wherever cuDNN does not run.
 
-    The cuDNN path (``use_cudnn`` ``True``, or ``"auto"`` with a GPU visible)
-    and every configuration the fused recurrence does not cover (masks,
-    dropout, ``go_backwards``, ``unroll``, other activations, no bias) go to
-    Keras unchanged.
+    Keras' cuDNN path runs (``use_cudnn=True``, or ``"auto"`` with a GPU
+    visible) unless the layer has recurrent dropout, which cuDNN lacks: then
+    the fused recurrence runs with the stateless mask of
+    :func:`recurrent_dropout_mask` (never Keras' generic cell and its
+    ``SeedGenerator``), and with ``use_cudnn=True`` Keras raises. Every
+    configuration the fused recurrence does not cover (masks, input dropout,
+    ``go_backwards``, ``unroll``, ``stateful``, other activations, no bias)
+    goes to Keras unchanged.
+
+    Args:
+        dropout_salt: Folded into the call's ``seed`` so that each layer draws
+            its own recurrent-dropout mask.
+        *args, **kwargs: Those of ``keras.layers.LSTM``/``GRU``.
     """
+
+    def __init__(self, *args, dropout_salt=0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dropout_salt = int(dropout_salt)
+
+    def runs_cudnn(self) -> bool:
+        """Whether Keras' cuDNN path runs (with ``use_cudnn=True``: is required) in this process."""
+        if self.use_cudnn is True:
+            return True
+        return (self.use_cudnn == "auto" and not self.cell.recurrent_dropout
+                and bool(tf.config.list_logical_devices("GPU")))
 
     def _fused_eligible(self, mask) -> bool:
         cell = self.cell
-        if mask is not None or self.go_backwards or self.unroll or cell.dropout or cell.recurrent_dropout:
+        if mask is not None or self.go_backwards or self.unroll or self.stateful or cell.dropout:
             return False
         if not cell.use_bias or not self._fused_cell_ok():
             return False
         if cell.activation is not keras.activations.tanh or cell.recurrent_activation is not keras.activations.sigmoid:
             return False
-        if self.use_cudnn is True or (self.use_cudnn == "auto" and tf.config.list_logical_devices("GPU")):
-            return False  # Keras runs (or insists on) cuDNN
-        return True
+        return not self.runs_cudnn()
 
     def _fused_cell_ok(self) -> bool:
         return True
 
-    def inner_loop(self, sequences, initial_state, mask, training=False):
+    def call(self, sequences, initial_state=None, mask=None, training=False, seed=None, rows=None):
+        """Keras' ``call``, plus the stateless recurrent-dropout mask.
+
+        Args:
+            sequences: ``(batch, time, features)`` inputs.
+            initial_state: List of ``(batch, units)`` states, or None for zeros.
+            mask: Keras' timestep mask (not fused: goes to Keras).
+            training: Whether recurrent dropout is active.
+            seed: int ``[2]`` stateless seed of the recurrent-dropout mask
+                (see :func:`recurrent_dropout_mask`); None: no dropout.
+            rows: int ``[2]``: first global row of ``sequences`` and the global
+                batch rows (None: ``sequences`` is the whole batch).
+
+        Raises:
+            ValueError: If ``seed`` asks for recurrent dropout in a
+                configuration only Keras' generic cell runs (its masks would
+                come from a stateful generator, not from ``seed``).
+        """
         if not self._fused_eligible(mask):
-            return super().inner_loop(sequences, initial_state, mask, training=training)
+            if seed is not None and self.cell.recurrent_dropout and training is not False and not self.runs_cudnn():
+                raise ValueError(f"{self.name}: seeded recurrent dropout needs the fused recurrence, "
+                                 "which this configuration does not use")
+            return super().call(sequences, initial_state=initial_state, mask=mask, training=training)
         cdt = tf.as_dtype(self.cell.compute_dtype)
         x = _cast(tf.convert_to_tensor(sequences), cdt)
+        batch = tf.shape(x)[0]
+        units = self.cell.units
+        if initial_state is None:
+            initial_state = [tf.zeros(tf.stack([batch, units]), cdt) for _ in range(self._num_states)]
+        elif not isinstance(initial_state, (list, tuple)):
+            initial_state = [initial_state]
         states = [_cast(tf.convert_to_tensor(s), cdt) for s in initial_state]
-        h_seq, *finals = self._fused(x, states, cdt)
-        return finals[0], tf.transpose(h_seq, [1, 0, 2]), list(finals)
+        rmask = _call_dropout_mask(self.cell.recurrent_dropout, units, batch, cdt, training, seed,
+                                   self.dropout_salt, rows)
+        h_seq, *finals = self._fused(x, states, cdt, rmask)
+        output = tf.transpose(h_seq, [1, 0, 2]) if self.return_sequences else finals[0]
+        return (output, *finals) if self.return_state else output
 
     def _weight(self, variable, dtype):
         return _cast(tf.convert_to_tensor(variable), dtype)
 
+    def get_config(self):
+        """Keras' config plus ``dropout_salt``."""
+        return {**super().get_config(), "dropout_salt": self.dropout_salt}
+
 
 @keras.saving.register_keras_serializable(package="dist_rnn")
 class LSTM(_FusedFallback, keras.layers.LSTM):
-    """``keras.layers.LSTM`` (same arguments, weights and cuDNN path) with the fused recurrence off cuDNN."""
+    """``keras.layers.LSTM`` (same arguments, weights and cuDNN path) with the fused recurrence off cuDNN.
 
-    def _fused(self, x, states, cdt):
+    Recurrent dropout masks only the ``h`` fed to the recurrent matmul (as
+    Keras' LSTM cell does), with one stateless mask per call.
+    """
+
+    _num_states = 2
+
+    def _fused(self, x, states, cdt, rmask):
         units = self.cell.units
         one = tf.ones([units], cdt)
         scale = tf.concat([one, one, 2.0 * one, one], 0)  # c gate: tanh(a) = 2 sigmoid(2a) - 1
@@ -1044,7 +1159,7 @@ class LSTM(_FusedFallback, keras.layers.LSTM):
         rkernel = self._weight(self.cell.recurrent_kernel, cdt) * scale
         proj = _time_major_projection(x, kernel, bias)
         return _with_custom_gradient(_lstm_forward, _lstm_backward, [proj, states[0], states[1], rkernel],
-                                     None, 3, units=units)
+                                     rmask, 3, units=units)
 
 
 @keras.saving.register_keras_serializable(package="dist_rnn")
@@ -1052,15 +1167,20 @@ class GRU(_FusedFallback, keras.layers.GRU):
     """``keras.layers.GRU`` (same arguments, weights and cuDNN path) with the fused recurrence off cuDNN.
 
     Only ``reset_after=True`` (Keras' default and cuDNN's variant) is fused.
+    Recurrent dropout masks only the ``h`` fed to the recurrent matmul, one
+    stateless mask per call for all three gates; the update
+    ``z * h + (1 - z) * candidate`` uses the unmasked ``h``.
     """
+
+    _num_states = 1
 
     def _fused_cell_ok(self) -> bool:
         return bool(self.cell.reset_after)
 
-    def _fused(self, x, states, cdt):
+    def _fused(self, x, states, cdt, rmask):
         units = self.cell.units
         bias = self._weight(self.cell.bias, cdt)  # (2, 3U): input bias, recurrent bias
         proj = _time_major_projection(x, self._weight(self.cell.kernel, cdt), bias[0])
         return _with_custom_gradient(_gru_forward, _gru_backward,
                                      [proj, states[0], self._weight(self.cell.recurrent_kernel, cdt), bias[1]],
-                                     None, 2, units=units)
+                                     rmask, 2, units=units)

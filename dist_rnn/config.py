@@ -81,12 +81,15 @@ class ModelConfig:
         embedding_size: Width of the token embedding.
         dropout: Dropout rate on non-recurrent connections only: after the
             embedding, between layers and before the softmax (Zaremba et al.).
-        recurrent_dropout: Variational dropout on the recurrent state (custom
-            cells; on ``lstm``/``gru`` it disables the fused cuDNN kernel).
+        recurrent_dropout: Variational dropout on the state fed to each
+            layer's recurrent matmul, one mask per sequence drawn from (step
+            seed, layer, global row), for every cell; on ``lstm``/``gru`` it
+            rules out cuDNN (dist-rnn's fused recurrence runs instead).
         tie_embeddings: Share the input embedding with the output projection
             (needs ``embedding_size == hidden_size``).
         cudnn: ``auto`` uses the fused kernel where eligible, ``require`` fails
-            before training unless every layer can use it, ``off`` forces dist-rnn's fused
+            before training unless every layer can use it (and builds them with
+            Keras' ``use_cudnn=True``), ``off`` forces dist-rnn's fused
             recurrence (the CPU path) even on a GPU. ``train.jit_compile``,
             ``mixed_bfloat16`` and ``dist-rnn export`` also use the fused recurrence
             (``require`` is refused with the first two).

@@ -1,12 +1,14 @@
 """The recurrent language model: embedding, stacked recurrent layers, projection.
 
-Dropout is applied only to non-recurrent connections (after the embedding,
-between layers and before the softmax), as in Zaremba et al. 2014. Its masks
-are drawn statelessly over the global batch from a seed passed with each call,
-and each replica keeps the rows it owns: a step's dropout depends only on (run
-seed, step, row), not on how rows are spread over replicas. Runs are
+Dropout (``model.dropout``) is applied to non-recurrent connections (after
+the embedding, between layers and before the softmax), as in Zaremba et al.
+2014; ``model.recurrent_dropout`` adds variational dropout on the state fed
+to each layer's recurrent matmul (``dist_rnn.cells``). All masks are drawn
+statelessly over the global batch from a seed passed with each call, and each
+replica keeps the rows it owns: a step's dropout depends only on (run seed,
+step, dropout site, row), not on how rows are spread over replicas. Runs are
 reproducible, resumable bit for bit, and equal across replica counts, and no
-random-generator variable has to be mirrored.
+random-generator variable has to be mirrored or checkpointed.
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ from dist_rnn.errors import UserError
 
 FUSED_CELLS = ("lstm", "gru")
 TWO_STATE_CELLS = ("lstm", "ln_lstm")
+#: Recurrent layer ``i`` folds ``RECURRENT_DROPOUT_SALT + i`` into the step seed (the
+#: non-recurrent dropout sites use salts 0 .. num_layers).
+RECURRENT_DROPOUT_SALT = 1000
+#: ``model.cudnn`` -> ``use_cudnn`` of Keras' LSTM/GRU (True: Keras raises if cuDNN cannot run).
+USE_CUDNN = {"auto": "auto", "require": True, "off": False}
 
 
 def states_per_layer(cell: str) -> int:
@@ -33,15 +40,17 @@ def states_per_layer(cell: str) -> int:
 class LayerKernel:
     """Which kernel one recurrent layer runs, and why.
 
+    Every layer runs either the fused cuDNN kernel or dist-rnn's fused
+    recurrence (``dist_rnn.cells``: one input matmul, hand-written backward
+    pass); Keras' generic per-step cell never runs.
+
     Attributes:
         index: Layer index, from 0.
         cell: ``model.cell``.
         units: Hidden units.
         fused: Whether the layer runs the fused cuDNN kernel.
-        reason: Why not, when it does not (empty when it does).
-        keras_generic: Whether it then runs Keras' generic per-step cell
-            (``lstm``/``gru`` with recurrent dropout) rather than dist-rnn's
-            fused recurrence (one input matmul, hand-written backward pass).
+        reason: Why it runs dist-rnn's fused recurrence instead (empty when
+            it runs cuDNN).
     """
 
     index: int
@@ -49,16 +58,10 @@ class LayerKernel:
     units: int
     fused: bool
     reason: str
-    keras_generic: bool = False
 
     def line(self) -> str:
         """One line of the kernel report."""
-        if self.fused:
-            kernel = "cuDNN fused"
-        elif self.keras_generic:
-            kernel = f"Keras generic cell ({self.reason})"
-        else:
-            kernel = f"dist-rnn fused recurrence ({self.reason})"
+        kernel = "cuDNN fused" if self.fused else f"dist-rnn fused recurrence ({self.reason})"
         return f"layer {self.index}  {self.cell}  {self.units} units  kernel: {kernel}"
 
 
@@ -85,7 +88,7 @@ def cudnn_excluded_by(jit_compile: bool = False, precision: str = "float32", exp
 
 def kernel_report(config: ModelConfig, gpu_visible: bool, jit_compile: bool = False, precision: str = "float32",
                   export: bool = False) -> list[LayerKernel]:
-    """Says for each layer whether it runs the fused cuDNN kernel.
+    """Says for each layer whether it runs the fused cuDNN kernel, as ``cells.LSTM``/``GRU`` decide.
 
     Args:
         config: The ``model`` section.
@@ -103,15 +106,14 @@ def kernel_report(config: ModelConfig, gpu_visible: bool, jit_compile: bool = Fa
         elif config.cudnn == "off":
             fused, reason = False, "model.cudnn: off"
         elif config.recurrent_dropout > 0:
-            fused, reason = False, "recurrent dropout"
+            fused, reason = False, "recurrent dropout: cuDNN has none"
         elif excluded:
             fused, reason = False, excluded
         elif not gpu_visible:
             fused, reason = False, "no GPU visible"
         else:
             fused, reason = True, ""
-        keras_generic = config.cell in FUSED_CELLS and reason == "recurrent dropout"
-        report.append(LayerKernel(i, config.cell, config.hidden_size, fused, reason, keras_generic))
+        report.append(LayerKernel(i, config.cell, config.hidden_size, fused, reason))
     return report
 
 
@@ -255,17 +257,21 @@ def recurrent_layer(config: ModelConfig, index: int, seed: int = 0, allow_cudnn:
     Args:
         config: The ``model`` section (cell, units, recurrent dropout, cuDNN
             use, ``init_scale``).
-        index: Layer index (names the layer and offsets its dropout seed).
+        index: Layer index (names the layer and offsets its recurrent-dropout salt).
         seed: Model seed: each weight's initializer seed is derived from it
-            (:func:`weight_seed`), and it is the base seed of the
-            recurrent-dropout generator.
+            (:func:`weight_seed`); it also fixes the (unused) dropout generator
+            Keras' LSTM/GRU cells create, so that building draws no global randomness.
         allow_cudnn: False builds ``lstm``/``gru`` without cuDNN even on a GPU
             (see :func:`cudnn_excluded_by`); same weights either way.
 
     Returns:
-        ``cells.LSTM``/``cells.GRU`` (Keras' layers: cuDNN on a GPU, dist-rnn's
-        fused recurrence elsewhere) or a dist-rnn layer-norm/vanilla layer, with
-        ``return_sequences`` and ``return_state``.
+        ``cells.LSTM``/``cells.GRU`` (Keras' layers: cuDNN on a GPU unless
+        recurrent dropout, dist-rnn's fused recurrence elsewhere; ``model.cudnn:
+        require`` builds them with ``use_cudnn=True``) or a dist-rnn
+        layer-norm/vanilla layer, with ``return_sequences`` and
+        ``return_state``. Recurrent dropout is drawn per call from the
+        ``seed``/``rows`` passed to the layer, salted with
+        ``RECURRENT_DROPOUT_SALT + index``.
     """
     name = f"{config.cell}_{index}"
     common = dict(return_sequences=True, return_state=True, name=name)
@@ -286,11 +292,11 @@ def recurrent_layer(config: ModelConfig, index: int, seed: int = 0, allow_cudnn:
             extra["unit_forget_bias"] = False
         return cls(config.hidden_size, activation="tanh", recurrent_activation="sigmoid", use_bias=True,
                    unroll=False, recurrent_dropout=config.recurrent_dropout,
-                   use_cudnn="auto" if allow_cudnn and config.cudnn != "off" else False, seed=seed + 1000 + index,
-                   **init, **extra, **common)
+                   use_cudnn=USE_CUDNN[config.cudnn] if allow_cudnn else False, seed=seed + 1000 + index,
+                   dropout_salt=RECURRENT_DROPOUT_SALT + index, **init, **extra, **common)
     cls = {"ln_lstm": cells.LayerNormLSTM, "ln_gru": cells.LayerNormGRU, "rnn": cells.VanillaRNN}[config.cell]
-    return cls(config.hidden_size, recurrent_dropout=config.recurrent_dropout, seed=seed + 1000 + index,
-               **init, **common)
+    return cls(config.hidden_size, recurrent_dropout=config.recurrent_dropout,
+               dropout_salt=RECURRENT_DROPOUT_SALT + index, **init, **common)
 
 
 @keras.saving.register_keras_serializable(package="dist_rnn")
@@ -349,7 +355,8 @@ class LanguageModel(keras.Model):
         Args:
             tokens: int ``[batch, time]`` token ids.
             states: Flat tuple of initial states (float32), or None for zeros.
-            training: Applies dropout when True (and ``seed`` is given).
+            training: Applies dropout and recurrent dropout when True (and
+                ``seed`` is given).
             seed: int ``[2]`` stateless seed of this call's dropout masks.
             rows: int ``[2]``: first global row of ``tokens`` and the global
                 batch rows, so dropout masks do not depend on the replica
@@ -368,7 +375,7 @@ class LanguageModel(keras.Model):
             n = self.state_counts[i]
             layer_states = [tf.cast(s, self.compute_dtype) for s in states[pos:pos + n]]
             pos += n
-            outputs = layer(x, initial_state=layer_states, training=training)
+            outputs = layer(x, initial_state=layer_states, training=training, seed=seed, rows=rows)
             x = outputs[0]
             new_states.extend(tf.cast(s, tf.float32) for s in outputs[1:])
             x = self.dropouts[i + 1](x, seed=seed, rows=rows, training=training)

@@ -118,14 +118,14 @@ def random_inputs(cls, rng, batch, steps, input_dim, units):
     return x, states
 
 
-def run(layer, x, states, training=False, graph=False, dtype="float32"):
+def run(layer, x, states, training=False, graph=False, dtype="float32", seed=None):
     fn = layer
     if graph:
-        fn = tf.function(lambda x, s: layer(x, initial_state=s, training=training))
+        fn = tf.function(lambda x, s: layer(x, initial_state=s, training=training, seed=seed))
         out = fn(tf.constant(x, dtype), [tf.constant(s, dtype) for s in states])
     else:
         out = layer(tf.constant(x, dtype), initial_state=[tf.constant(s, dtype) for s in states],
-                    training=training)
+                    training=training, seed=seed)
     return [o.numpy() for o in out]
 
 
@@ -245,7 +245,7 @@ def test_return_sequences_and_state_flags(cls):
 
 def _fd_check(layer, x, states, training, graph):
     """Analytic gradients (eager or tf.function) vs central differences, float64."""
-    seed_state = layer.seed_generator.state.numpy()
+    seed = tf.constant([7, 3], tf.int64) if training else None  # the same mask at every evaluation
     rng = np.random.default_rng(11)
     probes = [rng.standard_normal((x.shape[0], x.shape[1], layer.units))] + [
         rng.standard_normal(s.shape) for s in states
@@ -255,9 +255,7 @@ def _fd_check(layer, x, states, training, graph):
     ss = [tf.Variable(s) for s in states]
 
     def loss_fn():
-        # Same dropout mask at every evaluation: rewind the seed generator.
-        layer.seed_generator.state.assign(seed_state)
-        out = layer(xs, initial_state=[tf.convert_to_tensor(s) for s in ss], training=training)
+        out = layer(xs, initial_state=[tf.convert_to_tensor(s) for s in ss], training=training, seed=seed)
         return tf.add_n([tf.reduce_sum(o * p) for o, p in zip(out, probes)])
 
     def analytic():
@@ -290,8 +288,7 @@ def _fd_check(layer, x, states, training, graph):
 )
 def test_gradients_match_finite_differences(cls, training, graph):
     rng = np.random.default_rng(4)
-    layer = make_layer(cls, 2, 3, rng, dtype="float64", recurrent_dropout=0.5 if training else 0.0,
-                       seed=7)
+    layer = make_layer(cls, 2, 3, rng, dtype="float64", recurrent_dropout=0.5 if training else 0.0)
     x, states = random_inputs(cls, rng, 2, 3, 3, 2)
     _fd_check(layer, x, states, training, graph)
 
@@ -325,7 +322,7 @@ def test_gradients_under_xla_match_eager(cls):
 @pytest.mark.parametrize("cls", LAYERS)
 def test_get_config_round_trip(cls):
     kwargs = dict(recurrent_dropout=0.25, kernel_initializer="he_normal",
-                  recurrent_initializer="glorot_normal", seed=3, name="rnn_x")
+                  recurrent_initializer="glorot_normal", dropout_salt=3, name="rnn_x")
     if cls is LayerNormLSTM:
         kwargs["forget_bias"] = 0.5
     if cls is VanillaRNN:
@@ -360,23 +357,30 @@ def test_get_config_round_trip(cls):
 @pytest.mark.parametrize("cls", LAYERS)
 def test_recurrent_dropout_training_flag(cls):
     rng = np.random.default_rng(8)
-    dropped = make_layer(cls, 4, 5, rng, recurrent_dropout=0.4, seed=1)
+    dropped = make_layer(cls, 4, 5, rng, recurrent_dropout=0.4, dropout_salt=1)
     plain = cls(4)
     plain.build((None, None, 5))
     plain.set_weights(dropped.get_weights())
     x, states = random_inputs(cls, rng, 3, 6, 5, 4)
-    inference = run(dropped, x, states, training=False)
-    for a, b in zip(inference, run(plain, x, states, training=True)):
+    seed_a, seed_b = tf.constant([1, 2], tf.int64), tf.constant([1, 3], tf.int64)
+    inference = run(dropped, x, states, training=False, seed=seed_a)
+    for a, b in zip(inference, run(plain, x, states, training=True, seed=seed_a)):
         np.testing.assert_array_equal(a, b)
-    train1 = run(dropped, x, states, training=True)
-    train2 = run(dropped, x, states, training=True)
-    assert np.abs(train1[0] - inference[0]).max() > 1e-2
-    assert np.abs(train1[0] - train2[0]).max() > 1e-2  # a new mask per call
-    # Seedable: same seed and weights give the same masks.
-    twin = cls(4, recurrent_dropout=0.4, seed=1)
+    np.testing.assert_array_equal(run(dropped, x, states, training=True)[0], inference[0])  # no seed: no mask
+    train_a = run(dropped, x, states, training=True, seed=seed_a)
+    assert np.abs(train_a[0] - inference[0]).max() > 1e-2
+    # The mask is a pure function of (seed, salt): the same seed again gives it
+    # again, another seed or another layer salt another one.
+    np.testing.assert_array_equal(run(dropped, x, states, training=True, seed=seed_a)[0], train_a[0])
+    assert np.abs(run(dropped, x, states, training=True, seed=seed_b)[0] - train_a[0]).max() > 1e-2
+    twin = cls(4, recurrent_dropout=0.4, dropout_salt=1)
     twin.build((None, None, 5))
     twin.set_weights(dropped.get_weights())
-    np.testing.assert_array_equal(run(twin, x, states, training=True)[0], train1[0])
+    np.testing.assert_array_equal(run(twin, x, states, training=True, seed=seed_a)[0], train_a[0])
+    other = cls(4, recurrent_dropout=0.4, dropout_salt=2)
+    other.build((None, None, 5))
+    other.set_weights(dropped.get_weights())
+    assert np.abs(run(other, x, states, training=True, seed=seed_a)[0] - train_a[0]).max() > 1e-2
 
 
 @pytest.mark.parametrize("cls", LAYERS)
@@ -390,10 +394,10 @@ def test_recurrent_dropout_mask_is_constant_over_time(cls):
     """
     rate, units, batch, steps = 0.5, 3, 16, 6
     rng = np.random.default_rng(9)
-    layer = make_layer(cls, units, 4, rng, dtype="float64", recurrent_dropout=rate, seed=5)
+    layer = make_layer(cls, units, 4, rng, dtype="float64", recurrent_dropout=rate)
     x, states = random_inputs(cls, rng, batch, steps, 4, units)
     weights = get_weights64(layer)
-    out = run(layer, x, states, training=True, dtype="float64")
+    out = run(layer, x, states, training=True, dtype="float64", seed=tf.constant([5, 0], tf.int64))
     candidates = [np.array(m, np.float64) / (1 - rate) for m in itertools.product([0, 1], repeat=units)]
     found = []
     for b in range(batch):

@@ -45,7 +45,7 @@ def test_kernel_report_names_each_layer_and_reason():
     on_gpu = kernel_report(ModelConfig(cell="gru", num_layers=1), True)
     assert on_gpu[0].fused and on_gpu[0].line().endswith("kernel: cuDNN fused")
     dropout = kernel_report(ModelConfig(cell="lstm", recurrent_dropout=0.1), True)[0]
-    assert dropout.line().endswith("kernel: Keras generic cell (recurrent dropout)")
+    assert dropout.line().endswith("kernel: dist-rnn fused recurrence (recurrent dropout: cuDNN has none)")
     assert kernel_report(ModelConfig(cell="lstm", cudnn="off"), True)[0].reason == "model.cudnn: off"
     ln = kernel_report(ModelConfig(cell="ln_lstm", recurrent_dropout=0.1), True)[0]
     assert ln.line().endswith("kernel: dist-rnn fused recurrence (custom cell)")
