@@ -97,8 +97,8 @@ def _checkpoint_step(path: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path) -> dict:
-    """Exports the latest checkpoint of a run (float32) as a SavedModel and a ``.keras`` file.
+def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "latest") -> dict:
+    """Exports a checkpoint of a run (float32) as a SavedModel and a ``.keras`` file.
 
     Everything is written to a staging folder beside ``out_dir`` first and
     moved in at the end, so a failed export leaves ``out_dir`` as it was.
@@ -107,6 +107,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> dict:
         run_dir: The training run.
         out_dir: Destination folder: new, empty or a previous export (whose
             export entries are replaced; other files in it are kept).
+        checkpoint: ``latest`` (default), ``best`` or a checkpoint path (see
+            :func:`dist_rnn.checkpoints.find_checkpoint`).
 
     Returns:
         The contents of ``export.json`` plus ``"path"``.
@@ -122,7 +124,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> dict:
 
     out = Path(out_dir)
     _check_out_dir(out)
-    model, vocab, config, checkpoint = load_model_for_inference(str(run_dir))
+    model, vocab, config, checkpoint = load_model_for_inference(str(run_dir), checkpoint, command="export")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
