@@ -121,20 +121,29 @@ def test_resume_across_precisions(run, capsys):
 # ------------------------------------------------------------- moved data
 
 
-def test_moved_identical_data_resumes_and_evaluates(run, data, tmp_path, capsys):
-    before = eval_json(capsys, "--run-dir", run)
+def moved_copy(data: Path, tmp_path: Path) -> Path:
     moved = tmp_path / "elsewhere" / "renamed.txt"
     moved.parent.mkdir()
     shutil.copy(data, moved)
-    at_new_path = eval_json(capsys, "--run-dir", run, "--set", f"data.path={moved}")
-    assert at_new_path["loss"] == before["loss"] and at_new_path["step"] == 3
-    code, out, err = run_cli(["generate", "--run-dir", run, "--set", f"data.path={moved}", "--length", "5"], capsys)
-    assert code == 0, err
+    return moved
+
+
+def test_moved_identical_data_resumes(run, data, tmp_path, capsys):
+    moved = moved_copy(data, tmp_path)
     code, out, err = run_cli(["train", "--run-dir", run, "--set", f"data.path={moved}",
                               "--set", "train.max_steps=4"], capsys)
     assert code == 0, err
     assert "resumed from" in out and f"config change on resume: data.path: '{data}' -> '{moved}'" in out
     assert f"path: {moved}" in (run / "config.yaml").read_text(encoding="utf-8")
+
+
+def test_eval_and_generate_read_moved_data(run, data, tmp_path, capsys):
+    before = eval_json(capsys, "--run-dir", run)
+    moved = moved_copy(data, tmp_path)
+    at_new_path = eval_json(capsys, "--run-dir", run, "--set", f"data.path={moved}")
+    assert at_new_path["loss"] == before["loss"] and at_new_path["step"] == 3
+    code, out, err = run_cli(["generate", "--run-dir", run, "--set", f"data.path={moved}", "--length", "5"], capsys)
+    assert code == 0, err
 
 
 def test_moved_data_with_other_text_is_refused(run, data, tmp_path, capsys):
