@@ -236,7 +236,7 @@ def evaluate(run_dir: str, split: str, checkpoint: str = "latest", overrides: li
     vocab = rd.load_vocab()
     if vocab is None:
         raise UserError(f"{rd.path} has no vocab.json")
-    from dist_rnn.checkpoints import find_checkpoint
+    from dist_rnn.checkpoints import accepted_fingerprints, find_checkpoint
     from dist_rnn.dataset import encode_corpus
     from dist_rnn.distribution import create_backend
     from dist_rnn.summaries import setup_logging
@@ -248,7 +248,10 @@ def evaluate(run_dir: str, split: str, checkpoint: str = "latest", overrides: li
     corpus = encode_corpus(config.data, vocab)
     check_same_data(rd, config, corpus, "evaluate")
     trainer = Trainer(config, rd, create_backend(config.distribute), corpus)
-    trainer.checkpointer.restore(path, trainer.fingerprint, trainer.state)
+    if checkpoint == "latest":
+        path = trainer.restore()  # the newest that loads, with checkpoint.fallback
+    else:
+        trainer.checkpointer.restore(path, accepted_fingerprints(config, vocab.tokens), trainer.state)
     result = trainer.evaluate(split).as_dict()
     result["step"] = int(trainer.state.step)
     result["checkpoint"] = path
