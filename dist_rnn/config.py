@@ -305,9 +305,10 @@ class Config:
 # Keys a resume may not change: they define the model's shape, its vocabulary,
 # the optimizer's state or the meaning of the saved data position and carried
 # state. Where the data is read from (``data.path``, ``data.train_file``, ...)
-# is not among them: a resume compares the data itself (see
-# :mod:`dist_rnn.dataset`). Everything else (schedule, logging, cadence,
-# backend, replica count and precision) may change.
+# is not among them: a resume compares the data's text instead (see
+# ``dist_rnn.app.check_same_data``). Everything else (schedule, logging,
+# cadence, backend, replica count and precision) may change; the
+# EPOCH_INVARIANT_KEYS only at an epoch boundary.
 RESUME_INVARIANT_KEYS = (
     "optimizer.name",
     "data.corpus", "data.split", "data.level",

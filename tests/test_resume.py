@@ -159,6 +159,17 @@ def test_moved_data_with_other_text_is_refused(run, data, tmp_path, capsys):
     assert "cannot evaluate" in line and "data.path" in line
 
 
+def test_run_without_data_record_is_checked_by_its_vocabulary(run, data, tmp_path, capsys):
+    (run / "data.json").unlink()  # a run written before data.json existed
+    other = tmp_path / "other.txt"
+    other.write_text("\u00a7" + data.read_text(encoding="utf-8"), encoding="utf-8")  # one new character
+    line = assert_one_line_error(*run_cli(["train", "--run-dir", run, "--set", f"data.path={other}",
+                                           "--set", "train.max_steps=4"], capsys))
+    assert f"the data read from data.path {other} gives another vocabulary than {run / 'vocab.json'}" in line
+    assert not (run / "data.json").exists()
+    assert eval_json(capsys, "--run-dir", run, "--set", f"data.path={moved_copy(data, tmp_path)}")["step"] == 3
+
+
 def test_eval_set_may_change_only_where_the_data_is(run, capsys):
     line = assert_one_line_error(*run_cli(["eval", "--run-dir", run, "--set", "model.hidden_size=32"], capsys))
     assert "eval --set may change only where the data is read from" in line and "model.hidden_size: 16 -> 32" in line
