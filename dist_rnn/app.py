@@ -12,8 +12,9 @@ import logging
 import sys
 from pathlib import Path
 
-from dist_rnn.config import (Config, changed_keys, check_divisible, load_config,
-                             model_defining_differences, save_config)
+from dist_rnn.config import (DATA_LOCATION_KEYS, EPOCH_INVARIANT_KEYS, RESUME_INVARIANT_KEYS, Config,
+                             changed_keys, check_divisible, load_config, resume_invariant_differences,
+                             save_config)
 from dist_rnn.errors import UserError
 from dist_rnn.run_dir import RunDirectory
 from dist_rnn.runtime import import_tensorflow
@@ -22,20 +23,20 @@ log = logging.getLogger("dist_rnn")
 
 
 def resolve_train_config(config_paths: list[str], overrides: list[str],
-                         run_dir: str | None) -> tuple[Config, RunDirectory, list[str]]:
+                         run_dir: str | None) -> tuple[Config, RunDirectory, Config | None]:
     """Works out the config and run directory of ``dist-rnn train``.
 
     A run directory that already holds ``config.yaml`` is resumed: its saved
     config is the base, the given files and overrides are merged on top, and
-    changes to the model or vocabulary are refused. A new run starts from the
-    defaults, the files and the overrides.
+    changes to :data:`~dist_rnn.config.RESUME_INVARIANT_KEYS` are refused. A
+    new run starts from the defaults, the files and the overrides.
 
     Returns:
-        The config, the run directory and the list of changed keys on resume.
+        The config, the run directory and, on resume, the saved config.
 
     Raises:
         UserError: On bad config, a missing run directory for a bare resume,
-            or a model-defining change on resume.
+            or a change of a resume-invariant key on resume.
     """
     if run_dir is None:
         if not config_paths:
@@ -45,15 +46,97 @@ def resolve_train_config(config_paths: list[str], overrides: list[str],
     if rd.has_config():
         saved = rd.load_config()
         config = load_config(config_paths, overrides, base=saved.to_dict())
-        diffs = model_defining_differences(saved, config)
+        diffs = resume_invariant_differences(saved, config)
         if diffs:
-            raise UserError(f"cannot resume {rd.path} with a different model or vocabulary: " + "; ".join(diffs)
-                            + " (use a new --run-dir)")
-        return config, rd, changed_keys(saved, config)
+            raise UserError(f"cannot resume {rd.path} with " + "; ".join(diffs) + " (a resume may not change "
+                            + ", ".join(RESUME_INVARIANT_KEYS) + "; use a new --run-dir)")
+        return config, rd, saved
     if not config_paths and not overrides:
         # A bare --run-dir means "resume": a typo must not start a new run.
         raise UserError(f"{rd.path} is not a dist-rnn run directory (no config.yaml); pass a CONFIG file to start one")
-    return load_config(config_paths, overrides), rd, []
+    return load_config(config_paths, overrides), rd, None
+
+
+def check_same_data(rd: RunDirectory, config: Config, corpus, action: str) -> None:
+    """Refuses data whose text differs from the data the run was trained on, wherever it is read from.
+
+    The run's ``data.json`` holds the SHA-256 of its three splits' text; a run
+    written before that file existed is checked by its vocabulary instead
+    (the vocabulary built from the data read now must equal ``vocab.json``).
+
+    Args:
+        rd: The run directory.
+        config: The config the data was read with.
+        corpus: The :class:`~dist_rnn.dataset.EncodedCorpus` read now (with the run's vocabulary).
+        action: ``resume`` or ``evaluate``, for the message.
+
+    Raises:
+        UserError: If the data differs.
+    """
+    source = _data_source(config)
+    hint = f"point {source[0]} at the run's data" + (" or use a new --run-dir" if action == "resume" else "")
+    record = _read_data_record(rd)
+    if record is not None:
+        if record.get("sha256") != corpus.data_sha256:
+            raise UserError(f"cannot {action} {rd.path}: the data read from {source[0]} {source[1]} is not the data "
+                            f"this run was trained on (SHA-256 {corpus.data_sha256[:12]}... != "
+                            f"{str(record.get('sha256'))[:12]}... in {rd.data_file}); {hint}")
+        return
+    from dist_rnn.dataset import encode_corpus
+
+    if encode_corpus(config.data).vocab != corpus.vocab:
+        raise UserError(f"cannot {action} {rd.path}: the data read from {source[0]} {source[1]} gives another "
+                        f"vocabulary than {rd.vocab_file}; {hint}")
+
+
+def write_data_record(rd: RunDirectory, corpus) -> None:
+    """Writes ``RUN_DIR/data.json``: the SHA-256 and token counts of the data the run trains on."""
+    record = {"sha256": corpus.data_sha256,
+              "tokens": {"train": len(corpus.train), "valid": len(corpus.valid), "test": len(corpus.test)}}
+    rd.data_file.write_text(json.dumps(record) + "\n", encoding="utf-8")
+
+
+def _read_data_record(rd: RunDirectory) -> dict | None:
+    if not rd.data_file.is_file():
+        return None
+    try:
+        record = json.loads(rd.data_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise UserError(f"{rd.data_file}: not a dist-rnn data record (delete it to skip the data check)") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{rd.data_file}: not a dist-rnn data record (delete it to skip the data check)")
+    return record
+
+
+def _data_source(config: Config) -> tuple[str, str]:
+    """``(key, value)`` saying where the data is read from, for messages."""
+    d = config.data
+    if d.train_file:
+        return "data.train_file", d.train_file
+    if d.path:
+        return "data.path", str(d.path)
+    return "data.corpus", d.corpus
+
+
+def check_epoch_invariant_keys(saved: Config, config: Config, epoch: int, index: int, rd: RunDirectory) -> None:
+    """Refuses a change of ``train.seed``/``data.random_offset`` on a resume in the middle of an epoch.
+
+    With ``data.random_offset`` the two keys decide where an epoch's windows
+    start; changed mid-epoch, the remaining windows would shift under the
+    carried state. At an epoch boundary (``index`` 0) they may change, and
+    apply from that epoch on.
+
+    Raises:
+        UserError: Naming the changed keys and the position.
+    """
+    if index == 0 or not (saved.data.random_offset or config.data.random_offset):
+        return
+    diffs = [c for c in changed_keys(saved, config) if c.split(":", 1)[0] in EPOCH_INVARIANT_KEYS]
+    if diffs:
+        raise UserError(f"cannot resume {rd.path} in the middle of epoch {epoch} (after its batch {index}) with "
+                        + "; ".join(diffs) + ": with data.random_offset the windows of the epoch would shift under "
+                        "the carried state; resume without the change (it may change once a run stops at an "
+                        "epoch's end, e.g. by train.max_epochs) or use a new --run-dir")
 
 
 def _setup_tensorflow(config: Config, precision: str | None = None) -> None:
@@ -74,7 +157,8 @@ def train(config_paths: list[str], overrides: list[str], run_dir: str | None) ->
     Returns:
         The final step, epoch and validation result.
     """
-    config, rd, changes = resolve_train_config(config_paths, overrides, run_dir)
+    config, rd, saved = resolve_train_config(config_paths, overrides, run_dir)
+    changes = changed_keys(saved, config) if saved is not None else []
     import_tensorflow()
     from dist_rnn.dataset import encode_corpus
     from dist_rnn.distribution import create_backend
@@ -85,14 +169,20 @@ def train(config_paths: list[str], overrides: list[str], run_dir: str | None) ->
     setup_logging(backend.is_chief)
     check_divisible(config, backend.num_replicas)
     _setup_tensorflow(config)
-    corpus = encode_corpus(config.data, rd.load_vocab())
+    saved_vocab = rd.load_vocab()
+    corpus = encode_corpus(config.data, saved_vocab)
+    if saved is not None and saved_vocab is not None:
+        check_same_data(rd, config, corpus, "resume")
     trainer = Trainer(config, rd, backend, corpus)
     restored = trainer.restore()
+    if saved is not None and restored:
+        check_epoch_invariant_keys(saved, config, int(trainer.state.epoch), int(trainer.state.batch_in_epoch), rd)
     # From here on the run directory is written (chief only).
     if backend.is_chief:
         rd.ensure()
         save_config(config, rd.config_file)
         corpus.vocab.save(rd.vocab_file)
+        write_data_record(rd, corpus)
         rd.kernels_file.write_text("\n".join(k.line() for k in trainer.kernels) + "\n", encoding="utf-8")
         setup_logging(True, rd.log_file)
     for line in trainer.summary_lines():
@@ -128,57 +218,101 @@ def hparams_of(config: Config, num_replicas: int) -> dict:
             "level": config.data.level}
 
 
-def evaluate(run_dir: str, split: str) -> dict:
-    """``dist-rnn eval``: loss and perplexity of the latest checkpoint on a split (one device)."""
+def evaluate(run_dir: str, split: str, checkpoint: str = "latest", overrides: list[str] = ()) -> dict:
+    """``dist-rnn eval``: loss and perplexity of a checkpoint of a run on a split (one device).
+
+    Args:
+        run_dir: The training run.
+        split: ``valid`` or ``test``.
+        checkpoint: ``latest``, ``best`` or a checkpoint path (see
+            :func:`~dist_rnn.checkpoints.find_checkpoint`).
+        overrides: ``--set`` of :data:`~dist_rnn.config.DATA_LOCATION_KEYS`
+            only, for data that moved; the text must be the run's.
+
+    Returns:
+        ``split``, ``loss``, ``perplexity``, ``tokens`` (``bpc``), ``step`` and ``checkpoint``.
+    """
     rd = RunDirectory(run_dir)
-    config = rd.load_config()
+    config = inference_config(rd, overrides, "eval")
     config.distribute.backend, config.distribute.cpu_devices = "none", 0
     vocab = rd.load_vocab()
     if vocab is None:
         raise UserError(f"{rd.path} has no vocab.json")
     import_tensorflow()
+    from dist_rnn.checkpoints import accepted_fingerprints, find_checkpoint
     from dist_rnn.dataset import encode_corpus
     from dist_rnn.distribution import create_backend
     from dist_rnn.summaries import setup_logging
     from dist_rnn.trainer import Trainer
 
+    path = find_checkpoint(rd.path, checkpoint)
     setup_logging(True)
     _setup_tensorflow(config, precision="float32")
-    trainer = Trainer(config, rd, create_backend(config.distribute), encode_corpus(config.data, vocab))
-    if trainer.restore() is None:
-        raise UserError(f"{rd.checkpoints} holds no checkpoint")
+    corpus = encode_corpus(config.data, vocab)
+    check_same_data(rd, config, corpus, "evaluate")
+    trainer = Trainer(config, rd, create_backend(config.distribute), corpus)
+    if checkpoint == "latest":
+        path = trainer.restore()  # the newest that loads, with checkpoint.fallback
+    else:
+        trainer.checkpointer.restore(path, accepted_fingerprints(config, vocab.tokens), trainer.state)
     result = trainer.evaluate(split).as_dict()
     result["step"] = int(trainer.state.step)
+    result["checkpoint"] = path
     return result
 
 
-def load_model_for_inference(run_dir: str, allow_cudnn: bool = True):
-    """Builds the model of a run and restores its latest weights (float32, one device).
+def inference_config(rd: RunDirectory, overrides: list[str], command: str) -> Config:
+    """The saved config of a run with ``--set`` overrides of where its data is read from.
+
+    Raises:
+        UserError: If an override changes a key outside
+            :data:`~dist_rnn.config.DATA_LOCATION_KEYS`, or is invalid.
+    """
+    saved = rd.load_config()
+    if not overrides:
+        return saved
+    config = load_config([], overrides, base=saved.to_dict())
+    others = [c for c in changed_keys(saved, config) if c.split(":", 1)[0] not in DATA_LOCATION_KEYS]
+    if others:
+        raise UserError(f"{command} --set may change only where the data is read from "
+                        f"({', '.join(DATA_LOCATION_KEYS)}), not " + "; ".join(others))
+    return config
+
+
+def load_model_for_inference(run_dir: str, checkpoint: str = "latest", overrides: list[str] = (),
+                             command: str = "generate", allow_cudnn: bool = True):
+    """Builds the model of a run and restores a checkpoint's weights (float32, one device).
 
     Args:
         run_dir: The training run.
+        checkpoint: ``latest``, ``best`` or a checkpoint path.
+        overrides: ``--set`` of :data:`~dist_rnn.config.DATA_LOCATION_KEYS`.
+        command: The command, for messages.
         allow_cudnn: False keeps ``lstm``/``gru`` off cuDNN even on a GPU (for a portable export).
 
     Returns:
         ``(model, vocab, config, checkpoint_path)``.
+
+    Raises:
+        UserError: No such checkpoint, one of another run, or unreadable.
     """
     rd = RunDirectory(run_dir)
-    config = rd.load_config()
+    config = inference_config(rd, overrides, command)
     vocab = rd.load_vocab()
     if vocab is None:
         raise UserError(f"{rd.path} has no vocab.json")
     tf = import_tensorflow()
 
+    from dist_rnn.checkpoints import accepted_fingerprints, check_fingerprint, find_checkpoint
     from dist_rnn.model import build_model
 
+    path = find_checkpoint(rd.path, checkpoint)
+    check_fingerprint(path, accepted_fingerprints(config, vocab.tokens))
     _setup_tensorflow(config, precision="float32")
     if config.model.cudnn == "require":
         # Same weights; sampling and export must also work where cuDNN cannot run.
         config.model.cudnn = "auto"
     model = build_model(config.model, len(vocab), config.train.seed, allow_cudnn=allow_cudnn)
-    path = tf.train.latest_checkpoint(str(rd.checkpoints))
-    if path is None:
-        raise UserError(f"{rd.checkpoints} holds no checkpoint")
     try:
         tf.train.Checkpoint(model=model).restore(path).expect_partial().assert_existing_objects_matched()
     except (tf.errors.OpError, AssertionError, ValueError) as e:
@@ -187,11 +321,15 @@ def load_model_for_inference(run_dir: str, allow_cudnn: bool = True):
 
 
 def generate(run_dir: str, prime: str, length: int, temperature: float, top_k: int, top_p: float,
-             seed: int, num_samples: int, stream=None, model_dir: str | None = None) -> list[str]:
-    """``dist-rnn generate``: samples from the latest checkpoint, streaming to ``stream``.
+             seed: int, num_samples: int, stream=None, model_dir: str | None = None,
+             checkpoint: str | None = None, overrides: list[str] = ()) -> list[str]:
+    """``dist-rnn generate``: samples from a checkpoint of a run, streaming to ``stream``.
 
     With ``model_dir`` (instead of ``run_dir``) it samples from a folder written
     by ``dist-rnn export``, loaded as a SavedModel without the model code.
+    ``checkpoint`` (``latest`` when None, ``best`` or a path) and
+    ``overrides`` (of :data:`~dist_rnn.config.DATA_LOCATION_KEYS`; generate
+    reads no data, so they are only checked) apply to ``run_dir``.
 
     Returns:
         The generated continuations (prime excluded).
@@ -203,13 +341,15 @@ def generate(run_dir: str, prime: str, length: int, temperature: float, top_k: i
     check_sampling_args(temperature, top_k, top_p, length, num_samples)
     if (run_dir is None) == (model_dir is None):
         raise UserError("generate needs exactly one of --run-dir (a training run) and --model (an export)")
+    if model_dir is not None and (checkpoint is not None or overrides):
+        raise UserError("generate: --checkpoint and --set apply to --run-dir, not to --model (an export holds one model)")
     if model_dir is not None:
         from dist_rnn.export import ExportedModel
 
         exported = ExportedModel(model_dir)
         sampler, vocab = exported.sampler(), exported.vocab
     else:
-        model, vocab, _, _ = load_model_for_inference(run_dir)
+        model, vocab, _, _ = load_model_for_inference(run_dir, checkpoint or "latest", overrides)
         sampler = Sampler(model_step_fn(model), vocab)
 
     def warn(message: str) -> None:
@@ -230,8 +370,13 @@ def generate(run_dir: str, prime: str, length: int, temperature: float, top_k: i
     return texts
 
 
-def export(run_dir: str, out_dir: str) -> dict:
-    """``dist-rnn export``: writes a run's latest checkpoint as a SavedModel, a ``.keras`` file and the vocabulary.
+def export(run_dir: str, out_dir: str, checkpoint: str = "latest") -> dict:
+    """``dist-rnn export``: writes a checkpoint of a run as a SavedModel, a ``.keras`` file and the vocabulary.
+
+    Args:
+        run_dir: The training run.
+        out_dir: Destination folder.
+        checkpoint: ``latest``, ``best`` or a checkpoint path.
 
     Returns:
         The export description (``export.json``) and its path.
@@ -239,7 +384,7 @@ def export(run_dir: str, out_dir: str) -> dict:
     import_tensorflow()
     from dist_rnn.export import export_run
 
-    return export_run(run_dir, out_dir)
+    return export_run(run_dir, out_dir, checkpoint)
 
 
 def _streamer(stream, level: str, prime: str):

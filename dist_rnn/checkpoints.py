@@ -4,8 +4,14 @@ A checkpoint holds the model and optimizer variables, the loss scale, the
 step, the epoch, the position in the epoch, the carried recurrent state of
 every row of the global batch (gathered from the replicas in row order, so a
 run can resume on another replica count) and a fingerprint of the
-model-defining config and the vocabulary. Dropout needs no random-generator
-state: its masks are a pure function of (seed, step, replica).
+resume-invariant config keys and the vocabulary. Dropout needs no
+random-generator state: its masks are a pure function of (seed, step, replica).
+The loss scale exists only under ``mixed_float16``: a checkpoint saved in
+another precision has none, and a run resumed in ``mixed_float16`` from it
+starts a fresh loss scale.
+
+The best checkpoint (``RUN_DIR/best``) holds the same, as of the evaluation
+that made it the best.
 
 Saving is atomic as TensorFlow does it: data and index files are written
 first and the ``checkpoint`` state file, which names the newest complete
@@ -22,15 +28,112 @@ from pathlib import Path
 
 import tensorflow as tf
 
+from dist_rnn.config import RESUME_INVARIANT_KEYS, Config, _flatten
 from dist_rnn.errors import UserError
 
 log = logging.getLogger("dist_rnn")
 
+# Checkpointed objects a checkpoint may lack: the loss scale exists only under
+# mixed_float16, so a checkpoint saved in another precision has none.
+OPTIONAL_OBJECTS = ("loss_scale",)
+_FINGERPRINT_KEY = "training_state/fingerprint/.ATTRIBUTES/VARIABLE_VALUE"
 
-def fingerprint(model_defining: dict, vocab_tokens: list[str]) -> str:
-    """SHA-256 of the model-defining config values and the vocabulary."""
-    payload = json.dumps({"config": model_defining, "vocab": vocab_tokens}, sort_keys=True, ensure_ascii=False)
+
+def fingerprint(resume_invariant: dict, vocab_tokens: list[str]) -> str:
+    """SHA-256 of the resume-invariant config values and the vocabulary."""
+    payload = json.dumps({"config": resume_invariant, "vocab": vocab_tokens}, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def run_fingerprint(config: Config, vocab_tokens: list[str]) -> str:
+    """The :func:`fingerprint` of a run: its :data:`~dist_rnn.config.RESUME_INVARIANT_KEYS` and vocabulary."""
+    flat = _flatten(config.to_dict())
+    return fingerprint({k: flat[k] for k in RESUME_INVARIANT_KEYS}, vocab_tokens)
+
+
+def accepted_fingerprints(config: Config, vocab_tokens: list[str]) -> tuple[str, str]:
+    """The run's fingerprint, and the one of checkpoints written before data moves were allowed.
+
+    Those fingerprints also covered ``data.path`` and ``data.train_file``: a
+    checkpoint carrying one is accepted while the data stays where it was,
+    and carries the current fingerprint from its next save on.
+    """
+    flat = _flatten(config.to_dict())
+    legacy = {k: flat[k] for k in RESUME_INVARIANT_KEYS + ("data.path", "data.train_file")}
+    return run_fingerprint(config, vocab_tokens), fingerprint(legacy, vocab_tokens)
+
+
+def read_best_record(best_directory: Path) -> dict | None:
+    """``{"step", "loss", "perplexity", "checkpoint"}`` from ``best_directory/best.json``, or None."""
+    try:
+        return json.loads((Path(best_directory) / "best.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def find_checkpoint(run_path: Path, choice: str) -> str:
+    """Resolves ``--checkpoint best|latest|PATH`` of a run to a checkpoint path prefix.
+
+    Args:
+        run_path: The run directory.
+        choice: ``latest`` (newest rolling checkpoint in ``RUN_DIR/checkpoints``),
+            ``best`` (``RUN_DIR/best``, the lowest validation loss so far) or a
+            checkpoint path prefix (``.../ckpt-20``) or a folder of checkpoints
+            (its newest).
+
+    Returns:
+        The path prefix of an existing checkpoint.
+
+    Raises:
+        UserError: If there is no such checkpoint.
+    """
+    run_path = Path(run_path)
+    if choice == "latest":
+        path = tf.train.latest_checkpoint(str(run_path / "checkpoints"))
+        if path is None:
+            raise UserError(f"{run_path / 'checkpoints'} holds no checkpoint")
+        return path
+    if choice == "best":
+        record = read_best_record(run_path / "best")
+        if record is None or "checkpoint" not in record:
+            raise UserError(f"--checkpoint best: {run_path} has no best checkpoint yet ({run_path / 'best' / 'best.json'} "
+                            f"is written at the first evaluation on a non-empty validation split)")
+        path = run_path / "best" / record["checkpoint"]
+        if not Path(f"{path}.index").is_file():
+            raise UserError(f"--checkpoint best: {run_path / 'best' / 'best.json'} names {path}, which is missing")
+        return str(path)
+    given = Path(choice).expanduser()
+    if Path(f"{given}.index").is_file():
+        return str(given)
+    if given.is_dir():
+        path = tf.train.latest_checkpoint(str(given))
+        if path is not None:
+            return path
+    raise UserError(f"--checkpoint {choice}: no checkpoint there (give best, latest, a checkpoint path such as "
+                    f"{run_path / 'checkpoints' / 'ckpt-20'}, or a folder of checkpoints)")
+
+
+def check_fingerprint(path: str, expected: str | tuple[str, ...]) -> None:
+    """Refuses a checkpoint whose saved fingerprint is not ``expected`` (or one of them).
+
+    Raises:
+        UserError: If the checkpoint was written by a run with other
+            resume-invariant keys or another vocabulary.
+    """
+    try:
+        found = tf.train.load_checkpoint(path).get_tensor(_FINGERPRINT_KEY)
+    except (tf.errors.OpError, ValueError):
+        return  # no fingerprint saved: nothing to compare
+    _compare_fingerprints(path, found.decode() if isinstance(found, bytes) else str(found), expected)
+
+
+def _compare_fingerprints(path: str, found: str, expected: str | tuple[str, ...]) -> None:
+    accepted = (expected,) if isinstance(expected, str) else tuple(expected)
+    expected = accepted[0]
+    if found and found not in accepted:
+        raise UserError(f"checkpoint {path} was written by another run: its model, vocabulary or resume-invariant "
+                        f"keys ({', '.join(RESUME_INVARIANT_KEYS)}) differ "
+                        f"(fingerprint {found[:12]}... != {expected[:12]}...)")
 
 
 class TrainingState(tf.Module):
@@ -64,6 +167,7 @@ class Checkpointer:
     def __init__(self, directory: Path, keep: int, best_directory: Path | None = None, **objects):
         self.directory = Path(directory)
         self.best_directory = Path(best_directory) if best_directory else None
+        self.objects = objects
         self.checkpoint = tf.train.Checkpoint(**objects)
         self.manager = tf.train.CheckpointManager(self.checkpoint, str(self.directory), max_to_keep=keep)
         self._best_manager = None
@@ -79,15 +183,15 @@ class Checkpointer:
 
     def best_record(self) -> dict | None:
         """``{"step", "loss", "perplexity", "checkpoint"}`` of the best checkpoint, or None."""
-        if self.best_directory is None or not (self.best_directory / "best.json").is_file():
-            return None
-        try:
-            return json.loads((self.best_directory / "best.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
+        return None if self.best_directory is None else read_best_record(self.best_directory)
 
     def save_best(self, step: int, record: dict) -> str:
-        """Replaces the best checkpoint with the current state and records its metrics."""
+        """Replaces the best checkpoint with the current objects and records its metrics.
+
+        The caller sets the training state (step, epoch, position, carried
+        state) to the moment of the evaluation first, so the best checkpoint
+        is whole.
+        """
         if self._best_manager is None:
             self._best_manager = tf.train.CheckpointManager(self.checkpoint, str(self.best_directory), max_to_keep=1)
         path = self._best_manager.save(checkpoint_number=step)
@@ -96,14 +200,59 @@ class Checkpointer:
         tmp.replace(self.best_directory / "best.json")
         return path
 
-    def restore_latest(self, fallback: bool = False, expected_fingerprint: str | None = None,
+    def restore(self, path: str, expected_fingerprint: str | tuple[str, ...] | None = None,
+                state: TrainingState | None = None) -> str:
+        """Restores one checkpoint.
+
+        A checkpoint without a loss scale (saved in another precision) leaves
+        the loss scale as built: it starts fresh.
+
+        Args:
+            path: The checkpoint path prefix.
+            expected_fingerprint: Refuse a checkpoint of another run: the
+                run's fingerprint, or a tuple of accepted ones (the first is
+                the current one, kept in ``state`` after the restore).
+            state: The TrainingState whose fingerprint is checked.
+
+        Returns:
+            ``path``.
+
+        Raises:
+            UserError: If the checkpoint is unreadable (naming its files) or
+                was written by another run (its fingerprint differs).
+        """
+        try:
+            saved = {name.split("/", 1)[0] for name, _ in tf.train.list_variables(path)}
+            absent = [name for name in OPTIONAL_OBJECTS if name in self.objects and name not in saved]
+            unused = [name for name in OPTIONAL_OBJECTS if name in saved and name not in self.objects]
+            checkpoint = self.checkpoint
+            if absent:
+                checkpoint = tf.train.Checkpoint(**{k: v for k, v in self.objects.items() if k not in absent})
+            status = checkpoint.restore(path)
+            if unused:  # e.g. a mixed_float16 loss scale resumed in float32: not needed, no warning
+                status.expect_partial()
+            status.assert_existing_objects_matched()
+        except (tf.errors.OpError, ValueError, AssertionError, IndexError, KeyError) as e:
+            # A truncated file surfaces as IndexError ("Read less bytes
+            # than requested") from the checkpoint reader.
+            raise _Unreadable(path, _first_line(e)) from None
+        if "loss_scale" in absent:
+            log.info(f"checkpoint {path} has no loss scale (saved in another train.precision): "
+                     "the loss scale starts fresh at train.loss_scale.initial")
+        if expected_fingerprint is not None and state is not None:
+            _compare_fingerprints(path, state.fingerprint.numpy().decode(), expected_fingerprint)
+            current = expected_fingerprint if isinstance(expected_fingerprint, str) else expected_fingerprint[0]
+            state.fingerprint.assign(current)
+        return path
+
+    def restore_latest(self, fallback: bool = False, expected_fingerprint: str | tuple[str, ...] | None = None,
                        state: TrainingState | None = None) -> str | None:
         """Restores the newest checkpoint that loads, if any.
 
         Args:
             fallback: If the newest checkpoint is corrupt, try older ones
                 instead of failing.
-            expected_fingerprint: Refuse a checkpoint of another model.
+            expected_fingerprint: Refuse a checkpoint of another run.
             state: The TrainingState whose fingerprint is checked.
 
         Returns:
@@ -111,31 +260,30 @@ class Checkpointer:
 
         Raises:
             UserError: If a checkpoint is unreadable (naming the file; with
-                the hint to set ``checkpoint.fallback``) or was written by a
-                different model or vocabulary.
+                the hint to set ``checkpoint.fallback``) or was written by
+                another run.
         """
         candidates = list(reversed(self.manager.checkpoints))
         for i, path in enumerate(candidates):
             try:
-                self.checkpoint.restore(path).assert_existing_objects_matched()
-            except (tf.errors.OpError, ValueError, AssertionError, IndexError, KeyError) as e:
-                # A truncated file surfaces as IndexError ("Read less bytes
-                # than requested") from the checkpoint reader.
-                reason = _first_line(e)
+                return self.restore(path, expected_fingerprint, state)
+            except _Unreadable as e:
                 older = candidates[i + 1:]
                 if fallback and older:
-                    log.warning(f"warning: checkpoint {_files_of(path)} is unreadable ({reason}); "
+                    log.warning(f"warning: checkpoint {_files_of(path)} is unreadable ({e.reason}); "
                                 f"falling back to {older[0]}")
                     continue
                 hint = " (set --set checkpoint.fallback=true to resume from the previous one)" if older else ""
-                raise UserError(f"checkpoint {_files_of(path)} is unreadable: {reason}{hint}") from None
-            if expected_fingerprint is not None and state is not None:
-                found = state.fingerprint.numpy().decode()
-                if found and found != expected_fingerprint:
-                    raise UserError(f"checkpoint {path} was written by a different model or vocabulary "
-                                    f"(fingerprint {found[:12]}... != {expected_fingerprint[:12]}...)")
-            return path
+                raise UserError(f"{e}{hint}") from None
         return None
+
+
+class _Unreadable(UserError):
+    """A checkpoint that cannot be read; ``reason`` is the first line of the cause."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"checkpoint {_files_of(path)} is unreadable: {reason}")
+        self.reason = reason
 
 
 def _files_of(prefix: str) -> str:

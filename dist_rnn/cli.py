@@ -31,15 +31,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config key, value parsed as YAML (repeatable)")
     t.add_argument("--run-dir", help="run directory (default runs/<last config name>); an existing run resumes")
 
-    e = sub.add_parser("eval", parents=[common], help="evaluate the latest checkpoint of a run")
+    checkpoint_help = ("which checkpoint of the run: latest (default, the newest in RUN_DIR/checkpoints), best "
+                       "(RUN_DIR/best, lowest validation loss) or a checkpoint path such as RUN_DIR/checkpoints/ckpt-20")
+    data_set_help = ("where the run's data is read from now, if it moved: data.path, data.train_file, "
+                     "data.valid_file, data.test_file or data.cache_dir (repeatable; the text must be the run's)")
+
+    e = sub.add_parser("eval", parents=[common], help="evaluate a checkpoint of a run (the latest by default)")
     e.add_argument("--run-dir", required=True)
     e.add_argument("--split", choices=["valid", "test"], default="valid")
+    e.add_argument("--checkpoint", default="latest", metavar="best|latest|PATH", help=checkpoint_help)
+    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=data_set_help)
 
-    g = sub.add_parser("generate", parents=[common],
-                       help="sample text from the latest checkpoint of a run, or from an export")
+    g = sub.add_parser("generate", parents=[common], help="sample text from a checkpoint of a run, or from an export")
     source = g.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run-dir", help="training run: samples from its latest checkpoint")
+    source.add_argument("--run-dir", help="training run: samples from its latest checkpoint (see --checkpoint)")
     source.add_argument("--model", metavar="EXPORTED_DIR", help="folder written by 'dist-rnn export'")
+    g.add_argument("--checkpoint", metavar="best|latest|PATH", help=checkpoint_help + " (with --run-dir)")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help=data_set_help + "; generate reads no data, so they are only checked")
     g.add_argument("--prime", default="", help="text that warms up the state")
     g.add_argument("--length", type=int, default=200, help="tokens to generate")
     g.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 is greedy")
@@ -49,8 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
 
     x = sub.add_parser("export", parents=[common],
-                       help="export a run's latest checkpoint as a SavedModel and a .keras file")
+                       help="export a checkpoint of a run (the latest by default) as a SavedModel "
+                            "and a .keras file")
     x.add_argument("--run-dir", required=True)
+    x.add_argument("--checkpoint", default="latest", metavar="best|latest|PATH", help=checkpoint_help)
     x.add_argument("--out", required=True, metavar="DIR",
                    help="new or empty folder, or a previous export (replaced)")
 
@@ -75,12 +86,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             app.train(args.configs, args.overrides, args.run_dir)
         elif args.command == "eval":
-            app.print_json_line(app.evaluate(args.run_dir, args.split))
+            app.print_json_line(app.evaluate(args.run_dir, args.split, args.checkpoint, args.overrides))
         elif args.command == "generate":
             app.generate(args.run_dir, args.prime, args.length, args.temperature, args.top_k, args.top_p,
-                         args.seed, args.num_samples, model_dir=args.model)
+                         args.seed, args.num_samples, model_dir=args.model, checkpoint=args.checkpoint,
+                         overrides=args.overrides)
         elif args.command == "export":
-            app.print_json_line(app.export(args.run_dir, args.out))
+            app.print_json_line(app.export(args.run_dir, args.out, args.checkpoint))
         elif args.command == "report":
             from dist_rnn import report
 

@@ -37,11 +37,13 @@ class DataConfig:
             ``ptb`` or ``text8`` (downloaded once into ``cache_dir`` unless
             ``path`` points at a local copy).
         path: A file or list of files (``file``, ``tinyshakespeare``, ``text8``)
-            or a folder with ``ptb.{train,valid,test}.txt`` (``ptb``).
+            or a folder with ``ptb.{train,valid,test}.txt`` (``ptb``); refused
+            with ``stdlib`` and together with ``train_file``. A resumed run may
+            read its data from another path if the text is the same.
         train_file: Explicit training file; with ``valid_file``/``test_file``
-            replaces the fractional split.
-        valid_file: Explicit validation file.
-        test_file: Explicit test file.
+            replaces the corpus and its fractional split.
+        valid_file: Explicit validation file (needs ``train_file``).
+        test_file: Explicit test file (needs ``train_file``).
         split: Train/valid/test fractions of the token stream when the corpus
             is one stream (``stdlib``, ``file``, ``tinyshakespeare``, ``text8``).
         level: ``char`` or ``word`` tokens. Word level splits on whitespace and
@@ -324,18 +326,31 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-# Keys that define the model's shape, its vocabulary, the optimizer's state or
-# the meaning of the saved data position and carried state: a resumed run must
-# not change them. Everything else (schedule, logging, cadence, backend and
-# replica count) may change.
-MODEL_DEFINING_KEYS = (
+# Keys a resume may not change: they define the model's shape, its vocabulary,
+# the optimizer's state or the meaning of the saved data position and carried
+# state. Where the data is read from (``data.path``, ``data.train_file``, ...)
+# is not among them: a resume compares the data's text instead (see
+# ``dist_rnn.app.check_same_data``). Everything else (schedule, logging,
+# cadence, backend, replica count and precision) may change; the
+# EPOCH_INVARIANT_KEYS only at an epoch boundary.
+RESUME_INVARIANT_KEYS = (
     "optimizer.name",
-    "data.corpus", "data.path", "data.train_file", "data.split", "data.level",
+    "data.corpus", "data.split", "data.level",
     "data.max_chars", "data.max_vocab",
     "model.cell", "model.num_layers", "model.hidden_size",
     "model.embedding_size", "model.tie_embeddings",
     "train.batch_size", "train.num_steps",
 )
+
+# Keys a resume may change only at an epoch boundary: with
+# ``data.random_offset`` they decide where the current epoch's windows start,
+# so a change in the middle of an epoch would shift the windows under the
+# carried state.
+EPOCH_INVARIANT_KEYS = ("train.seed", "data.random_offset")
+
+# Keys that say where the data is read from: ``eval`` and ``generate`` may
+# override them (``--set data.path=...``) for a run whose data moved.
+DATA_LOCATION_KEYS = ("data.path", "data.train_file", "data.valid_file", "data.test_file", "data.cache_dir")
 
 
 # --------------------------------------------------------------------------
@@ -615,6 +630,16 @@ def validate(config: Config) -> None:
     _require(d.corpus != "file" or d.path is not None or d.train_file is not None, "data.path",
              "corpus 'file' needs data.path (or data.train_file/valid_file/test_file)")
     _require(d.corpus != "ptb" or d.level == "word", "data.level", "the ptb corpus is word level")
+    # Keys that would be silently ignored are refused.
+    _require(d.path is None or d.corpus != "stdlib", "data.path",
+             "data.corpus 'stdlib' reads no file; set data.corpus (file, tinyshakespeare, ptb or text8) "
+             "to read data.path")
+    _require(d.path is None or d.train_file is None, "data.path",
+             "data.path and data.train_file are both set; data.train_file (with valid_file/test_file) "
+             "replaces data.path: set one of them")
+    for key, value in (("data.valid_file", d.valid_file), ("data.test_file", d.test_file)):
+        _require(value is None or d.train_file is not None, key,
+                 f"{key} needs data.train_file (without it the splits come from data.corpus and {key} is unused)")
     _require(m.num_layers >= 1, "model.num_layers", f"must be at least 1, got {m.num_layers}")
     _require(m.hidden_size >= 1, "model.hidden_size", f"must be positive, got {m.hidden_size}")
     _require(m.embedding_size >= 1, "model.embedding_size", f"must be positive, got {m.embedding_size}")
@@ -695,14 +720,11 @@ def check_divisible(config: Config, num_replicas: int) -> None:
              f"evaluation batch {eval_batch} does not divide by the {num_replicas} replicas")
 
 
-def model_defining_differences(old: Config, new: Config) -> list[str]:
-    """Lists ``key: old -> new`` for keys that change the model or vocabulary."""
-    diffs = []
+def resume_invariant_differences(old: Config, new: Config) -> list[str]:
+    """Lists ``key: old -> new`` for the :data:`RESUME_INVARIANT_KEYS` that differ."""
     old_d, new_d = _flatten(old.to_dict()), _flatten(new.to_dict())
-    for key in MODEL_DEFINING_KEYS:
-        if old_d.get(key) != new_d.get(key):
-            diffs.append(f"{key}: {old_d.get(key)!r} -> {new_d.get(key)!r}")
-    return diffs
+    return [f"{key}: {old_d.get(key)!r} -> {new_d.get(key)!r}" for key in RESUME_INVARIANT_KEYS
+            if old_d.get(key) != new_d.get(key)]
 
 
 def changed_keys(old: Config, new: Config) -> list[str]:

@@ -68,6 +68,15 @@ class Splits:
     valid: str
     test: str
 
+    def sha256(self) -> str:
+        """SHA-256 of the three texts: the data's identity wherever its files are."""
+        h = hashlib.sha256()
+        for text in (self.train, self.valid, self.test):
+            data = text.encode("utf-8")
+            h.update(len(data).to_bytes(8, "little"))  # split boundaries count, not only the bytes
+            h.update(data)
+        return h.hexdigest()
+
 
 def cache_dir(config: DataConfig) -> Path:
     """Returns the download cache folder for corpora."""
@@ -123,7 +132,7 @@ def stdlib_text(max_chars: int | None) -> str:
         raise UserError(f"data.corpus 'stdlib': no Python sources found in {root}")
     parts, total = [], 0
     for f in files:
-        text = f.read_text(encoding="utf-8", errors="replace")
+        text = f.read_text(encoding="utf-8-sig", errors="replace")
         parts.append(text)
         total += len(text)
         if max_chars is not None and total >= max_chars:
@@ -144,11 +153,12 @@ def _cap(text: str, max_chars: int | None) -> str:
 
 
 def _read_text(path: str, key: str) -> str:
+    """Reads a UTF-8 file; a leading byte-order mark is dropped (it is no text)."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise UserError(f"{key}: file not found: {path}")
     try:
-        return p.read_text(encoding="utf-8")
+        return p.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise UserError(f"{key}: {path} is not UTF-8 text (byte {e.start})") from None
     except OSError as e:

@@ -21,12 +21,16 @@ class EncodedCorpus:
         train: Training split ids.
         valid: Validation split ids (may be empty).
         test: Test split ids (may be empty).
+        data_sha256: SHA-256 of the three splits' text (see
+            :meth:`~dist_rnn.corpora.Splits.sha256`), to recognize the same
+            data at another path.
     """
 
     vocab: Vocabulary
     train: np.ndarray
     valid: np.ndarray
     test: np.ndarray
+    data_sha256: str = ""
 
     def split(self, name: str) -> np.ndarray:
         """Returns the ids of ``train``, ``valid`` or ``test``."""
@@ -55,4 +59,4 @@ def encode_corpus(config: DataConfig, vocab: Vocabulary | None = None) -> Encode
         vocab = Vocabulary.build(train_tokens, config.level, config.max_vocab)
     return EncodedCorpus(vocab, vocab.encode(train_tokens),
                          vocab.encode(tokenize(splits.valid, config.level)),
-                         vocab.encode(tokenize(splits.test, config.level)))
+                         vocab.encode(tokenize(splits.test, config.level)), splits.sha256())

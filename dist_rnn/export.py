@@ -102,8 +102,8 @@ def _checkpoint_step(path: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path) -> dict:
-    """Exports the latest checkpoint of a run (float32) as a SavedModel and a ``.keras`` file.
+def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "latest") -> dict:
+    """Exports a checkpoint of a run (float32) as a SavedModel and a ``.keras`` file.
 
     Everything is written to a staging folder beside ``out_dir`` first and
     moved in at the end, so a failed export leaves ``out_dir`` as it was.
@@ -112,6 +112,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> dict:
         run_dir: The training run.
         out_dir: Destination folder: new, empty or a previous export (whose
             export entries are replaced; other files in it are kept).
+        checkpoint: ``latest`` (default), ``best`` or a checkpoint path (see
+            :func:`dist_rnn.checkpoints.find_checkpoint`).
 
     Returns:
         The contents of ``export.json`` plus ``"path"``.
@@ -129,7 +131,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> dict:
     _check_out_dir(out)
     from dist_rnn.model import kernel_report
 
-    model, vocab, config, checkpoint = load_model_for_inference(str(run_dir), allow_cudnn=False)
+    model, vocab, config, checkpoint = load_model_for_inference(str(run_dir), checkpoint, command="export",
+                                                                allow_cudnn=False)
     kernels = kernel_report(config.model, bool(tf.config.list_logical_devices("GPU")), export=True)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

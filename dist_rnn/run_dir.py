@@ -14,7 +14,8 @@ import yaml
 class RunDirectory:
     """Paths inside a run directory.
 
-    Layout: ``config.yaml`` (resolved config), ``vocab.json``, ``kernels.txt``,
+    Layout: ``config.yaml`` (resolved config), ``vocab.json``, ``data.json``
+    (SHA-256 of the training data's text), ``kernels.txt``,
     ``metrics.jsonl``, ``train.log``, ``checkpoints/``, and TensorBoard event
     folders ``train/``, ``valid/``, ``test/``.
 
@@ -27,6 +28,7 @@ class RunDirectory:
 
     config_file = property(lambda self: self.path / "config.yaml")
     vocab_file = property(lambda self: self.path / "vocab.json")
+    data_file = property(lambda self: self.path / "data.json")
     kernels_file = property(lambda self: self.path / "kernels.txt")
     metrics_file = property(lambda self: self.path / "metrics.jsonl")
     log_file = property(lambda self: self.path / "train.log")

@@ -18,8 +18,8 @@ import numpy as np
 import tensorflow as tf
 
 from dist_rnn.batching import EvalBatcher, StreamBatcher
-from dist_rnn.checkpoints import Checkpointer, TrainingState, fingerprint
-from dist_rnn.config import MODEL_DEFINING_KEYS, Config, _flatten
+from dist_rnn.checkpoints import Checkpointer, TrainingState, accepted_fingerprints, run_fingerprint
+from dist_rnn.config import Config
 from dist_rnn.dataset import EncodedCorpus
 from dist_rnn.distribution import Backend
 from dist_rnn.errors import UserError
@@ -145,8 +145,7 @@ class Trainer:
             self.optimizer = build_optimizer(config.optimizer)
             self.optimizer.build(self.model.trainable_variables)
             self.loss_scale = DynamicLossScale(t.loss_scale) if t.precision == "mixed_float16" else None
-        flat = _flatten(config.to_dict())
-        self.fingerprint = fingerprint({k: flat[k] for k in MODEL_DEFINING_KEYS}, corpus.vocab.tokens)
+        self.fingerprint = run_fingerprint(config, corpus.vocab.tokens)
         self.state = TrainingState([(t.batch_size, config.model.hidden_size)] * self.model.num_state_tensors,
                                    self.fingerprint)
         self.steps = StepFunctions(self.model, self.optimizer, backend, t.batch_size, t.num_steps,
@@ -163,7 +162,8 @@ class Trainer:
 
     def restore(self) -> str | None:
         """Restores the newest checkpoint, if any; returns its path."""
-        path = self.checkpointer.restore_latest(self.config.checkpoint.fallback, self.fingerprint, self.state)
+        path = self.checkpointer.restore_latest(self.config.checkpoint.fallback,
+                                                accepted_fingerprints(self.config, self.corpus.vocab.tokens), self.state)
         self.backend.after_optimizer_built(self.model.variables + self.optimizer.variables)
         return path
 
@@ -288,7 +288,7 @@ class Trainer:
                         finished = True
                         break
                     if t.eval_every and step % t.eval_every == 0 and not last:
-                        self._evaluate_and_log(step)
+                        self._evaluate_and_log(step, epoch, index, states)
                         last_time = time.perf_counter()
                     if c.checkpoint.every_steps and step % c.checkpoint.every_steps == 0 and not last:
                         self._mean_loss(pending, step)
@@ -308,7 +308,7 @@ class Trainer:
         if self.stopped_by:
             log.info(f"stopped by {self.stopped_by} after step {step}; checkpoint {path or '(written by the chief)'}")
             return {"step": step, "epoch": epoch, "valid": None, "stopped_by": self.stopped_by}
-        valid = self._evaluate_and_log(step)
+        valid = self._evaluate_and_log(step, epoch, index, states)
         test = None
         if "test" in self.eval_batches:
             test = self.evaluate("test")
@@ -366,13 +366,17 @@ class Trainer:
             f"training loss became {loss} at step {step}; the last good checkpoint is "
             f"{self.checkpointer.latest or 'none'} (lower optimizer.learning_rate or set optimizer.clip_norm)")
 
-    def save(self, step: int, epoch: int, index: int, states) -> str | None:
-        """Saves a checkpoint of the current position and carried state (chief writes)."""
+    def _set_state(self, step: int, epoch: int, index: int, states) -> None:
+        """Puts the position and the carried state (gathered: a collective, every worker calls it) in ``self.state``."""
         self.state.step.assign(step)
         self.state.epoch.assign(epoch)
         self.state.batch_in_epoch.assign(index)
         for var, value in zip(self.state.carried, self.backend.gather(states)):
             var.assign(value)
+
+    def save(self, step: int, epoch: int, index: int, states) -> str | None:
+        """Saves a checkpoint of the current position and carried state (chief writes)."""
+        self._set_state(step, epoch, index, states)
         if not self.backend.is_chief:
             return None
         path = self.checkpointer.save(step)
@@ -381,20 +385,34 @@ class Trainer:
 
     # ------------------------------------------------------------- evaluation
 
-    def _evaluate_and_log(self, step: int) -> EvalResult | None:
+    def _evaluate_and_log(self, step: int, epoch: int, index: int, states) -> EvalResult | None:
         if "valid" not in self.eval_batches:
             return None
         result = self.evaluate("valid")
         self.metrics.evaluation(step, "valid", {"loss": result.loss, "tokens": result.tokens})
-        best = self.checkpointer.best_record()
-        if self.backend.is_chief and (best is None or result.loss < best["loss"]):
-            self.state.step.assign(step)
-            path = self.checkpointer.save_best(step, {"loss": result.loss, "perplexity": perplexity(result.loss)})
-            log.info(f"new best validation perplexity {perplexity(result.loss):.3f}: {path}")
+        self.save_best(step, epoch, index, states, result)
         if self.config.train.sample_length and self.backend.is_chief:
             text = self.sample(self.config.train.sample_prime, self.config.train.sample_length, seed=0)
             self.metrics.text("valid", "sample", text, step)
         return result
+
+    def save_best(self, step: int, epoch: int, index: int, states, result: EvalResult) -> str | None:
+        """Saves ``RUN_DIR/best`` if ``result`` beats the best validation loss so far (chief writes).
+
+        The best checkpoint is whole: the weights, optimizer, step, epoch,
+        position and carried state of the moment ``result`` was evaluated.
+
+        Returns:
+            The saved path prefix, or None.
+        """
+        self._set_state(step, epoch, index, states)
+        best = self.checkpointer.best_record()
+        better = math.isfinite(result.loss) and (best is None or result.loss < best["loss"])
+        if not (self.backend.is_chief and better):
+            return None
+        path = self.checkpointer.save_best(step, {"loss": result.loss, "perplexity": perplexity(result.loss)})
+        log.info(f"new best validation perplexity {perplexity(result.loss):.3f}: {path}")
+        return path
 
     def evaluate(self, split: str) -> EvalResult:
         """Evaluates a whole split with the state carried across batches.

@@ -113,6 +113,21 @@ def test_file_corpus_with_missing_file(tmp_path, capsys):
     assert not run_dir.exists()
 
 
+@pytest.mark.parametrize("data, keys", [
+    ("{path: DATA}", ["data.path", "data.corpus 'stdlib'"]),  # the default corpus reads no file
+    ("{corpus: file, path: DATA, valid_file: DATA}", ["data.valid_file", "data.train_file"]),
+    ("{corpus: file, path: DATA, test_file: DATA}", ["data.test_file", "data.train_file"]),
+    ("{corpus: file, path: DATA, train_file: DATA}", ["data.path", "data.train_file"]),
+])
+def test_data_keys_that_would_be_ignored_are_refused(tiny, tmp_path, capsys, data, keys):
+    run_dir = tmp_path / "run"
+    line = assert_one_line_error(*run_cli(["train", "--run-dir", run_dir, "--set",
+                                           "data=" + data.replace("DATA", str(tiny["data"])),
+                                           *sum((["--set", s] for s in TINY_SETTINGS), [])], capsys))
+    assert line.startswith(f"error: config key '{keys[0]}'") and keys[1] in line and "(from --set)" in line
+    assert not run_dir.exists()
+
+
 def test_corpus_too_small_for_batch(tiny, tmp_path, capsys):
     run_dir = tmp_path / "run"
     line = assert_one_line_error(*run_cli(["train", tiny["cfg"], "--run-dir", run_dir,

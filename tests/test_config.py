@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dist_rnn.config import (Config, config_from_dict, load_config, model_defining_differences,
+from dist_rnn.config import (Config, config_from_dict, load_config, resume_invariant_differences,
                              parse_override, save_config)
 from dist_rnn.errors import UserError
 
@@ -308,17 +308,17 @@ def test_saved_config_reloads_equal(tmp_path):
     save_config(config, path)
     reloaded = config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")))
     assert reloaded == config
-    assert model_defining_differences(config, reloaded) == []
+    assert resume_invariant_differences(config, reloaded) == []
     assert load_config([str(path)]) == config
     assert reloaded.optimizer.epsilon == pytest.approx(1e-8)
     assert reloaded.train.loss_scale.max_scale == 2.0 ** 24
     assert reloaded.train.sample_prime == "ROMEO: "
 
 
-def test_model_defining_differences():
+def test_resume_invariant_differences():
     old = load_config([], ["model.hidden_size=16"])
     new = load_config([], ["model.hidden_size=32", "optimizer.learning_rate=0.1"])
-    assert model_defining_differences(old, new) == ["model.hidden_size: 16 -> 32"]
+    assert resume_invariant_differences(old, new) == ["model.hidden_size: 16 -> 32"]
 
 
 # ---------------------------------------------------------------- shipped configs

@@ -268,6 +268,40 @@ def test_file_corpus_not_utf8(tmp_path):
         load_splits(DataConfig(corpus="file", path=str(tmp_path / "bin.txt")))
 
 
+def test_byte_order_mark_is_not_a_token(tmp_path):
+    (tmp_path / "plain.txt").write_text("hello there\n", encoding="utf-8")
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + "hello there\n".encode("utf-8"))
+    (tmp_path / "bom2.txt").write_bytes(b"\xef\xbb\xbf" + "more\n".encode("utf-8"))
+    split = [1.0, 0.0, 0.0]
+    plain = encode_corpus(DataConfig(corpus="file", path=str(tmp_path / "plain.txt"), split=split))
+    bom = encode_corpus(DataConfig(corpus="file", path=str(tmp_path / "bom.txt"), split=split))
+    assert "\ufeff" not in bom.vocab.tokens
+    assert bom.vocab == plain.vocab and bom.data_sha256 == plain.data_sha256
+    assert bom.train.tolist() == plain.train.tolist()
+    # Every file of a list loses its own mark, and so do explicit split files.
+    both = load_splits(DataConfig(corpus="file", path=[str(tmp_path / "bom.txt"), str(tmp_path / "bom2.txt")],
+                                  split=split))
+    assert both.train == "hello there\nmore\n"
+    files = load_splits(load_config([], ["data.corpus=file", f"data.train_file={tmp_path / 'bom.txt'}",
+                                         f"data.valid_file={tmp_path / 'bom2.txt'}"]).data)
+    assert (files.train, files.valid) == ("hello there\n", "more\n")
+    word = encode_corpus(DataConfig(corpus="file", path=str(tmp_path / "bom.txt"), split=split, level="word"))
+    assert word.vocab.tokens[1:] == sorted(["hello", "there", EOS])
+
+
+def test_same_text_has_the_same_checksum_wherever_it_is(tmp_path):
+    (tmp_path / "a.txt").write_text("abcdef" * 100, encoding="utf-8")
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "moved" / "b.txt").write_text("abcdef" * 100, encoding="utf-8")
+    (tmp_path / "c.txt").write_text("abcdeF" * 100, encoding="utf-8")
+    sums = [encode_corpus(DataConfig(corpus="file", path=str(tmp_path / name))).data_sha256
+            for name in ("a.txt", "moved/b.txt", "c.txt")]
+    assert sums[0] == sums[1] != sums[2]
+    # The split boundaries are part of the identity, not only the concatenated text.
+    other_split = encode_corpus(DataConfig(corpus="file", path=str(tmp_path / "a.txt"), split=[0.8, 0.1, 0.1]))
+    assert other_split.data_sha256 != sums[0]
+
+
 def make_ptb_folder(folder: Path) -> Path:
     folder.mkdir()
     (folder / "ptb.train.txt").write_text(" the cat sat \n the dog <unk> \n", encoding="utf-8")
