@@ -16,38 +16,10 @@ import time
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-import tensorflow as tf
 
 from conftest import REPO
-
-ARGS = [
-    "--set", "model={cell: lstm, num_layers: 2, hidden_size: 32, embedding_size: 16, dropout: 0.0}",
-    "--set", "optimizer={name: adam, learning_rate: 0.01, clip_norm: 0.1, schedule: "
-             "{name: exponential, decay_rate: 0.5, decay_steps: 5, staircase: false}}",
-    "--set", "train={batch_size: 8, num_steps: 20, max_steps: 24, max_epochs: null, log_every: 4, sample_length: 0}",
-    "--set", "checkpoint.every_steps=0", "--set", "logging.progress=off",
-]
-
-
-def train(run_dir, data, *extra):
-    cmd = [sys.executable, "-m", "dist_rnn", "train", "--run-dir", str(run_dir),
-           "--set", f"data={{corpus: file, path: {data}, split: [0.8, 0.2, 0.0]}}", *ARGS, *extra]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
-def variables(run_dir) -> dict[str, np.ndarray]:
-    reader = tf.train.load_checkpoint(str(run_dir / "checkpoints"))
-    return {name: np.asarray(reader.get_tensor(name))
-            for name, _ in tf.train.list_variables(str(run_dir / "checkpoints"))
-            if name.endswith("VARIABLE_VALUE")}
-
-
-def metrics(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+from equivalence import ARGS, TOLERANCE, assert_same_run, data_args, metrics, run_errors, train
 
 
 @pytest.fixture(scope="module")
@@ -57,38 +29,51 @@ def single_device_run(shakespeare_slice, tmp_path_factory):
     return run_dir
 
 
-def assert_same_run(reference, other):
-    ref_vars, other_vars = variables(reference), variables(other)
-    assert ref_vars.keys() == other_vars.keys()
-    compared = 0
-    for name, ref in ref_vars.items():
-        if ref.dtype.kind != "f":
-            np.testing.assert_array_equal(ref, other_vars[name], err_msg=name)
-            continue
-        # float32 sums in a different order (per-replica partial sums, then the
-        # all-reduce) differ by ~1e-7 relative per step; Adam's normalization
-        # amplifies that to ~3e-6 relative after 24 steps (measured), so 1e-5
-        # relative leaves margin while any real error (a gradient summed twice,
-        # clipped per replica, a row on the wrong replica) is off by >1e-2.
-        np.testing.assert_allclose(other_vars[name], ref, rtol=1e-5, atol=1e-6, err_msg=name)
-        compared += 1
-    assert compared > 20
-    ref_m, other_m = metrics(reference), metrics(other)
-    ref_valid = [m for m in ref_m if m["split"] == "valid"][-1]
-    other_valid = [m for m in other_m if m["split"] == "valid"][-1]
-    assert other_valid["perplexity"] == pytest.approx(ref_valid["perplexity"], rel=1e-5)
-    ref_train = [m["grad_norm"] for m in ref_m if m["split"] == "train"]
-    other_train = [m["grad_norm"] for m in other_m if m["split"] == "train"]
-    assert min(ref_train) > 0.1  # clipping was active at every logged step
-    np.testing.assert_allclose(other_train, ref_train, rtol=1e-4)
-
-
 def test_mirrored_two_logical_cpus_matches_single_device(single_device_run, shakespeare_slice, tmp_path):
     run_dir = tmp_path / "mirrored"
     proc = train(run_dir, shakespeare_slice, "--set", "distribute={backend: mirrored, cpu_devices: 2}")
     assert "mirrored: 2 replica(s)" in proc.stdout
     assert "4 rows per replica" in proc.stdout
     assert_same_run(single_device_run, run_dir)
+
+
+def test_mirrored_under_another_instruction_set_matches_single_device(single_device_run, shakespeare_slice,
+                                                                    tmp_path):
+    # oneDNN limited to AVX2 picks other kernels (other summation orders): the
+    # arithmetic of another CPU, crossed with the replicas' reduction order.
+    # Guards the tolerances against being tuned to one machine's instruction set.
+    run_dir = tmp_path / "mirrored_avx2"
+    train(run_dir, shakespeare_slice, "--set", "distribute={backend: mirrored, cpu_devices: 2}",
+          env={"ONEDNN_MAX_CPU_ISA": "AVX2"})
+    assert_same_run(single_device_run, run_dir)
+
+
+# Run as `python -c PLANT_PER_REPLICA_CLIP train ...`: dist-rnn with one planted
+# distributed error, each replica's gradient clipped before the all-reduce (what
+# a Keras optimizer's clipnorm would do under a strategy).
+PLANT_PER_REPLICA_CLIP = """
+import sys
+from dist_rnn import distribution, gradients
+reduce = distribution.MirroredBackend.all_reduce_sum
+def clip_then_reduce(self, grads):
+    return reduce(self, gradients.clip_by_global_norm(grads, 0.1, gradients.global_norm(grads)))
+distribution.MirroredBackend.all_reduce_sum = clip_then_reduce
+from dist_rnn.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_planted_per_replica_clipping_fails_the_equivalence(single_device_run, shakespeare_slice, tmp_path):
+    run_dir = tmp_path / "planted"
+    cmd = [sys.executable, "-c", PLANT_PER_REPLICA_CLIP, "train", "--run-dir", str(run_dir),
+           *data_args(shakespeare_slice), *ARGS, "--set", "distribute={backend: mirrored, cpu_devices: 2}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    errors = run_errors(single_device_run, run_dir)
+    # Orders of magnitude outside the tolerance, so the equivalence tests catch it.
+    assert errors["weights"] > 100 * TOLERANCE["weights"], errors
+    with pytest.raises(AssertionError):
+        assert_same_run(single_device_run, run_dir)
 
 
 def test_mirrored_rejects_batch_not_divisible_by_replicas(shakespeare_slice, tmp_path):

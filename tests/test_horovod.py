@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from test_distributed import ARGS, assert_same_run, metrics, single_device_run  # noqa: F401 (a fixture)
+from equivalence import ARGS, assert_same_run, data_args, metrics
+from test_distributed import single_device_run  # noqa: F401 (a fixture)
 
 try:
     import horovod.tensorflow  # noqa: F401
@@ -36,10 +37,6 @@ def launch_env(**extra) -> dict:
     env = {**os.environ, "PYTHON": sys.executable, "TF_CPP_MIN_LOG_LEVEL": "3", **extra}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
-
-
-def data_args(data) -> list[str]:
-    return ["--set", f"data={{corpus: file, path: {data}, split: [0.8, 0.2, 0.0]}}"]
 
 
 def test_horovod_two_ranks_match_single_device(single_device_run, shakespeare_slice, tmp_path):

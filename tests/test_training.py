@@ -116,14 +116,17 @@ def test_float16_overflow_skips_step_and_lowers_loss_scale(shakespeare_slice, tm
         set_precision("float32")
 
 
-@pytest.mark.parametrize("precision,tolerance", [("mixed_bfloat16", 0.08), ("mixed_float16", 0.03)])
-def test_mixed_precision_tracks_float32_loss_curve(shakespeare_slice, tmp_path, precision, tolerance):
-    # 50 steps; bfloat16 keeps 8 mantissa bits (relative rounding 2^-8 = 0.4%
-    # per op), float16 keeps 11 (0.05%): after 50 Adam steps the curves drift
-    # apart by more than the rounding, so the bounds are on the loss itself.
+def mixed_precision_curve_errors(data, run_dir, precision: str) -> dict:
+    """Trains 50 steps in float32 and in ``precision`` from the same weights; how far the loss curves drift.
+
+    Returns:
+        ``final``: relative difference of the mean loss of the last 10 steps;
+        ``max_step``: largest difference of one step's loss (nats per token);
+        ``learned``: how much float32's loss fell (first 5 vs last 10 steps).
+    """
     def curve(precision):
-        config = tiny_config(shakespeare_slice, train={"precision": precision, "max_steps": 50})
-        trainer = make_trainer(config, tmp_path / precision)
+        config = tiny_config(data, train={"precision": precision, "max_steps": 50})
+        trainer = make_trainer(config, run_dir / precision)
         states = trainer.model.initial_state(8)
         losses = []
         for step in range(50):
@@ -136,9 +139,29 @@ def test_mixed_precision_tracks_float32_loss_curve(shakespeare_slice, tmp_path, 
         reference, mixed = curve("float32"), curve(precision)
     finally:
         set_precision("float32")
-    assert reference[-10:].mean() < reference[:5].mean() - 0.5  # it learned
-    np.testing.assert_allclose(mixed[-10:].mean(), reference[-10:].mean(), rtol=tolerance)
-    assert np.abs(mixed - reference).max() < 4 * tolerance * reference.max()
+    return {"final": abs(mixed[-10:].mean() - reference[-10:].mean()) / reference[-10:].mean(),
+            "max_step": float(np.abs(mixed - reference).max()),
+            "learned": reference[:5].mean() - reference[-10:].mean()}
+
+
+# Worst drift measured with tests/equivalence.py --mixed on the development
+# machine: oneDNN default and oneDNN off, on this code and on the code before
+# per-weight initializers (ONEDNN_MAX_CPU_ISA=AVX2 or AVX512_CORE crash
+# TensorFlow's mixed-precision ops there, signal 11). bfloat16 keeps 8
+# significand bits, float16 11. The bounds are 3x, since 50 Adam steps amplify
+# rounding differences chaotically (the old bound, 4 x tolerance x max loss,
+# allowed 1.3 nats per step in bfloat16 and 0.5 in float16).
+MIXED_CURVE_MEASURED = {"mixed_bfloat16": {"final": 9.6e-4, "max_step": 0.030},
+                        "mixed_float16": {"final": 6.5e-4, "max_step": 8.4e-3}}
+MIXED_CURVE_MARGIN = 3.0
+
+
+@pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_tracks_float32_loss_curve(shakespeare_slice, tmp_path, precision):
+    errors = mixed_precision_curve_errors(shakespeare_slice, tmp_path, precision)
+    assert errors["learned"] > 0.5, errors
+    for key, measured in MIXED_CURVE_MEASURED[precision].items():
+        assert errors[key] <= MIXED_CURVE_MARGIN * measured, (key, errors)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "ln_lstm", "ln_gru", "rnn"])
