@@ -358,10 +358,11 @@ def work_minimal(spec: dict, workdir: Path) -> None:
     n_states = 2 if spec["cell"] in ("lstm", "ln_lstm") else 1
     if spec["system"] == "floor":
         from dist_rnn.config import ModelConfig
-        from dist_rnn.model import build_model
+        from dist_rnn.model import build_model, cudnn_excluded_by
 
         model = build_model(ModelConfig(cell=spec["cell"], num_layers=spec["layers"], hidden_size=spec["hidden"],
-                                        embedding_size=spec["embedding"]), spec["vocab"], 0)
+                                        embedding_size=spec["embedding"]), spec["vocab"], 0,
+                            allow_cudnn=not cudnn_excluded_by(spec["jit"], spec["precision"]))
 
         def forward(x, states):
             return model(x, states, training=True)

@@ -28,19 +28,20 @@ CELLS = ("lstm", "gru", "ln_lstm", "ln_gru", "rnn")
 PLAIN = {"ln_lstm": "lstm", "ln_gru": "gru"}
 
 
-def build_layer(cell: str, units: int):
-    """One layer exactly as dist-rnn's model builds it for ``cell`` (defaults, no dropout)."""
+def build_layer(cell: str, units: int, xla: bool = False):
+    """One layer exactly as dist-rnn's model builds it for ``cell`` (defaults, no dropout; off cuDNN under XLA)."""
     from dist_rnn.config import ModelConfig
-    from dist_rnn.model import recurrent_layer
+    from dist_rnn.model import cudnn_excluded_by, recurrent_layer
 
-    return recurrent_layer(ModelConfig(cell=cell, num_layers=1, hidden_size=units, embedding_size=units), 0)
+    return recurrent_layer(ModelConfig(cell=cell, num_layers=1, hidden_size=units, embedding_size=units), 0,
+                           allow_cudnn=not cudnn_excluded_by(jit_compile=xla))
 
 
 def make_calls(cell: str, units: int, batch: int, bptt: int, xla: bool):
     """``(forward, forward_backward)``: zero-argument callables that run the layer once and block."""
     import tensorflow as tf
 
-    layer = build_layer(cell, units)
+    layer = build_layer(cell, units, xla)
     rng = tf.random.Generator.from_seed(0)
     x = rng.normal([batch, bptt, units])
     n_states = 2 if cell in ("lstm", "ln_lstm") else 1
