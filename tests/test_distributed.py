@@ -83,6 +83,7 @@ def assert_same_run(reference, other):
     np.testing.assert_allclose(other_train, ref_train, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_mirrored_two_logical_cpus_matches_single_device(single_device_run, shakespeare_slice, tmp_path):
     run_dir = tmp_path / "mirrored"
     proc = train(run_dir, shakespeare_slice, "--set", "distribute={backend: mirrored, cpu_devices: 2}")
@@ -119,6 +120,7 @@ def free_ports(n: int) -> str:
     return ports
 
 
+@pytest.mark.slow
 def test_multiworker_two_local_processes_match_single_device(single_device_run, shakespeare_slice, tmp_path):
     run_dir = tmp_path / "multiworker"
     cmd = [str(REPO / "launch" / "multiworker.sh"), "-n", "2", "--", "--run-dir", str(run_dir),
@@ -135,6 +137,7 @@ def test_multiworker_two_local_processes_match_single_device(single_device_run, 
     assert len(metrics(run_dir)) == len(metrics(single_device_run))
 
 
+@pytest.mark.slow
 def test_multiworker_survivor_fails_fast_when_a_worker_is_killed(shakespeare_slice, tmp_path):
     ports = free_ports(2)
     base = [sys.executable, "-u", "-m", "dist_rnn", "train", "--run-dir", str(tmp_path / "run"),

@@ -116,6 +116,7 @@ def test_float16_overflow_skips_step_and_lowers_loss_scale(shakespeare_slice, tm
         set_precision("float32")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision,tolerance", [("mixed_bfloat16", 0.08), ("mixed_float16", 0.03)])
 def test_mixed_precision_tracks_float32_loss_curve(shakespeare_slice, tmp_path, precision, tolerance):
     # 50 steps; bfloat16 keeps 8 mantissa bits (relative rounding 2^-8 = 0.4%
@@ -141,6 +142,7 @@ def test_mixed_precision_tracks_float32_loss_curve(shakespeare_slice, tmp_path, 
     assert np.abs(mixed - reference).max() < 4 * tolerance * reference.max()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cell", ["lstm", "gru", "ln_lstm", "ln_gru", "rnn"])
 def test_every_cell_lowers_validation_perplexity_on_real_text(cell, shakespeare_slice, tmp_path):
     config = tiny_config(shakespeare_slice, model={"cell": cell, "num_layers": 2, "hidden_size": 48,
