@@ -35,7 +35,11 @@ def test_two_replica_mirrored_step_matches_one_device(shakespeare_slice):
 
 
 def _replica_values(variable) -> list[np.ndarray]:
-    return [np.asarray(v) for v in getattr(variable, "values", (variable,))]
+    """Every replica's copy of a (Keras or tf) variable."""
+    import keras
+
+    inner = variable.value if isinstance(variable, keras.Variable) else variable
+    return [np.asarray(v) for v in getattr(inner, "values", (inner,))]
 
 
 def _trainer(config, backend, run_dir):
