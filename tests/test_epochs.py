@@ -9,6 +9,9 @@ loop feeds it.
 
 from __future__ import annotations
 
+import os
+import signal
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -32,30 +35,36 @@ def tiny_corpus(shakespeare_slice, tmp_path_factory):
 
 def epoch_config(data, **train):
     return tiny_config(data, model={"dropout": 0.3},
-                       data={"random_offset": True},
+                       data={"random_offset": True}, checkpoint={"every_steps": 2, "keep": 2},
                        train={"max_steps": None, "max_epochs": EPOCHS, "log_every": 1, "eval_batch_size": 2, **train})
 
 
-def run(config, run_dir, record=None) -> Trainer:
-    """Trains (resuming from run_dir's checkpoint if any); ``record`` collects each step's inputs and states."""
+def run(config, run_dir, record=None, interrupt_at=None) -> Trainer:
+    """Trains (resuming from run_dir's checkpoint if any).
+
+    ``record`` collects each step's inputs and states; ``interrupt_at``
+    sends this process SIGINT during that (1-based) step of this session.
+    """
     tf.keras.utils.set_random_seed(config.train.seed)
     set_precision("float32")
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(config, RunDirectory(run_dir), Backend(), encode_corpus(config.data))
     trainer.restore()
-    if record is not None:
-        step = trainer.steps.train_step
+    record = [] if record is None else record
+    step = trainer.steps.train_step
 
-        def recording(inputs, targets, states, seed):
-            out = step(inputs, targets, states, seed)
-            record.append({"inputs": np.asarray(inputs), "targets": np.asarray(targets),
-                           "states": [np.asarray(s) for s in states], "new_states": [np.asarray(s) for s in out[1]]})
-            return out
+    def recording(inputs, targets, states, seed):
+        out = step(inputs, targets, states, seed)
+        if len(record) + 1 == interrupt_at:
+            os.kill(os.getpid(), signal.SIGINT)
+        record.append({"inputs": np.asarray(inputs), "targets": np.asarray(targets),
+                       "states": [np.asarray(s) for s in states], "new_states": [np.asarray(s) for s in out[1]]})
+        return out
 
-        trainer.steps.train_step = recording
+    trainer.steps.train_step = recording
     metrics = MetricsLogger(run_dir, True, tensorboard=False, progress="off")
     try:
-        trainer.train(metrics)
+        trainer.result = trainer.train(metrics)
     finally:
         metrics.close()
     return trainer
@@ -113,10 +122,20 @@ def test_evaluation_carries_state_and_counts_the_scored_tokens(uninterrupted):
     assert abs(carried - reset) / carried > 1e-4  # the carried state changes the numbers
 
 
-@pytest.mark.parametrize("stop_at", [4, 11], ids=["at-epoch-boundary", "before-last-batch"])
+def test_checkpoint_keep_holds_the_newest_checkpoints(uninterrupted):
+    folder = uninterrupted[2] / "checkpoints"
+    assert sorted(p.name for p in folder.glob("ckpt-*.index")) == ["ckpt-10.index", "ckpt-12.index"]
+
+
+@pytest.mark.parametrize("stop_at", [4, 11], ids=["at-epoch-boundary", "sigint-before-last-batch"])
 def test_resume_across_epochs_is_bitwise_identical(uninterrupted, tiny_corpus, tmp_path, stop_at):
     run_dir = tmp_path / "resumed"
-    stopped = run(epoch_config(tiny_corpus, max_steps=stop_at), run_dir)
+    if stop_at == 4:  # the end of epoch 1 by max_steps
+        stopped = run(epoch_config(tiny_corpus, max_steps=stop_at), run_dir)
+    else:  # SIGINT during step 11: the step finishes, is saved, training stops
+        stopped = run(epoch_config(tiny_corpus), run_dir, interrupt_at=stop_at)
+        assert stopped.result["stopped_by"] == "SIGINT"
+    assert int(stopped.state.step) == stop_at
     expected_position = (2, 0) if stop_at == 4 else (3, 3)  # step 4 ends epoch 1: saved as the start of epoch 2
     assert (int(stopped.state.epoch), int(stopped.state.batch_in_epoch)) == expected_position
     calls: list[dict] = []
