@@ -27,6 +27,7 @@ def _load_module():
     return module
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_quick_run_writes_jsonl_markdown_and_png(tmp_path):
     out = tmp_path / "bench"
