@@ -33,8 +33,8 @@ def tiny_corpus(shakespeare_slice, tmp_path_factory):
     return path
 
 
-def epoch_config(data, **train):
-    return tiny_config(data, model={"dropout": 0.3},
+def epoch_config(data, dropout=0.3, **train):
+    return tiny_config(data, model={"dropout": dropout},
                        data={"random_offset": True}, checkpoint={"every_steps": 2, "keep": 2},
                        train={"max_steps": None, "max_epochs": EPOCHS, "log_every": 1, "eval_batch_size": 2, **train})
 
@@ -147,16 +147,21 @@ def test_resume_across_epochs_is_bitwise_identical(uninterrupted, tiny_corpus, t
         assert np.array_equal(reference[name], resumed[name]), name
 
 
-def test_jit_compile_in_the_loop_matches_the_plain_step(uninterrupted, tiny_corpus, tmp_path):
-    calls: list[dict] = []
-    trainer = run(epoch_config(tiny_corpus, max_steps=6, jit_compile=True), tmp_path / "xla", calls)
-    assert trainer.steps._forward_backward._jit_compile is True  # the step really is XLA-compiled
-    assert len(calls) == 6  # across the first epoch boundary
-    # XLA fuses and reorders float32 arithmetic: ~1e-6 relative per step.
-    for xla, plain in zip(calls, uninterrupted[1]):
-        assert xla["loss"] == pytest.approx(plain["loss"], rel=1e-4)
+def test_jit_compile_in_the_loop_matches_the_plain_step(tiny_corpus, tmp_path):
+    # Dropout off: XLA draws other dropout masks from the same stateless seed
+    # (measured: loss 616.08 vs 616.02 at the first step with dropout 0.3).
+    runs = {}
+    for jit in (False, True):
+        calls: list[dict] = []
+        trainer = run(epoch_config(tiny_corpus, dropout=0.0, max_steps=6, jit_compile=jit), tmp_path / str(jit), calls)
+        assert trainer.steps._forward_backward._jit_compile is jit  # the step really is (not) XLA-compiled
+        assert len(calls) == 6  # across the first epoch boundary
+        runs[jit] = calls
+    # XLA fuses and reorders float32 arithmetic: ~1e-7 relative per step (measured 2e-7 on the states).
+    for xla, plain in zip(runs[True], runs[False]):
+        assert xla["loss"] == pytest.approx(plain["loss"], rel=1e-5)
         for a, b in zip(xla["new_states"], plain["new_states"]):
-            np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def saved(run_dir) -> dict[str, np.ndarray]:

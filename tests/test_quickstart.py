@@ -28,17 +28,18 @@ def test_quickstart_config_trains_in_bfloat16_then_evaluates_and_generates(tmp_p
     code, out, err = run_cli(["train", REPO / "configs" / "quickstart.yaml", "--run-dir", run_dir,
                               "--set", "data.max_chars=300000", "--set", "train.precision=mixed_bfloat16",
                               "--set", "train={max_steps: 4, log_every: 2, sample_length: 20}",
+                              "--set", "optimizer.schedule.warmup_steps=2",
                               "--set", "logging={progress: off, tensorboard: false}"], capsys)
     assert code == 0, err[-3000:]
     assert "stdlib: train 270,000" in out and "2 x lstm 128" in out and "precision       mixed_bfloat16" in out
-    assert "sample:\ndef " in out
+    assert "\nsample:\n" in out  # the quickstart ends by printing a generated sample
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train_losses = [r["loss"] for r in records if r["split"] == "train"]
     valid = [r for r in records if r["split"] == "valid"][-1]
     assert len(train_losses) == 2 and all(math.isfinite(x) for x in train_losses)
     vocab_size = len(json.loads((run_dir / "vocab.json").read_text())["tokens"])
-    assert vocab_size == 128
-    # Four steps from a uniform start: the loss is near log(128) = 4.85, and below it.
+    assert 60 < vocab_size <= 128  # data.max_vocab 128; 270,000 characters of stdlib source hold fewer
+    # Four steps from a uniform start: the loss is near log(vocab size), and below it.
     assert 3.0 < valid["loss"] < math.log(vocab_size) + 0.1
 
     code, out, err = run_cli(["eval", "--run-dir", run_dir], capsys)

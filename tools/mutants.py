@@ -89,7 +89,7 @@ CATALOGUE: tuple[Mutant, ...] = (
            "dist_rnn/trainer.py",
            "            var.assign(value)",
            "            var.assign(tf.zeros_like(value))",
-           ("tests/test_epochs.py::test_resume_across_epochs_is_bitwise_identical",)),
+           ("tests/test_epochs.py::test_resume_across_epochs_is_bitwise_identical[sigint-before-last-batch]",)),
     # ---- gradient path
     Mutant("optimizer-sums-again", "Keras' optimizer all-reduces the already reduced gradient again",
            "dist_rnn/optimizers.py",
