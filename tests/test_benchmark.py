@@ -27,6 +27,7 @@ def _load_module():
     return module
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_quick_run_writes_jsonl_markdown_and_png(tmp_path):
     out = tmp_path / "bench"
@@ -110,6 +111,7 @@ def test_interleave_all_puts_every_cell_of_a_precision_in_one_group():
     assert all(len(g) == 2 for g in by_cell.values())
 
 
+@pytest.mark.slow
 def test_layer_benchmark_times_each_cell_and_relates_ln_cells_to_plain_ones():
     spec = importlib.util.spec_from_file_location("dist_rnn_layer_benchmark", REPO / "tools" / "layer_benchmark.py")
     layer_bench = importlib.util.module_from_spec(spec)

@@ -18,6 +18,8 @@ import tensorflow as tf
 from conftest import REPO
 from equivalence import assert_close_variables
 
+pytestmark = pytest.mark.slow  # subprocess trainings
+
 MODEL = "model={cell: lstm, num_layers: 2, hidden_size: 32, embedding_size: 16, dropout: 0.3}"
 OPTIMIZER = ("optimizer={name: adam, learning_rate: 0.01, clip_norm: 1.0, schedule: "
              "{name: exponential, decay_rate: 0.5, decay_steps: 10, staircase: false}}")

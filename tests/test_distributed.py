@@ -29,6 +29,7 @@ def single_device_run(shakespeare_slice, tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_mirrored_two_logical_cpus_matches_single_device(single_device_run, shakespeare_slice, tmp_path):
     run_dir = tmp_path / "mirrored"
     proc = train(run_dir, shakespeare_slice, "--set", "distribute={backend: mirrored, cpu_devices: 2}")
@@ -37,6 +38,7 @@ def test_mirrored_two_logical_cpus_matches_single_device(single_device_run, shak
     assert_same_run(single_device_run, run_dir)
 
 
+@pytest.mark.slow
 def test_mirrored_under_another_instruction_set_matches_single_device(single_device_run, shakespeare_slice,
                                                                     tmp_path):
     # oneDNN limited to AVX2 picks other kernels (other summation orders): the
@@ -63,6 +65,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_planted_per_replica_clipping_fails_the_equivalence(single_device_run, shakespeare_slice, tmp_path):
     run_dir = tmp_path / "planted"
     cmd = [sys.executable, "-c", PLANT_PER_REPLICA_CLIP, "train", "--run-dir", str(run_dir),
@@ -104,6 +107,7 @@ def free_ports(n: int) -> str:
     return ports
 
 
+@pytest.mark.slow
 def test_multiworker_two_local_processes_match_single_device(single_device_run, shakespeare_slice, tmp_path):
     run_dir = tmp_path / "multiworker"
     cmd = [str(REPO / "launch" / "multiworker.sh"), "-n", "2", "--", "--run-dir", str(run_dir),
@@ -120,6 +124,7 @@ def test_multiworker_two_local_processes_match_single_device(single_device_run, 
     assert len(metrics(run_dir)) == len(metrics(single_device_run))
 
 
+@pytest.mark.slow
 def test_multiworker_survivor_fails_fast_when_a_worker_is_killed(shakespeare_slice, tmp_path):
     ports = free_ports(2)
     base = [sys.executable, "-u", "-m", "dist_rnn", "train", "--run-dir", str(tmp_path / "run"),

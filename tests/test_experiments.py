@@ -99,6 +99,7 @@ def ptb_folder(tmp_path: Path, lines: int | None = None) -> Path:
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_ptb_small_trains_evaluates_and_tests_end_to_end(tmp_path, capsys):
     folder = ptb_folder(tmp_path)
@@ -124,6 +125,7 @@ def test_ptb_small_trains_evaluates_and_tests_end_to_end(tmp_path, capsys):
     assert result["perplexity"] == pytest.approx(test[0]["perplexity"], rel=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("name", ["ptb_medium", "ptb_large"])
 def test_ptb_medium_and_large_build_and_train_at_full_size(name, tmp_path, capsys):
@@ -165,6 +167,7 @@ def test_text8_config_is_the_udacity_setup():
     assert rates == pytest.approx({0: 10.0, 4999: 10.0, 5000: 1.0, 7000: 1.0})
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_text8_pipeline_end_to_end_on_a_stand_in(tmp_path, capsys):
     data = text8_stand_in(tmp_path / "text8", 400_000)

@@ -156,6 +156,7 @@ MIXED_CURVE_MEASURED = {"mixed_bfloat16": {"final": 9.6e-4, "max_step": 0.030},
 MIXED_CURVE_MARGIN = 3.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
 def test_mixed_precision_tracks_float32_loss_curve(shakespeare_slice, tmp_path, precision):
     errors = mixed_precision_curve_errors(shakespeare_slice, tmp_path, precision)
@@ -164,6 +165,7 @@ def test_mixed_precision_tracks_float32_loss_curve(shakespeare_slice, tmp_path, 
         assert errors[key] <= MIXED_CURVE_MARGIN * measured, (key, errors)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cell", ["lstm", "gru", "ln_lstm", "ln_gru", "rnn"])
 def test_every_cell_lowers_validation_perplexity_on_real_text(cell, shakespeare_slice, tmp_path):
     config = tiny_config(shakespeare_slice, model={"cell": cell, "num_layers": 2, "hidden_size": 48,
