@@ -110,15 +110,16 @@ def test_evaluation_carries_state_and_counts_the_scored_tokens(uninterrupted):
     carried = reset = 0.0
     tokens = 0
     states = trainer.model.initial_state(batches.batch_size)
-    for inputs, targets in batches.dataset(epoch=1):
-        loss, states = trainer.steps.eval_step(inputs, targets, states)
+    for inputs, targets, weights in batches.dataset():
+        loss, states = trainer.steps.eval_step(inputs, targets, weights, states)
         carried += float(loss)
-        reset += float(trainer.steps.eval_step(inputs, targets, trainer.model.initial_state(batches.batch_size))[0])
-        tokens += int(np.size(targets))
+        zero = trainer.model.initial_state(batches.batch_size)
+        reset += float(trainer.steps.eval_step(inputs, targets, weights, zero)[0])
+        tokens += int(np.sum(weights))
     result = trainer.evaluate("valid")
     assert result.tokens == tokens
     assert result.loss == pytest.approx(carried / tokens, rel=1e-6)
-    assert tokens == 4 * 2 * 20
+    assert tokens == len(trainer.corpus.valid) - 1  # every token but the first
     assert abs(carried - reset) / carried > 1e-4  # the carried state changes the numbers
 
 

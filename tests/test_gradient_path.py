@@ -18,11 +18,10 @@ def test_optimizers_apply_given_gradients_without_resumming_or_clipping(name):
     # Under a 2-replica MirroredStrategy Keras would sum the (already reduced)
     # gradient again; dist-rnn turns that hook into the identity. If a Keras
     # upgrade renames the hook, build_optimizer raises instead of silently
-    # doubling gradients.
+    # doubling gradients. What the patch does to a real update under two
+    # replicas is tested in test_fast_mirrored.py.
     assert hasattr(keras.optimizers.Optimizer, "_all_reduce_sum_gradients")
     optimizer = build_optimizer(OptimizerConfig(name=name))
-    grads_and_vars = [(tf.constant([1.0, 2.0]), tf.Variable([0.0, 0.0]))]
-    assert optimizer._all_reduce_sum_gradients(grads_and_vars) == grads_and_vars
     assert optimizer.clipnorm is None and optimizer.global_clipnorm is None
 
 

@@ -13,21 +13,6 @@ from dist_rnn.trainer import set_precision
 TOKENS = tf.constant(np.random.default_rng(0).integers(0, 40, size=(3, 7)), tf.int32)
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_weights_load_into_generic_kernel_build_with_same_outputs(cell, tmp_path):
-    auto = build_model(ModelConfig(cell=cell, num_layers=2, hidden_size=24, embedding_size=8), 40, seed=1)
-    path = tf.train.Checkpoint(model=auto).save(str(tmp_path / "ckpt"))
-    off = build_model(ModelConfig(cell=cell, num_layers=2, hidden_size=24, embedding_size=8, cudnn="off"), 40, seed=2)
-    assert not np.allclose(off.recurrent_layers[0].get_weights()[0], auto.recurrent_layers[0].get_weights()[0])
-    tf.train.Checkpoint(model=off).restore(path).assert_existing_objects_matched()
-    assert [layer.use_cudnn for layer in off.recurrent_layers] == [False, False]
-    logits_a, states_a = auto(TOKENS)
-    logits_o, states_o = off(TOKENS)
-    np.testing.assert_allclose(logits_o.numpy(), logits_a.numpy(), atol=1e-6)
-    for a, o in zip(states_a, states_o):
-        np.testing.assert_allclose(o.numpy(), a.numpy(), atol=1e-6)
-
-
 def test_state_threading_equals_one_long_call():
     model = build_model(ModelConfig(cell="lstm", num_layers=2, hidden_size=16, embedding_size=8), 40, seed=0)
     full_logits, full_states = model(TOKENS)

@@ -120,8 +120,8 @@ CATALOGUE: tuple[Mutant, ...] = (
            ("tests/test_epochs.py::test_state_is_zero_at_each_epoch_start_and_carried_within",)),
     Mutant("eval-state-not-carried", "evaluation restarts every window from a zero state",
            "dist_rnn/trainer.py",
-           "loss_sum, states = self.steps.eval_step(*self.backend.shard((inputs, targets)), states)",
-           "loss_sum, _ = self.steps.eval_step(*self.backend.shard((inputs, targets)), states)",
+           "loss_sum, states = self.steps.eval_step(*self.backend.shard((inputs, targets, weights)), states)",
+           "loss_sum, _ = self.steps.eval_step(*self.backend.shard((inputs, targets, weights)), states)",
            ("tests/test_epochs.py::test_evaluation_carries_state_and_counts_the_scored_tokens",)),
     # ---- checkpoint contents
     Mutant("loss-scale-not-saved", "the float16 loss scale is left out of the checkpoint",
@@ -130,11 +130,11 @@ CATALOGUE: tuple[Mutant, ...] = (
            "            pass",
            ("tests/test_gradient_numbers.py::test_float16_stop_and_resume_is_bitwise_identical_and_restores_the_scale",)),
     # ---- evaluation token counting
-    Mutant("eval-counts-inputs-plus-one", "evaluation divides by num_steps + 1 tokens per row and window",
+    Mutant("eval-scores-one-past-row-end", "evaluation also scores the position after each row's last target",
            "dist_rnn/batching.py",
-           "return self.batches_in_epoch(epoch) * self.num_steps * self.batch_size",
-           "return self.batches_in_epoch(epoch) * (self.num_steps + 1) * self.batch_size",
-           ("tests/test_epochs.py::test_evaluation_carries_state_and_counts_the_scored_tokens",)),
+           "self.weights = (column[:-1] < lengths[:, None]).astype(np.float32)",
+           "self.weights = (column[:-1] <= lengths[:, None]).astype(np.float32)",
+           ("tests/test_evaluation.py::test_evaluation_scores_every_valid_token_once_and_equals_per_row_oracle",)),
     # ---- sampling
     Mutant("sampling-state-not-threaded", "generation restarts the state at every new token",
            "dist_rnn/generation.py",
