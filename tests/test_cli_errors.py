@@ -240,8 +240,8 @@ def test_eval_prints_json_last_line(tiny, capsys):
     assert abs(result["loss"] - math.log(vocab_size)) < 0.2
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]), rel=1e-12)
     assert result["bpc"] == pytest.approx(result["loss"] / math.log(2), rel=1e-12)
-    # valid = 5% of 20,000 chars = 1000 tokens: 4 rows of 250, (250 - 1) // 16 = 15 windows of 16.
-    assert result["tokens"] == 15 * 16 * 4
+    # valid = 5% of 20,000 chars = 1000 tokens: every one but the first is scored.
+    assert result["tokens"] == 999
     # The same checkpoint evaluates to the same number again.
     code, out2, _ = run_cli(["eval", "--run-dir", tiny["run"]], capsys)
     assert json.loads(out2.strip().splitlines()[-1])["loss"] == pytest.approx(result["loss"], rel=1e-9)
@@ -252,7 +252,7 @@ def test_eval_test_split(tiny, capsys):
     assert code == 0, err
     result = json.loads(out.strip().splitlines()[-1])
     assert result["split"] == "test"
-    assert result["tokens"] == 15 * 16 * 4
+    assert result["tokens"] == 999
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]), rel=1e-12)
 
 

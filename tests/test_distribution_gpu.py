@@ -105,7 +105,9 @@ def test_multiworker_survivor_fails_when_a_worker_hangs(shakespeare_slice, tmp_p
                 p.kill()
                 p.wait()
     assert returncode == 1, stderr[-2000:]
-    assert 10 <= elapsed < 90, elapsed  # the 10 s heartbeat timeout, then the abort and exit
+    # The 10 s heartbeat timeout counts from the hung worker's last heartbeat,
+    # which may precede the SIGSTOP by up to a heartbeat interval; then the abort.
+    assert 5 <= elapsed < 90, elapsed
     assert "Traceback" not in stderr
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("error: a collective operation failed") and "heartbeat" in last, last

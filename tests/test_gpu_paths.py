@@ -26,6 +26,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import assert_one_line_error, run_cli, tiny_config
+from dist_rnn.batching import StreamBatcher
 from dist_rnn.dataset import encode_corpus
 from dist_rnn.distribution import Backend
 from dist_rnn.model import build_model
@@ -173,7 +174,8 @@ def test_projection_matmul_runs_in_bfloat16_with_float32_logits(shakespeare_slic
     states = trainer.model.initial_state(config.train.batch_size)
     for step, (inputs, targets) in zip(range(150), trainer.train_batches.dataset(1)):
         _, states, _, _ = trainer.steps.train_step(inputs, targets, states, tf.constant([0, step], tf.int64))
-    valid = list(zip(range(30), trainer.eval_batches["valid"].dataset(1)))
+    windows = StreamBatcher(trainer.corpus.valid, config.train.batch_size, config.train.num_steps, "valid")
+    valid = list(zip(range(30), windows.dataset(1)))
     valid = [batch for _, batch in valid]
     loss_f32 = mean_loss(trainer.model, valid)
 

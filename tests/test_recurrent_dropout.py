@@ -19,6 +19,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO
+from equivalence import assert_close_variables
 from dist_rnn import cells
 from dist_rnn.config import ModelConfig
 from dist_rnn.errors import UserError
@@ -53,9 +54,11 @@ def test_mask_of_a_row_does_not_depend_on_the_replica_layout(cell):
     seed = tf.constant([3, 7], tf.int64)
     whole, whole_states = model(TOKENS, training=True, seed=seed, rows=tf.constant([0, 4]))
     halves = [model(TOKENS[r:r + 2], training=True, seed=seed, rows=tf.constant([r, 4])) for r in (0, 2)]
-    np.testing.assert_allclose(np.concatenate([h[0] for h in halves]), whole.numpy(), atol=1e-6)
+    # A batch of 4 and two of 2 run differently blocked matmuls: ~1e-6 apart
+    # (measured up to 1.2e-6); a mask drawn per local row is off by ~0.1.
+    np.testing.assert_allclose(np.concatenate([h[0] for h in halves]), whole.numpy(), atol=1e-5)
     for i, state in enumerate(whole_states):
-        np.testing.assert_allclose(np.concatenate([h[1][i] for h in halves]), state.numpy(), atol=1e-6)
+        np.testing.assert_allclose(np.concatenate([h[1][i] for h in halves]), state.numpy(), atol=1e-5)
     # Recurrent dropout is the only dropout here, and it is active.
     evaluation, _ = model(TOKENS, training=False)
     assert np.abs(whole.numpy() - evaluation.numpy()).max() > 1e-3
@@ -334,18 +337,9 @@ def test_stop_and_resume_with_recurrent_dropout_is_bitwise_identical(runs, cell)
 
 @pytest.mark.parametrize("cell", RUN_CELLS)
 def test_two_mirrored_replicas_with_recurrent_dropout_match_one_device(runs, cell):
-    one, two = _saved(runs / f"{cell}-full"), _saved(runs / f"{cell}-mirrored")
-    assert one.keys() == two.keys()
-    compared = 0
-    for name, value in one.items():
-        if isinstance(value, bytes) or value.dtype.kind != "f":
-            np.testing.assert_array_equal(two[name], value, err_msg=name)
-            continue
-        # Only float32 reduction order differs (see tests/test_distributed.py);
-        # a mask drawn per replica instead of per global row is off by far more.
-        np.testing.assert_allclose(two[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
-        compared += 1
-    assert compared > 10
+    # Only float32 reduction order differs, within the tolerances measured in
+    # tests/equivalence.py; masks drawn per replica were off by 0.08.
+    assert_close_variables(_saved(runs / f"{cell}-full"), _saved(runs / f"{cell}-mirrored"))
 
 
 def test_a_cudnn_require_run_still_loads_for_sampling_on_a_cpu(shakespeare_slice, tmp_path):
