@@ -45,6 +45,7 @@ def thread_count(pid: int) -> int:
     raise AssertionError(f"no Threads line for {pid}")
 
 
+@pytest.mark.slow
 def test_multiworker_thread_count_stays_flat(shakespeare_slice, tmp_path):
     """A 2-worker run's threads do not grow with the number of steps (they grew by ~6 per step)."""
     ports = free_ports(2)
@@ -78,6 +79,7 @@ def test_multiworker_thread_count_stays_flat(shakespeare_slice, tmp_path):
         assert late - early <= 10, counts
 
 
+@pytest.mark.slow
 def test_multiworker_survivor_fails_when_a_worker_hangs(shakespeare_slice, tmp_path):
     """A worker that stops (no exit, no closed connection) is found by the missing heartbeats."""
     ports = free_ports(2)

@@ -173,6 +173,7 @@ print(json.dumps({{"replicas": backend.num_replicas, "loss": result.loss, "token
 """
 
 
+@pytest.mark.slow
 def test_mirrored_evaluation_equals_one_device(shakespeare_20k, tmp_path):
     # 3,999 targets over 6 rows: rows of 667 and 666 targets, 3 rows per replica, a short last window.
     train = {"eval_batch_size": 6, "num_steps": 100}

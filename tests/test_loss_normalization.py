@@ -58,6 +58,7 @@ def test_ptb_configs_use_the_tutorials_per_sequence_loss(name):
     assert load_config([str(REPO / "configs" / f"{name}.yaml")]).train.loss_normalization == "sequence"
 
 
+@pytest.mark.slow
 def test_sequence_normalization_under_mirrored_equals_one_device(shakespeare_slice, tmp_path):
     # Each replica differentiates its rows' loss sum over the *global* row count: the all-reduced
     # sum is the one-device gradient. A per-replica denominator (a gradient 2x too large) would show

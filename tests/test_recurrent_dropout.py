@@ -326,6 +326,7 @@ def _saved(run_dir) -> dict:
             if n.endswith("VARIABLE_VALUE") and not n.startswith("save_counter")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cell", RUN_CELLS)
 def test_stop_and_resume_with_recurrent_dropout_is_bitwise_identical(runs, cell):
     full, resumed = _saved(runs / f"{cell}-full"), _saved(runs / f"{cell}-resumed")
@@ -335,6 +336,7 @@ def test_stop_and_resume_with_recurrent_dropout_is_bitwise_identical(runs, cell)
         assert np.array_equal(full[name], resumed[name]), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cell", RUN_CELLS)
 def test_two_mirrored_replicas_with_recurrent_dropout_match_one_device(runs, cell):
     # Only float32 reduction order differs, within the tolerances measured in

@@ -53,7 +53,7 @@ def test_resume_refuses_a_checkpoint_of_another_vocabulary(tmp_path):
     state = TrainingState([(2, 4)], other_vocab)
     with pytest.raises(UserError) as err:
         Checkpointer(tmp_path, 3, training_state=state).restore_latest(False, other_vocab, state)
-    assert "different model or vocabulary" in str(err.value) and "ckpt-1" in str(err.value)
+    assert "written by another run" in str(err.value) and "ckpt-1" in str(err.value)
     same = TrainingState([(2, 4)], written)
     assert Checkpointer(tmp_path, 3, training_state=same).restore_latest(False, written, same).endswith("ckpt-1")
 
