@@ -29,7 +29,7 @@ from dist_rnn.errors import UserError
 from dist_rnn.run_dir import RunDirectory
 from dist_rnn.summaries import MetricsLogger
 from dist_rnn.trainer import Trainer, set_precision
-from test_distributed import free_ports, worker_env
+from test_distributed import free_ports, signal_one_of_two_workers, worker_env
 
 TINY = [
     "--set", "model={cell: gru, num_layers: 1, hidden_size: 8, embedding_size: 8, dropout: 0.0}",
@@ -82,30 +82,9 @@ def test_multiworker_thread_count_stays_flat(shakespeare_slice, tmp_path):
 @pytest.mark.slow
 def test_multiworker_survivor_fails_when_a_worker_hangs(shakespeare_slice, tmp_path):
     """A worker that stops (no exit, no closed connection) is found by the missing heartbeats."""
-    ports = free_ports(2)
-    cmd = [sys.executable, "-u", "-m", "dist_rnn", "train", "--run-dir", str(tmp_path / "run"),
-           "--set", f"data={{corpus: file, path: {shakespeare_slice}}}", *TINY,
-           "--set", "train.max_steps=100000", "--set", "train.log_every=1",
-           "--set", "distribute={backend: multiworker, timeout_seconds: 10}"]
-    chief = subprocess.Popen(cmd, cwd=REPO, env=worker_env(ports, 0), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-    other = subprocess.Popen(cmd, cwd=REPO, env=worker_env(ports, 1), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-    try:
-        for line in chief.stdout:  # wait until training is under way
-            if line.startswith("step       3"):
-                break
-        other.send_signal(signal.SIGSTOP)
-        stopped_at = time.monotonic()
-        chief.stdout.close()
-        returncode = chief.wait(timeout=180)
-        elapsed = time.monotonic() - stopped_at
-        stderr = chief.stderr.read()
-    finally:
-        for p in (chief, other):
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    returncode, elapsed, stderr = signal_one_of_two_workers(
+        tmp_path / "run", shakespeare_slice, [*TINY, "--set", "distribute={backend: multiworker, timeout_seconds: 10}"],
+        signal.SIGSTOP)
     assert returncode == 1, stderr[-2000:]
     # The 10 s heartbeat timeout counts from the hung worker's last heartbeat,
     # which may precede the SIGSTOP by up to a heartbeat interval; then the abort.
