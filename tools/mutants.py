@@ -152,6 +152,22 @@ CATALOGUE: tuple[Mutant, ...] = (
            "rows = tf.stack([self.backend.replica_id() * local_rows, tf.constant(self.global_batch, tf.int32)])",
            "rows = tf.stack([0 * local_rows, tf.constant(self.global_batch, tf.int32)])",
            ("tests/test_fast_mirrored.py",)),
+    # ---- this round's correctness fixes
+    Mutant("recurrent-mask-per-local-row", "recurrent-dropout masks drawn by local row (every replica draws rows 0..b-1)",
+           "dist_rnn/cells.py",
+           "keep = uniform[rows[0]:rows[0] + batch] >= rate",
+           "keep = uniform[0:batch] >= rate",
+           ("tests/test_recurrent_dropout.py::test_mask_of_a_row_does_not_depend_on_the_replica_layout",)),
+    Mutant("weights-share-one-seed", "every weight's initializer seeded with the model seed alone",
+           "dist_rnn/model.py",
+           "    return int.from_bytes(digest[:4], \"little\") & 0x7FFFFFFF",
+           "    return seed",
+           ("tests/test_initializers.py::test_no_two_weights_share_values",)),
+    Mutant("sequence-loss-per-token", "the PTB per-sequence loss divided by every token (20-35x too small a step)",
+           "dist_rnn/steps.py",
+           "    if loss_normalization == \"sequence\":\n        return float(global_batch)",
+           "    if loss_normalization == \"sequence\":\n        return float(global_batch * num_steps)",
+           ("tests/test_loss_normalization.py::test_sequence_gradient_is_num_steps_times_token_gradient",)),
 )
 
 IGNORED = shutil.ignore_patterns(".git", ".venv*", "runs", "__pycache__", ".pytest_cache", "*.egg-info")
