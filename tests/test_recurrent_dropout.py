@@ -336,12 +336,21 @@ def test_stop_and_resume_with_recurrent_dropout_is_bitwise_identical(runs, cell)
         assert np.array_equal(full[name], resumed[name]), name
 
 
+RECURRENT_DROPOUT_TOLERANCE = {"lstm": {"weights": 6.4e-6, "state": 2.8e-6},
+                               "ln_lstm": {"weights": 3.8e-3, "state": 1.2e-3}}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("cell", RUN_CELLS)
 def test_two_mirrored_replicas_with_recurrent_dropout_match_one_device(runs, cell):
-    # Only float32 reduction order differs, within the tolerances measured in
-    # tests/equivalence.py; masks drawn per replica were off by 0.08.
-    assert_close_variables(_saved(runs / f"{cell}-full"), _saved(runs / f"{cell}-mirrored"))
+    # Only float32 reduction order differs. Measured for these 6-step runs
+    # (per-variable error of scale, as in tests/equivalence.py), oneDNN default
+    # and ONEDNN_MAX_CPU_ISA=AVX2: lstm 6.4e-7 (state 2.8e-7); ln_lstm 3.8e-4
+    # (state 1.2e-4, an Adam slot of a layer-norm gain: normalizing small
+    # hidden vectors amplifies summation-order differences). Bounds: 10x.
+    # Masks drawn per replica instead of per global row were off by 0.08.
+    assert_close_variables(_saved(runs / f"{cell}-full"), _saved(runs / f"{cell}-mirrored"),
+                           RECURRENT_DROPOUT_TOLERANCE[cell])
 
 
 def test_a_cudnn_require_run_still_loads_for_sampling_on_a_cpu(shakespeare_slice, tmp_path):
