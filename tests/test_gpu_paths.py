@@ -102,18 +102,24 @@ def test_faked_gpu_traces_cudnn_for_a_float32_model(cell, shakespeare_slice, tmp
     assert [k.line() for k in trainer.kernels] == [f"layer {i}  {cell}  32 units  kernel: cuDNN fused" for i in (0, 1)]
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_xla_step_on_a_gpu_runs_the_fused_recurrence(cell, shakespeare_slice, tmp_path):
-    # Before the fix the XLA step held CudnnRNNV3 and failed at its first run
-    # ("Detected unsupported operations ... CudnnRNNV3").
-    config = tiny_config(shakespeare_slice, model={"cell": cell}, train={"jit_compile": True})
+def assert_one_gpu_step_without_cudnn(config, run_dir) -> Trainer:
+    """Builds a trainer with a faked GPU, runs one training step; asserts no cuDNN op and a finite loss."""
     with faked_gpu():
-        trainer = make_trainer(config, tmp_path / "run")
+        trainer = make_trainer(config, run_dir)
         batch = first_batch(trainer)
         graph = train_step_graph(trainer, batch)
         loss_sum, _, _, finite = trainer.steps.train_step(*batch)
     assert cudnn_ops(graph) == set()
     assert bool(finite) and math.isfinite(float(loss_sum))
+    return trainer
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_xla_step_on_a_gpu_runs_the_fused_recurrence(cell, shakespeare_slice, tmp_path):
+    # Before the fix the XLA step held CudnnRNNV3 and failed at its first run
+    # ("Detected unsupported operations ... CudnnRNNV3").
+    config = tiny_config(shakespeare_slice, model={"cell": cell}, train={"jit_compile": True})
+    trainer = assert_one_gpu_step_without_cudnn(config, tmp_path / "run")
     assert all(not k.fused and k.reason == "train.jit_compile: XLA cannot compile cuDNN" for k in trainer.kernels)
     assert trainer.kernels[0].line().endswith(
         "kernel: dist-rnn fused recurrence (train.jit_compile: XLA cannot compile cuDNN)")
@@ -122,13 +128,7 @@ def test_xla_step_on_a_gpu_runs_the_fused_recurrence(cell, shakespeare_slice, tm
 def test_bfloat16_on_a_gpu_runs_the_fused_recurrence(shakespeare_slice, tmp_path):
     # Before the fix, bfloat16 tensors went into CudnnRNNV3, a combination no one has run.
     config = tiny_config(shakespeare_slice, train={"precision": "mixed_bfloat16"})
-    with faked_gpu():
-        trainer = make_trainer(config, tmp_path / "run")
-        batch = first_batch(trainer)
-        graph = train_step_graph(trainer, batch)
-        loss_sum, _, _, finite = trainer.steps.train_step(*batch)
-    assert cudnn_ops(graph) == set()
-    assert bool(finite) and math.isfinite(float(loss_sum))
+    trainer = assert_one_gpu_step_without_cudnn(config, tmp_path / "run")
     assert trainer.kernels[1].line() == \
         "layer 1  lstm  32 units  kernel: dist-rnn fused recurrence (mixed_bfloat16: no documented cuDNN bfloat16 RNN)"
 
