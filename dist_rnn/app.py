@@ -67,7 +67,7 @@ def check_same_data(rd: RunDirectory, config: Config, corpus, action: str) -> No
     Args:
         rd: The run directory.
         config: The config the data was read with.
-        corpus: The :class:`~dist_rnn.dataset.EncodedCorpus` read now (with the run's vocabulary).
+        corpus: The :class:`~dist_rnn.data.encoding.EncodedCorpus` read now (with the run's vocabulary).
         action: ``resume`` or ``evaluate``, for the message.
 
     Raises:
@@ -82,7 +82,7 @@ def check_same_data(rd: RunDirectory, config: Config, corpus, action: str) -> No
                             f"this run was trained on (SHA-256 {corpus.data_sha256[:12]}... != "
                             f"{str(record.get('sha256'))[:12]}... in {rd.data_file}); {hint}")
         return
-    from dist_rnn.dataset import encode_corpus
+    from dist_rnn.data.encoding import encode_corpus
 
     if encode_corpus(config.data).vocab != corpus.vocab:
         raise UserError(f"cannot {action} {rd.path}: the data read from {source[0]} {source[1]} gives another "
@@ -143,7 +143,7 @@ def _setup_tensorflow(config: Config, precision: str | None = None) -> None:
     import keras
     import tensorflow as tf
 
-    from dist_rnn.trainer import set_precision
+    from dist_rnn.runtime import set_precision
 
     if config.train.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -160,10 +160,10 @@ def train(config_paths: list[str], overrides: list[str], run_dir: str | None) ->
     config, rd, saved = resolve_train_config(config_paths, overrides, run_dir)
     changes = changed_keys(saved, config) if saved is not None else []
     import_tensorflow()
-    from dist_rnn.dataset import encode_corpus
+    from dist_rnn.data.encoding import encode_corpus
     from dist_rnn.distribution import create_backend
     from dist_rnn.summaries import MetricsLogger, setup_logging
-    from dist_rnn.trainer import Trainer
+    from dist_rnn.training.trainer import Trainer
 
     backend = create_backend(config.distribute)
     setup_logging(backend.is_chief)
@@ -225,7 +225,7 @@ def evaluate(run_dir: str, split: str, checkpoint: str = "latest", overrides: li
         run_dir: The training run.
         split: ``valid`` or ``test``.
         checkpoint: ``latest``, ``best`` or a checkpoint path (see
-            :func:`~dist_rnn.checkpoints.find_checkpoint`).
+            :func:`~dist_rnn.training.checkpoints.find_checkpoint`).
         overrides: ``--set`` of :data:`~dist_rnn.config.DATA_LOCATION_KEYS`
             only, for data that moved; the text must be the run's.
 
@@ -239,11 +239,11 @@ def evaluate(run_dir: str, split: str, checkpoint: str = "latest", overrides: li
     if vocab is None:
         raise UserError(f"{rd.path} has no vocab.json")
     import_tensorflow()
-    from dist_rnn.checkpoints import accepted_fingerprints, find_checkpoint
-    from dist_rnn.dataset import encode_corpus
+    from dist_rnn.training.checkpoints import accepted_fingerprints, find_checkpoint
+    from dist_rnn.data.encoding import encode_corpus
     from dist_rnn.distribution import create_backend
     from dist_rnn.summaries import setup_logging
-    from dist_rnn.trainer import Trainer
+    from dist_rnn.training.trainer import Trainer
 
     path = find_checkpoint(rd.path, checkpoint)
     setup_logging(True)
@@ -303,8 +303,8 @@ def load_model_for_inference(run_dir: str, checkpoint: str = "latest", overrides
         raise UserError(f"{rd.path} has no vocab.json")
     tf = import_tensorflow()
 
-    from dist_rnn.checkpoints import accepted_fingerprints, check_fingerprint, find_checkpoint
-    from dist_rnn.model import build_model
+    from dist_rnn.training.checkpoints import accepted_fingerprints, check_fingerprint, find_checkpoint
+    from dist_rnn.models.model import build_model
 
     path = find_checkpoint(rd.path, checkpoint)
     check_fingerprint(path, accepted_fingerprints(config, vocab.tokens))

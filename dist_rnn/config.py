@@ -25,6 +25,8 @@ from dist_rnn.errors import UserError
 
 CORPORA = ("stdlib", "file", "tinyshakespeare", "ptb", "text8")
 CELLS = ("lstm", "gru", "ln_lstm", "ln_gru", "rnn")
+# Cells whose recurrent state is (h, c) rather than h alone.
+TWO_STATE_CELLS = ("lstm", "ln_lstm")
 
 
 @dataclass
@@ -722,23 +724,24 @@ def check_divisible(config: Config, num_replicas: int) -> None:
 
 def resume_invariant_differences(old: Config, new: Config) -> list[str]:
     """Lists ``key: old -> new`` for the :data:`RESUME_INVARIANT_KEYS` that differ."""
-    old_d, new_d = _flatten(old.to_dict()), _flatten(new.to_dict())
+    old_d, new_d = flatten(old.to_dict()), flatten(new.to_dict())
     return [f"{key}: {old_d.get(key)!r} -> {new_d.get(key)!r}" for key in RESUME_INVARIANT_KEYS
             if old_d.get(key) != new_d.get(key)]
 
 
 def changed_keys(old: Config, new: Config) -> list[str]:
     """Lists ``key: old -> new`` for every key that differs."""
-    old_d, new_d = _flatten(old.to_dict()), _flatten(new.to_dict())
+    old_d, new_d = flatten(old.to_dict()), flatten(new.to_dict())
     return [f"{k}: {old_d.get(k)!r} -> {new_d.get(k)!r}" for k in sorted(set(old_d) | set(new_d))
             if old_d.get(k) != new_d.get(k)]
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Flattens nested dicts to dotted keys: ``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out

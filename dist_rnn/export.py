@@ -25,7 +25,7 @@ recurrence, same weights), even when exporting on a GPU machine: a traced
 only. One export serves on CPU and GPU.
 
 :class:`ExportedModel` loads an export with ``tf.saved_model.load`` only (it
-never imports :mod:`dist_rnn.model`) and plugs into
+never imports :mod:`dist_rnn.models.model`) and plugs into
 :class:`dist_rnn.generation.Sampler`.
 """
 
@@ -42,7 +42,7 @@ import tensorflow as tf
 
 from dist_rnn import __version__
 from dist_rnn.errors import UserError
-from dist_rnn.vocab import Vocabulary
+from dist_rnn.data.vocab import Vocabulary
 
 EXPORT_FORMAT = "dist-rnn-export"
 EXPORT_FORMAT_VERSION = 1
@@ -113,7 +113,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "late
         out_dir: Destination folder: new, empty or a previous export (whose
             export entries are replaced; other files in it are kept).
         checkpoint: ``latest`` (default), ``best`` or a checkpoint path (see
-            :func:`dist_rnn.checkpoints.find_checkpoint`).
+            :func:`dist_rnn.training.checkpoints.find_checkpoint`).
 
     Returns:
         The contents of ``export.json`` plus ``"path"``.
@@ -129,7 +129,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "late
 
     out = Path(out_dir)
     _check_out_dir(out)
-    from dist_rnn.model import kernel_report
+    from dist_rnn.models.model import kernel_report
 
     model, vocab, config, checkpoint = load_model_for_inference(str(run_dir), checkpoint, command="export",
                                                                 allow_cudnn=False)

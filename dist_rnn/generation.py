@@ -8,7 +8,7 @@ import numpy as np
 import tensorflow as tf
 
 from dist_rnn.errors import UserError
-from dist_rnn.vocab import EOS, Vocabulary, tokenize
+from dist_rnn.data.vocab import EOS, Vocabulary, tokenize
 
 
 def check_sampling_args(temperature: float, top_k: int, top_p: float, length: int, num_samples: int = 1) -> None:
@@ -136,7 +136,7 @@ class Sampler:
 
 
 def model_step_fn(model) -> Callable:
-    """Wraps a :class:`~dist_rnn.model.LanguageModel` as a compiled sampler step function."""
+    """Wraps a :class:`~dist_rnn.models.model.LanguageModel` as a compiled sampler step function."""
 
     @tf.function(reduce_retracing=True)
     def with_state(tokens, states):

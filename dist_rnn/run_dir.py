@@ -6,7 +6,7 @@ from pathlib import Path
 
 from dist_rnn.config import Config, config_from_dict, yaml_load
 from dist_rnn.errors import UserError
-from dist_rnn.vocab import Vocabulary
+from dist_rnn.data.vocab import Vocabulary
 
 import yaml
 

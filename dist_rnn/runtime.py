@@ -14,6 +14,7 @@ line that is not one of these known notices, in order.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import sys
@@ -98,3 +99,18 @@ def filtered_stderr(drop):
                     if not drop(line.rstrip(b"\r\n").decode("utf-8", "replace"))]
             if kept:
                 os.write(2, b"".join(kept))
+
+
+def set_precision(precision: str) -> None:
+    """Sets the Keras global dtype policy; warns that float16 is slow on a CPU.
+
+    Args:
+        precision: ``float32``, ``mixed_float16`` or ``mixed_bfloat16``.
+    """
+    import keras
+    import tensorflow as tf
+
+    keras.mixed_precision.set_global_policy(precision)
+    if precision == "mixed_float16" and not tf.config.list_logical_devices("GPU"):
+        logging.getLogger("dist_rnn").warning("warning: train.precision mixed_float16 on a CPU works but is slow; "
+                                              "use mixed_bfloat16 or float32 on CPU")

@@ -1,4 +1,4 @@
-"""Tests of dist_rnn.cells against NumPy re-implementations of the documented equations."""
+"""Tests of dist_rnn.models.cells against NumPy re-implementations of the documented equations."""
 
 import itertools
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dist_rnn.cells import LN_EPSILON, LayerNormGRU, LayerNormLSTM, VanillaRNN
+from dist_rnn.models.cells import LN_EPSILON, LayerNormGRU, LayerNormLSTM, VanillaRNN
 
 LAYERS = [LayerNormLSTM, LayerNormGRU, VanillaRNN]
 WEIGHT_NAMES = {

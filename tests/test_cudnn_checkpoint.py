@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dist_rnn import cells
+from dist_rnn.models import cells
 from dist_rnn.config import ModelConfig
-from dist_rnn.model import build_model
+from dist_rnn.models.model import build_model
 
 TOKENS = tf.constant(np.random.default_rng(0).integers(0, 40, size=(3, 7)), tf.int32)
 

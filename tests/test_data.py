@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dist_rnn.batching import StreamBatcher
+from dist_rnn.data.batching import StreamBatcher
 from dist_rnn.config import DataConfig, load_config
-from dist_rnn.corpora import RemoteFile, fetch, load_splits, split_text
-from dist_rnn.dataset import encode_corpus
+from dist_rnn.data.corpora import RemoteFile, fetch, load_splits, split_text
+from dist_rnn.data.encoding import encode_corpus
 from dist_rnn.errors import UserError
-from dist_rnn.vocab import EOS, UNK, Vocabulary, tokenize
+from dist_rnn.data.vocab import EOS, UNK, Vocabulary, tokenize
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SHAKESPEARE = DATA / "tinyshakespeare" / "input.txt"

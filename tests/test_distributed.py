@@ -55,7 +55,8 @@ def test_mirrored_under_another_instruction_set_matches_single_device(single_dev
 # a Keras optimizer's clipnorm would do under a strategy).
 PLANT_PER_REPLICA_CLIP = """
 import sys
-from dist_rnn import distribution, gradients
+from dist_rnn import distribution
+from dist_rnn.training import gradients
 reduce = distribution.MirroredBackend.all_reduce_sum
 def clip_then_reduce(self, grads):
     return reduce(self, gradients.clip_by_global_norm(grads, 0.1, gradients.global_norm(grads)))

@@ -23,12 +23,13 @@ import tensorflow as tf
 from conftest import REPO, tiny_config
 from dist_rnn import distribution
 from dist_rnn.config import DistributeConfig
-from dist_rnn.dataset import encode_corpus
+from dist_rnn.data.encoding import encode_corpus
 from dist_rnn.distribution import Backend
 from dist_rnn.errors import UserError
 from dist_rnn.run_dir import RunDirectory
 from dist_rnn.summaries import MetricsLogger
-from dist_rnn.trainer import Trainer, set_precision
+from dist_rnn.runtime import set_precision
+from dist_rnn.training.trainer import Trainer
 from test_distributed import free_ports, signal_one_of_two_workers, worker_env
 
 TINY = [

@@ -19,11 +19,12 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO, SHAKESPEARE, assert_one_line_error, run_cli, tiny_config
-from dist_rnn.dataset import encode_corpus
+from dist_rnn.data.encoding import encode_corpus
 from dist_rnn.distribution import Backend
 from dist_rnn.run_dir import RunDirectory
 from dist_rnn.summaries import MetricsLogger
-from dist_rnn.trainer import Trainer, set_precision
+from dist_rnn.runtime import set_precision
+from dist_rnn.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +76,7 @@ def trained(shakespeare_20k, tmp_path_factory):
 
 @pytest.mark.parametrize("n, rows, steps", [(20, 3, 4), (23, 4, 5), (101, 8, 7), (5, 8, 3), (2, 4, 10), (1000, 1, 64)])
 def test_eval_windows_predict_every_position_once_from_its_predecessor(n, rows, steps):
-    from dist_rnn.batching import EvalBatcher
+    from dist_rnn.data.batching import EvalBatcher
 
     ids = np.arange(n) + 100  # the id tells the position
     b = EvalBatcher(ids, rows, steps)
@@ -162,9 +163,10 @@ from dist_rnn.distribution import create_backend
 config = tiny_config({data!r}, train={train!r}, distribute={{"backend": "mirrored", "cpu_devices": 2}})
 backend = create_backend(config.distribute)  # logical CPU devices before TensorFlow initializes
 import tensorflow as tf
-from dist_rnn.dataset import encode_corpus
+from dist_rnn.data.encoding import encode_corpus
 from dist_rnn.run_dir import RunDirectory
-from dist_rnn.trainer import Trainer, set_precision
+from dist_rnn.runtime import set_precision
+from dist_rnn.training.trainer import Trainer
 tf.keras.utils.set_random_seed(config.train.seed)
 set_precision(config.train.precision)
 trainer = Trainer(config, RunDirectory({run_dir!r}), backend, encode_corpus(config.data))

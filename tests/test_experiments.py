@@ -18,7 +18,7 @@ import pytest
 
 from conftest import PTB, REPO, SHAKESPEARE, run_cli
 from dist_rnn.config import load_config
-from dist_rnn.schedules import learning_rate_at
+from dist_rnn.training.schedules import learning_rate_at
 
 CONFIGS = REPO / "configs"
 

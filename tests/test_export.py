@@ -119,7 +119,7 @@ FRESH_PROCESS = textwrap.dedent("""
     exported = ExportedModel(out)
     logits = exported.logits(np.array(tokens, np.int32))
     ids = exported.sampler().generate(prime, **sample_args)
-    training_code = sorted(m for m in ("dist_rnn.model", "dist_rnn.trainer", "dist_rnn.cells", "dist_rnn.app")
+    training_code = sorted(m for m in ("dist_rnn.models.model", "dist_rnn.training.trainer", "dist_rnn.models.cells", "dist_rnn.app")
                            if m in sys.modules)
     print(json.dumps({"logits": logits.tolist(), "ids": ids, "texts": [exported.vocab.decode(r) for r in ids],
                       "training_code": training_code}))
@@ -183,10 +183,10 @@ def test_step_token_by_token_equals_serve(exported, reference):
 def test_keras_file_reloads_with_the_same_logits(exported, reference):
     import keras
 
-    import dist_rnn.model  # registers the custom classes
+    import dist_rnn.models.model  # registers the custom classes
 
     reloaded = keras.saving.load_model(exported["out"] / "model.keras")
-    assert isinstance(reloaded, dist_rnn.model.LanguageModel)
+    assert isinstance(reloaded, dist_rnn.models.model.LanguageModel)
     assert reloaded.num_state_tensors == 4
     tokens = reference["tokens"]
     got, got_states = reloaded(tokens, training=False)

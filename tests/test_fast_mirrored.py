@@ -45,9 +45,10 @@ def _replica_values(variable) -> list[np.ndarray]:
 def _trainer(config, backend, run_dir):
     import tensorflow as tf
 
-    from dist_rnn.dataset import encode_corpus
+    from dist_rnn.data.encoding import encode_corpus
     from dist_rnn.run_dir import RunDirectory
-    from dist_rnn.trainer import Trainer, set_precision
+    from dist_rnn.runtime import set_precision
+    from dist_rnn.training.trainer import Trainer
 
     tf.keras.utils.set_random_seed(config.train.seed)
     set_precision(config.train.precision)
@@ -61,7 +62,7 @@ def check_optimizer_applies_reduced_gradient_once(mirrored):
     import tensorflow as tf
 
     from dist_rnn.config import OptimizerConfig
-    from dist_rnn.optimizers import build_optimizer
+    from dist_rnn.training.optimizers import build_optimizer
 
     def moved(optimizer):
         with mirrored.scope():
@@ -160,7 +161,7 @@ def main(data: str) -> None:
     from dist_rnn.distribution import Backend, MirroredBackend, configure_devices
 
     configure_devices(DistributeConfig(backend="mirrored", cpu_devices=2))
-    from dist_rnn.trainer import set_precision
+    from dist_rnn.runtime import set_precision
 
     one, mirrored = Backend(), MirroredBackend(cpu_devices=2)
     assert mirrored.num_replicas == 2

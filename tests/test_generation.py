@@ -9,7 +9,7 @@ import pytest
 
 from dist_rnn.errors import UserError
 from dist_rnn.generation import Sampler, check_sampling_args, choose_next
-from dist_rnn.vocab import EOS, UNK, Vocabulary
+from dist_rnn.data.vocab import EOS, UNK, Vocabulary
 
 
 def softmax(x: np.ndarray) -> np.ndarray:

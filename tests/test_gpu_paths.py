@@ -26,13 +26,14 @@ import pytest
 import tensorflow as tf
 
 from conftest import assert_one_line_error, run_cli, tiny_config
-from dist_rnn.batching import StreamBatcher
-from dist_rnn.dataset import encode_corpus
+from dist_rnn.data.batching import StreamBatcher
+from dist_rnn.data.encoding import encode_corpus
 from dist_rnn.distribution import Backend
-from dist_rnn.model import build_model
+from dist_rnn.models.model import build_model
 from dist_rnn.run_dir import RunDirectory
-from dist_rnn.steps import token_loss_sum
-from dist_rnn.trainer import Trainer, set_precision
+from dist_rnn.training.steps import token_loss_sum
+from dist_rnn.runtime import set_precision
+from dist_rnn.training.trainer import Trainer
 
 # Keras' own model.save(...) under NumPy 2 (keras/src/backend/tensorflow/core.py, not our code).
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")

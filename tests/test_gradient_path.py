@@ -8,9 +8,9 @@ import tensorflow as tf
 
 from dist_rnn.config import ModelConfig, OptimizerConfig
 from dist_rnn.errors import UserError
-from dist_rnn.gradients import clip_by_global_norm, global_norm
-from dist_rnn.model import check_cudnn_requirement, kernel_report
-from dist_rnn.optimizers import build_optimizer
+from dist_rnn.training.gradients import clip_by_global_norm, global_norm
+from dist_rnn.models.model import check_cudnn_requirement, kernel_report
+from dist_rnn.training.optimizers import build_optimizer
 
 
 @pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "rmsprop", "adagrad"])
@@ -63,7 +63,7 @@ def test_cudnn_require_fails_on_cpu_naming_each_layer():
 @pytest.mark.gpu
 @pytest.mark.skipif(not tf.config.list_physical_devices("GPU"), reason="needs a GPU: the fused kernel exists only there")
 def test_lstm_and_gru_layers_run_the_fused_kernel_on_gpu():
-    from dist_rnn.model import build_model
+    from dist_rnn.models.model import build_model
 
     for cell in ("lstm", "gru"):
         config = ModelConfig(cell=cell, num_layers=2, hidden_size=32, embedding_size=16, cudnn="require")

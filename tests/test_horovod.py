@@ -61,7 +61,7 @@ def test_horovod_two_ranks_match_single_device(single_device_run, shakespeare_sl
 def test_horovod_scales_learning_rate_with_ranks(shakespeare_slice, tmp_path):
     """optimizer.scale_lr_with_replicas multiplies by hvd.size(), ramped up over the warmup."""
     from dist_rnn.run_dir import RunDirectory
-    from dist_rnn.schedules import learning_rate_at
+    from dist_rnn.training.schedules import learning_rate_at
 
     optimizer = {"name": "adam", "learning_rate": 0.01, "clip_norm": 0.1, "scale_lr_with_replicas": True,
                  "schedule": {"name": "cosine", "warmup_steps": 4, "total_steps": 12}}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dist_rnn.config import ModelConfig
-from dist_rnn.model import build_model
+from dist_rnn.models.model import build_model
 
 VOCAB = 50
 # Embedding, kernels and projection all 16 wide, so layers' matrices have equal shapes: a shared

@@ -7,8 +7,8 @@ import pytest
 import tensorflow as tf
 
 from dist_rnn.config import ModelConfig
-from dist_rnn.model import build_model
-from dist_rnn.trainer import set_precision
+from dist_rnn.models.model import build_model
+from dist_rnn.runtime import set_precision
 
 TOKENS = tf.constant(np.random.default_rng(0).integers(0, 40, size=(3, 7)), tf.int32)
 

@@ -14,7 +14,7 @@ import math
 import pytest
 
 from conftest import REPO, run_cli
-from dist_rnn.trainer import set_precision
+from dist_rnn.runtime import set_precision
 
 
 @pytest.fixture(autouse=True)

@@ -20,10 +20,10 @@ import tensorflow as tf
 
 from conftest import REPO
 from equivalence import assert_close_variables
-from dist_rnn import cells
+from dist_rnn.models import cells
 from dist_rnn.config import ModelConfig
 from dist_rnn.errors import UserError
-from dist_rnn.model import build_model, check_cudnn_requirement, kernel_report, recurrent_layer
+from dist_rnn.models.model import build_model, check_cudnn_requirement, kernel_report, recurrent_layer
 
 ALL_CELLS = ["lstm", "gru", "ln_lstm", "ln_gru", "rnn"]
 # The module (``keras.src.backend.tensorflow.rnn`` as an attribute is its function ``rnn``).
@@ -359,7 +359,7 @@ def test_a_cudnn_require_run_still_loads_for_sampling_on_a_cpu(shakespeare_slice
     from dist_rnn.app import load_model_for_inference
     from dist_rnn.config import save_config
     from dist_rnn.run_dir import RunDirectory
-    from dist_rnn.vocab import Vocabulary
+    from dist_rnn.data.vocab import Vocabulary
     from conftest import tiny_config
 
     config = tiny_config(shakespeare_slice, model={"cudnn": "require", "hidden_size": 8, "embedding_size": 4})

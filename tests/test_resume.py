@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from conftest import SHAKESPEARE, assert_one_line_error, run_cli
 
-from dist_rnn.checkpoints import Checkpointer, TrainingState, fingerprint
+from dist_rnn.training.checkpoints import Checkpointer, TrainingState, fingerprint
 from dist_rnn.config import load_config
 from dist_rnn.errors import UserError
 
@@ -294,7 +294,7 @@ def test_resume_refusal_lists_the_keys_a_resume_may_not_change(run, capsys):
 
 
 def test_checkpoint_with_the_fingerprint_of_older_versions_is_accepted_and_upgraded(tmp_path, data):
-    from dist_rnn.checkpoints import accepted_fingerprints
+    from dist_rnn.training.checkpoints import accepted_fingerprints
     from dist_rnn.config import RESUME_INVARIANT_KEYS
 
     config = load_config([], [f"data.path={data}", "data.corpus=file"])

@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO, assert_one_line_error, run_cli, tiny_config
-from dist_rnn.checkpoints import Checkpointer, TrainingState, fingerprint
+from dist_rnn.training.checkpoints import Checkpointer, TrainingState, fingerprint
 from dist_rnn.config import save_config
 from dist_rnn.errors import UserError
 
@@ -70,7 +70,7 @@ def test_checkpoint_keep_deletes_all_but_the_newest(tmp_path):
 
 SIGNALS_SCRIPT = """
 import os, signal, sys, time
-from dist_rnn.preemption import StopRequest
+from dist_rnn.training.preemption import StopRequest
 with StopRequest() as stop:
     os.kill(os.getpid(), signal.SIG{first})
     time.sleep(0.2)

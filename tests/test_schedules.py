@@ -7,7 +7,7 @@ import math
 import pytest
 
 from dist_rnn.config import OptimizerConfig, ScheduleConfig, load_config
-from dist_rnn.schedules import learning_rate_at
+from dist_rnn.training.schedules import learning_rate_at
 
 
 def opt(lr: float, scale: bool = False, **schedule) -> OptimizerConfig:

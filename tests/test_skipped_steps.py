@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import run_cli
-from dist_rnn.trainer import set_precision
+from dist_rnn.runtime import set_precision
 
 
 def train(data, run_dir, capsys, optimizer: str, train: str, *extra):

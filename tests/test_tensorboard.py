@@ -94,6 +94,6 @@ def test_float16_run_logs_loss_scale_and_skipped_steps(shakespeare_slice, tmp_pa
         assert scales[0] < 1e12 and skipped[0] >= 1  # overflowed at 1e12, backed off
         assert skipped == sorted(skipped)
     finally:
-        from dist_rnn.trainer import set_precision
+        from dist_rnn.runtime import set_precision
 
         set_precision("float32")

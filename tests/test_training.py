@@ -9,11 +9,12 @@ import pytest
 import tensorflow as tf
 
 from conftest import tiny_config
-from dist_rnn.dataset import encode_corpus
+from dist_rnn.data.encoding import encode_corpus
 from dist_rnn.distribution import Backend
 from dist_rnn.run_dir import RunDirectory
 from dist_rnn.summaries import MetricsLogger
-from dist_rnn.trainer import Trainer, set_precision
+from dist_rnn.runtime import set_precision
+from dist_rnn.training.trainer import Trainer
 
 
 def make_trainer(config, run_dir) -> Trainer:

@@ -55,8 +55,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from dist_rnn.config import CELLS, TWO_STATE_CELLS
+
 PROTOCOL = "@@BENCH "
-CELLS = ("lstm", "gru", "ln_lstm", "ln_gru", "rnn")
 SYSTEMS = ("loop", "step", "floor", "keras", "fit", "torch")
 SYSTEM_LABELS = {
     "loop": "dist-rnn loop",
@@ -221,10 +222,11 @@ def _build_trainer(spec: dict, workdir: Path, max_steps: int):
     import keras
 
     from dist_rnn.config import check_divisible
-    from dist_rnn.dataset import encode_corpus
+    from dist_rnn.data.encoding import encode_corpus
     from dist_rnn.distribution import create_backend
     from dist_rnn.run_dir import RunDirectory
-    from dist_rnn.trainer import Trainer, set_precision
+    from dist_rnn.runtime import set_precision
+    from dist_rnn.training.trainer import Trainer
 
     data_path = workdir / "synthetic.txt"
     data_path.write_text(_synthetic_text(spec), encoding="utf-8")
@@ -328,7 +330,7 @@ def _window_timer(windows: list, states, step):
 
 
 def _keras_layers(spec: dict, keras, return_state: bool = True):
-    from dist_rnn import cells
+    from dist_rnn.models.layers import RECURRENT_LAYERS
 
     layers = []
     for _ in range(spec["layers"]):
@@ -338,8 +340,7 @@ def _keras_layers(spec: dict, keras, return_state: bool = True):
         elif spec["cell"] == "gru":
             layers.append(keras.layers.GRU(spec["hidden"], reset_after=True, **kwargs))
         else:  # no stock Keras layer: the dist-rnn layer
-            cls = {"ln_lstm": cells.LayerNormLSTM, "ln_gru": cells.LayerNormGRU, "rnn": cells.VanillaRNN}
-            layers.append(cls[spec["cell"]](spec["hidden"], **kwargs))
+            layers.append(RECURRENT_LAYERS[spec["cell"]](spec["hidden"], **kwargs))
     return layers
 
 
@@ -355,10 +356,10 @@ def work_minimal(spec: dict, workdir: Path) -> None:
 
     keras.mixed_precision.set_global_policy(spec["precision"])
     keras.utils.set_random_seed(0)
-    n_states = 2 if spec["cell"] in ("lstm", "ln_lstm") else 1
+    n_states = 2 if spec["cell"] in TWO_STATE_CELLS else 1
     if spec["system"] == "floor":
         from dist_rnn.config import ModelConfig
-        from dist_rnn.model import build_model, cudnn_excluded_by
+        from dist_rnn.models.model import build_model, cudnn_excluded_by
 
         model = build_model(ModelConfig(cell=spec["cell"], num_layers=spec["layers"], hidden_size=spec["hidden"],
                                         embedding_size=spec["embedding"]), spec["vocab"], 0,

@@ -24,14 +24,15 @@ import statistics
 import sys
 import time
 
-CELLS = ("lstm", "gru", "ln_lstm", "ln_gru", "rnn")
+from dist_rnn.config import CELLS, TWO_STATE_CELLS
+
 PLAIN = {"ln_lstm": "lstm", "ln_gru": "gru"}
 
 
 def build_layer(cell: str, units: int, xla: bool = False):
     """One layer exactly as dist-rnn's model builds it for ``cell`` (defaults, no dropout; off cuDNN under XLA)."""
     from dist_rnn.config import ModelConfig
-    from dist_rnn.model import cudnn_excluded_by, recurrent_layer
+    from dist_rnn.models.model import cudnn_excluded_by, recurrent_layer
 
     return recurrent_layer(ModelConfig(cell=cell, num_layers=1, hidden_size=units, embedding_size=units), 0,
                            allow_cudnn=not cudnn_excluded_by(jit_compile=xla))
@@ -44,7 +45,7 @@ def make_calls(cell: str, units: int, batch: int, bptt: int, xla: bool):
     layer = build_layer(cell, units, xla)
     rng = tf.random.Generator.from_seed(0)
     x = rng.normal([batch, bptt, units])
-    n_states = 2 if cell in ("lstm", "ln_lstm") else 1
+    n_states = 2 if cell in TWO_STATE_CELLS else 1
     states = [0.1 * rng.normal([batch, units]) for _ in range(n_states)]
     layer(x, initial_state=states)
 

@@ -3,7 +3,7 @@
 Dropout (``model.dropout``) is applied to non-recurrent connections (after
 the embedding, between layers and before the softmax), as in Zaremba et al.
 2014; ``model.recurrent_dropout`` adds variational dropout on the state fed
-to each layer's recurrent matmul (``dist_rnn.cells``). All masks are drawn
+to each layer's recurrent matmul (``dist_rnn.models.cells``). All masks are drawn
 statelessly over the global batch from a seed passed with each call, and each
 replica keeps the rows it owns: a step's dropout depends only on (run seed,
 step, dropout site, row), not on how rows are spread over replicas. Runs are
@@ -19,11 +19,10 @@ from dataclasses import dataclass
 import keras
 import tensorflow as tf
 
-from dist_rnn.config import ModelConfig
+from dist_rnn.config import TWO_STATE_CELLS, ModelConfig
 from dist_rnn.errors import UserError
 
 FUSED_CELLS = ("lstm", "gru")
-TWO_STATE_CELLS = ("lstm", "ln_lstm")
 #: Recurrent layer ``i`` folds ``RECURRENT_DROPOUT_SALT + i`` into the step seed (the
 #: non-recurrent dropout sites use salts 0 .. num_layers).
 RECURRENT_DROPOUT_SALT = 1000
@@ -41,7 +40,7 @@ class LayerKernel:
     """Which kernel one recurrent layer runs, and why.
 
     Every layer runs either the fused cuDNN kernel or dist-rnn's fused
-    recurrence (``dist_rnn.cells``: one input matmul, hand-written backward
+    recurrence (``dist_rnn.models.cells``: one input matmul, hand-written backward
     pass); Keras' generic per-step cell never runs.
 
     Attributes:
@@ -281,12 +280,12 @@ def recurrent_layer(config: ModelConfig, index: int, seed: int = 0, allow_cudnn:
     if config.init_scale and config.cell in ("lstm", "gru", "rnn"):
         # The layer-norm cells have no bias; their gains and shifts keep their constant starts.
         init["bias_initializer"] = weight_initializer(config, seed, f"{name}/bias")
-    from dist_rnn import cells
+    from dist_rnn.models.layers import RECURRENT_LAYERS
 
+    cls = RECURRENT_LAYERS[config.cell]
     if config.cell in FUSED_CELLS:
         # Keras' LSTM/GRU (cuDNN on a GPU, same weights) whose non-cuDNN path
-        # runs the fused recurrence of dist_rnn.cells instead of Keras' generic cell.
-        cls = cells.LSTM if config.cell == "lstm" else cells.GRU
+        # runs the fused recurrence of dist_rnn.models.cells instead of Keras' generic cell.
         extra = {"reset_after": True} if config.cell == "gru" else {}
         if config.init_scale and config.cell == "lstm":
             extra["unit_forget_bias"] = False
@@ -294,7 +293,6 @@ def recurrent_layer(config: ModelConfig, index: int, seed: int = 0, allow_cudnn:
                    unroll=False, recurrent_dropout=config.recurrent_dropout,
                    use_cudnn=USE_CUDNN[config.cudnn] if allow_cudnn else False, seed=seed + 1000 + index,
                    dropout_salt=RECURRENT_DROPOUT_SALT + index, **init, **extra, **common)
-    cls = {"ln_lstm": cells.LayerNormLSTM, "ln_gru": cells.LayerNormGRU, "rnn": cells.VanillaRNN}[config.cell]
     return cls(config.hidden_size, recurrent_dropout=config.recurrent_dropout,
                dropout_salt=RECURRENT_DROPOUT_SALT + index, **init, **common)
 

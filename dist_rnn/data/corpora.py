@@ -1,7 +1,7 @@
 """Corpora: read raw text for the train, valid and test splits.
 
 Each corpus yields three strings. Word-level tokenization happens later (see
-:mod:`dist_rnn.vocab`); a corpus only decides where the text comes from and
+:mod:`dist_rnn.data.vocab`); a corpus only decides where the text comes from and
 where the splits fall.
 """
 

@@ -2,14 +2,14 @@
 
 Each step runs per replica on that replica's rows and carried state, and
 returns the replica's new state. The training step follows the gradient path
-of :mod:`dist_rnn.gradients`.
+of :mod:`dist_rnn.training.gradients`.
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
 
-from dist_rnn import gradients
+from dist_rnn.training import gradients
 from dist_rnn.distribution import Backend
 
 
@@ -50,7 +50,7 @@ class StepFunctions:
         global_batch: Rows of the global training batch.
         num_steps: Window length.
         clip_norm: Global-norm clip of the reduced gradient (0: off).
-        loss_scale: A :class:`~dist_rnn.gradients.DynamicLossScale` under
+        loss_scale: A :class:`~dist_rnn.training.gradients.DynamicLossScale` under
             float16, else None.
         jit_compile: Compile the per-replica step with XLA.
         loss_normalization: ``train.loss_normalization`` (see
@@ -119,7 +119,7 @@ class StepFunctions:
         """Returns (global weighted loss sum, per-replica new states).
 
         ``weights`` (float ``[batch, time]``) is 1 for a real target and 0 for
-        padding (see :class:`~dist_rnn.batching.EvalBatcher`).
+        padding (see :class:`~dist_rnn.data.batching.EvalBatcher`).
         """
         loss_sum, states = self.backend.run(self._replica_eval, (inputs, targets, weights, states))
         return self.backend.reduce_sum(loss_sum), states

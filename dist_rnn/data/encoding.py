@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from dist_rnn.config import DataConfig
-from dist_rnn.corpora import load_splits
+from dist_rnn.data.corpora import load_splits
 from dist_rnn.errors import UserError
-from dist_rnn.vocab import Vocabulary, tokenize
+from dist_rnn.data.vocab import Vocabulary, tokenize
 
 
 @dataclass
@@ -22,7 +22,7 @@ class EncodedCorpus:
         valid: Validation split ids (may be empty).
         test: Test split ids (may be empty).
         data_sha256: SHA-256 of the three splits' text (see
-            :meth:`~dist_rnn.corpora.Splits.sha256`), to recognize the same
+            :meth:`~dist_rnn.data.corpora.Splits.sha256`), to recognize the same
             data at another path.
     """
 

@@ -2,7 +2,7 @@
 
 One trainer for every backend: the replica logic sits behind
 :class:`~dist_rnn.distribution.Backend`, the gradient order in
-:mod:`dist_rnn.steps`. The recurrent state is carried per replica from batch to
+:mod:`dist_rnn.training.steps`. The recurrent state is carried per replica from batch to
 batch within an epoch and reset at each epoch start; evaluation does the same.
 """
 
@@ -17,20 +17,20 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from dist_rnn.batching import EvalBatcher, StreamBatcher
-from dist_rnn.checkpoints import Checkpointer, TrainingState, accepted_fingerprints, run_fingerprint
+from dist_rnn.data.batching import EvalBatcher, StreamBatcher
+from dist_rnn.training.checkpoints import Checkpointer, TrainingState, accepted_fingerprints, run_fingerprint
 from dist_rnn.config import Config
-from dist_rnn.dataset import EncodedCorpus
+from dist_rnn.data.encoding import EncodedCorpus
 from dist_rnn.distribution import Backend
 from dist_rnn.errors import UserError
 from dist_rnn.generation import Sampler, model_step_fn
-from dist_rnn.gradients import DynamicLossScale
-from dist_rnn.model import build_model, check_cudnn_requirement, cudnn_excluded_by, kernel_report
-from dist_rnn.optimizers import build_optimizer
-from dist_rnn.preemption import StopRequest
+from dist_rnn.training.gradients import DynamicLossScale
+from dist_rnn.models.model import build_model, check_cudnn_requirement, cudnn_excluded_by, kernel_report
+from dist_rnn.training.optimizers import build_optimizer
+from dist_rnn.training.preemption import StopRequest
 from dist_rnn.run_dir import RunDirectory
-from dist_rnn.schedules import learning_rate_at
-from dist_rnn.steps import StepFunctions
+from dist_rnn.training.schedules import learning_rate_at
+from dist_rnn.training.steps import StepFunctions
 from dist_rnn.summaries import MetricsLogger, peak_memory, perplexity
 
 log = logging.getLogger("dist_rnn")
@@ -98,14 +98,6 @@ class EvalResult:
         if self.level == "char":
             out["bpc"] = self.loss / math.log(2)
         return out
-
-
-def set_precision(precision: str) -> None:
-    """Sets the Keras global dtype policy; warns that float16 is slow on a CPU."""
-    keras.mixed_precision.set_global_policy(precision)
-    if precision == "mixed_float16" and not tf.config.list_logical_devices("GPU"):
-        log.warning("warning: train.precision mixed_float16 on a CPU works but is slow; "
-                    "use mixed_bfloat16 or float32 on CPU")
 
 
 class Trainer:
@@ -418,7 +410,7 @@ class Trainer:
         """Evaluates a whole split with the state carried across batches.
 
         Every token but the first is scored exactly once (see
-        :class:`~dist_rnn.batching.EvalBatcher`); ``tokens`` counts them.
+        :class:`~dist_rnn.data.batching.EvalBatcher`); ``tokens`` counts them.
 
         Raises:
             UserError: If the split is empty.

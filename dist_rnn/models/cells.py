@@ -70,7 +70,7 @@ def recurrent_dropout_mask(rate, units, batch, dtype, seed, salt, rows=None):
     """The variational recurrent-dropout mask of one layer for one call.
 
     Drawn statelessly for the whole global batch and sliced to this replica's
-    rows, as the non-recurrent dropout of ``dist_rnn.model.StatelessDropout``:
+    rows, as the non-recurrent dropout of ``dist_rnn.models.model.StatelessDropout``:
     row ``g`` of the global batch gets the same mask however the rows are
     spread over replicas, and the same mask again when a step is re-run
     (after a resume).

@@ -3,7 +3,7 @@
 Optimizers are built without Keras' own clipping (``clipnorm``,
 ``global_clipnorm``): Keras clips each replica's local gradient before the
 all-reduce. dist-rnn clips the reduced gradient itself (see
-:mod:`dist_rnn.gradients`).
+:mod:`dist_rnn.training.gradients`).
 """
 
 from __future__ import annotations
