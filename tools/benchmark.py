@@ -169,9 +169,13 @@ def main(argv=None) -> int:
     results = _time_all_groups(rows, args, machine, command, jsonl, log, notes)
     text = markdown(results, notes, machine, command, args)
     (out / "results.md").write_text(text, encoding="utf-8")
-    chart(results, out / "results.png")
+    if results:
+        chart(results, out / "results.png")
     print()
     print(text)
+    if not results:
+        log(f"no row could be timed (see the notes); wrote {jsonl}, {out / 'results.md'}")
+        return 1
     log(f"wrote {jsonl}, {out / 'results.md'}, {out / 'results.png'}")
     return 0
 

@@ -124,6 +124,8 @@ def run_group(rows: list[dict], args, log, notes: list[str]) -> list[dict]:
     workers, results = [], []
     try:
         _start_workers(rows, args.timeout, log, notes, workers, results)
+        if not workers:  # every row failed to start (noted): nothing to interleave
+            return []
         for r in range(args.repeats):
             _time_round(r, workers, results)
             log(f"  round {r + 1}/{args.repeats}: " + ", ".join(
