@@ -32,8 +32,8 @@ Adding a measurement (a new system, e.g. a compiled recurrence or an output laye
    with ``protocol.serve(spec, run, memory, info)``. Import heavy libraries
    inside the function: the parent imports nothing of the worker side.
 2. Register it in ``systems.SYSTEMS`` (name, label, ``"<module>.work_<name>"``):
-   ``--systems`` then accepts it and ``build_rows`` makes one row per cell and
-   precision. Only a system that expands over more settings (as ``loop`` does over
+   ``--systems`` then accepts it (and runs it by default) and ``build_rows`` makes
+   one row per cell and precision. Only a system that expands over more settings (as ``loop`` does over
    ``--backend`` and ``--jit``) needs a branch in ``rows.build_rows``, and
    ``systems.label`` if that shows in its name.
 3. Ratios against the dist-rnn loop appear in ``results.md`` by themselves; a
