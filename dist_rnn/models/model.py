@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from dist_rnn.config import TWO_STATE_CELLS, ModelConfig
 from dist_rnn.errors import UserError
+from dist_rnn.models.layers import RECURRENT_LAYERS
 
 FUSED_CELLS = ("lstm", "gru")
 #: Recurrent layer ``i`` folds ``RECURRENT_DROPOUT_SALT + i`` into the step seed (the
@@ -101,7 +102,7 @@ def kernel_report(config: ModelConfig, gpu_visible: bool, jit_compile: bool = Fa
     report = []
     for i in range(config.num_layers):
         if config.cell not in FUSED_CELLS:
-            fused, reason = False, "custom cell"
+            fused, reason = False, RECURRENT_LAYERS[config.cell].fused_kernel_reason
         elif config.cudnn == "off":
             fused, reason = False, "model.cudnn: off"
         elif config.recurrent_dropout > 0:
@@ -280,8 +281,6 @@ def recurrent_layer(config: ModelConfig, index: int, seed: int = 0, allow_cudnn:
     if config.init_scale and config.cell in ("lstm", "gru", "rnn"):
         # The layer-norm cells have no bias; their gains and shifts keep their constant starts.
         init["bias_initializer"] = weight_initializer(config, seed, f"{name}/bias")
-    from dist_rnn.models.layers import RECURRENT_LAYERS
-
     cls = RECURRENT_LAYERS[config.cell]
     if config.cell in FUSED_CELLS:
         # Keras' LSTM/GRU (cuDNN on a GPU, same weights) whose non-cuDNN path
