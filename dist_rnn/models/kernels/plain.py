@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from dist_rnn.models.kernels.common import rows_matmul, shifted, sum_tb, tensor_array, weight_grad, with_custom_gradient
+from dist_rnn.models.kernels.common import (rows_matmul, shifted, sum_tb, tensor_array, weight_grad,
+                                            with_custom_gradient)
 
 
 def lstm(proj, h0, c0, rkernel, mask, units):
@@ -126,10 +127,10 @@ def _lstm_backward(d_outputs, inputs, mask, saved, units):
 
 
 def _gru_forward(proj, h0, rkernel, rbias, mask, units):
-    """Forward pass of :class:`~dist_rnn.models.keras_rnn.GRU` (``reset_after``) over ``proj`` ``(T, B, 3U)`` (order z, r, h).
+    """Forward pass of :class:`~dist_rnn.models.keras_rnn.GRU` (``reset_after``) over ``proj`` ``(T, B, 3U)``.
 
-    ``mask`` (recurrent dropout, or None) multiplies ``h`` before the
-    recurrent matmul; the update ``h_t = hh + z * (h_{t-1} - hh)`` uses the
+    Gate order z, r, h. ``mask`` (recurrent dropout, or None) multiplies ``h``
+    before the recurrent matmul; the update ``h_t = hh + z * (h_{t-1} - hh)`` uses the
     unmasked state.
 
     Returns:
