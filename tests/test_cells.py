@@ -1,4 +1,5 @@
-"""Tests of dist_rnn.models.cells against NumPy re-implementations of the documented equations."""
+"""Tests of dist_rnn.models' own layers (LayerNormLSTM, LayerNormGRU, VanillaRNN) against NumPy
+re-implementations of the documented equations."""
 
 import itertools
 
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dist_rnn.models.cells import LN_EPSILON, LayerNormGRU, LayerNormLSTM, VanillaRNN
+from dist_rnn.models import LN_EPSILON, LayerNormGRU, LayerNormLSTM, VanillaRNN
 
 LAYERS = [LayerNormLSTM, LayerNormGRU, VanillaRNN]
 WEIGHT_NAMES = {

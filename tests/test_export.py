@@ -119,7 +119,7 @@ FRESH_PROCESS = textwrap.dedent("""
     exported = ExportedModel(out)
     logits = exported.logits(np.array(tokens, np.int32))
     ids = exported.sampler().generate(prime, **sample_args)
-    training_code = sorted(m for m in ("dist_rnn.models.model", "dist_rnn.training.trainer", "dist_rnn.models.cells", "dist_rnn.app")
+    training_code = sorted(m for m in ("dist_rnn.models.model", "dist_rnn.training.trainer", "dist_rnn.models", "dist_rnn.app")
                            if m in sys.modules)
     print(json.dumps({"logits": logits.tolist(), "ids": ids, "texts": [exported.vocab.decode(r) for r in ids],
                       "training_code": training_code}))

@@ -154,7 +154,7 @@ CATALOGUE: tuple[Mutant, ...] = (
            ("tests/test_fast_mirrored.py",)),
     # ---- this round's correctness fixes
     Mutant("recurrent-mask-per-local-row", "recurrent-dropout masks drawn by local row (every replica draws rows 0..b-1)",
-           "dist_rnn/models/cells.py",
+           "dist_rnn/models/dropout.py",
            "keep = uniform[rows[0]:rows[0] + batch] >= rate",
            "keep = uniform[0:batch] >= rate",
            ("tests/test_recurrent_dropout.py::test_mask_of_a_row_does_not_depend_on_the_replica_layout",)),

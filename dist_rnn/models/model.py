@@ -3,7 +3,7 @@
 Dropout (``model.dropout``) is applied to non-recurrent connections (after
 the embedding, between layers and before the softmax), as in Zaremba et al.
 2014; ``model.recurrent_dropout`` adds variational dropout on the state fed
-to each layer's recurrent matmul (``dist_rnn.models.cells``). All masks are drawn
+to each layer's recurrent matmul (``dist_rnn.models.dropout``). All masks are drawn
 statelessly over the global batch from a seed passed with each call, and each
 replica keeps the rows it owns: a step's dropout depends only on (run seed,
 step, dropout site, row), not on how rows are spread over replicas. Runs are
@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from dist_rnn.config import TWO_STATE_CELLS, ModelConfig
 from dist_rnn.errors import UserError
+from dist_rnn.models.layers import RECURRENT_LAYERS
 
 FUSED_CELLS = ("lstm", "gru")
 #: Recurrent layer ``i`` folds ``RECURRENT_DROPOUT_SALT + i`` into the step seed (the
@@ -40,7 +41,7 @@ class LayerKernel:
     """Which kernel one recurrent layer runs, and why.
 
     Every layer runs either the fused cuDNN kernel or dist-rnn's fused
-    recurrence (``dist_rnn.models.cells``: one input matmul, hand-written backward
+    recurrence (``dist_rnn.models.kernels``: one input matmul, hand-written backward
     pass); Keras' generic per-step cell never runs.
 
     Attributes:
@@ -87,7 +88,7 @@ def cudnn_excluded_by(jit_compile: bool = False, precision: str = "float32", exp
 
 def kernel_report(config: ModelConfig, gpu_visible: bool, jit_compile: bool = False, precision: str = "float32",
                   export: bool = False) -> list[LayerKernel]:
-    """Says for each layer whether it runs the fused cuDNN kernel, as ``cells.LSTM``/``GRU`` decide.
+    """Says for each layer whether it runs the fused cuDNN kernel, as ``keras_rnn.LSTM``/``GRU`` decide.
 
     Args:
         config: The ``model`` section.
@@ -101,7 +102,7 @@ def kernel_report(config: ModelConfig, gpu_visible: bool, jit_compile: bool = Fa
     report = []
     for i in range(config.num_layers):
         if config.cell not in FUSED_CELLS:
-            fused, reason = False, "custom cell"
+            fused, reason = False, RECURRENT_LAYERS[config.cell].fused_kernel_reason
         elif config.cudnn == "off":
             fused, reason = False, "model.cudnn: off"
         elif config.recurrent_dropout > 0:
@@ -264,7 +265,7 @@ def recurrent_layer(config: ModelConfig, index: int, seed: int = 0, allow_cudnn:
             (see :func:`cudnn_excluded_by`); same weights either way.
 
     Returns:
-        ``cells.LSTM``/``cells.GRU`` (Keras' layers: cuDNN on a GPU unless
+        ``keras_rnn.LSTM``/``keras_rnn.GRU`` (Keras' layers: cuDNN on a GPU unless
         recurrent dropout, dist-rnn's fused recurrence elsewhere; ``model.cudnn:
         require`` builds them with ``use_cudnn=True``) or a dist-rnn
         layer-norm/vanilla layer, with ``return_sequences`` and
@@ -280,12 +281,10 @@ def recurrent_layer(config: ModelConfig, index: int, seed: int = 0, allow_cudnn:
     if config.init_scale and config.cell in ("lstm", "gru", "rnn"):
         # The layer-norm cells have no bias; their gains and shifts keep their constant starts.
         init["bias_initializer"] = weight_initializer(config, seed, f"{name}/bias")
-    from dist_rnn.models.layers import RECURRENT_LAYERS
-
     cls = RECURRENT_LAYERS[config.cell]
     if config.cell in FUSED_CELLS:
         # Keras' LSTM/GRU (cuDNN on a GPU, same weights) whose non-cuDNN path
-        # runs the fused recurrence of dist_rnn.models.cells instead of Keras' generic cell.
+        # runs the fused recurrence of dist_rnn.models.kernels instead of Keras' generic cell.
         extra = {"reset_after": True} if config.cell == "gru" else {}
         if config.init_scale and config.cell == "lstm":
             extra["unit_forget_bias"] = False
