@@ -163,7 +163,7 @@ def train(config_paths: list[str], overrides: list[str], run_dir: str | None) ->
     from dist_rnn.data.encoding import encode_corpus
     from dist_rnn.distribution import create_backend
     from dist_rnn.summaries import MetricsLogger, setup_logging
-    from dist_rnn.training.trainer import Trainer
+    from dist_rnn.training.factory import build_trainer
 
     backend = create_backend(config.distribute)
     setup_logging(backend.is_chief)
@@ -173,7 +173,8 @@ def train(config_paths: list[str], overrides: list[str], run_dir: str | None) ->
     corpus = encode_corpus(config.data, saved_vocab)
     if saved is not None and saved_vocab is not None:
         check_same_data(rd, config, corpus, "resume")
-    trainer = Trainer(config, rd, backend, corpus)
+    metrics = MetricsLogger.for_run(config, rd, backend.is_chief)  # writes nothing until the first record
+    trainer = build_trainer(config, rd, backend=backend, corpus=corpus, metrics=metrics)
     restored = trainer.restore()
     if saved is not None and restored:
         check_epoch_invariant_keys(saved, config, int(trainer.state.epoch), int(trainer.state.batch_in_epoch), rd)
@@ -191,13 +192,11 @@ def train(config_paths: list[str], overrides: list[str], run_dir: str | None) ->
         log.info(f"resumed from {restored} (step {int(trainer.state.step)})")
         for change in changes:
             log.info(f"config change on resume: {change}")
-    metrics = MetricsLogger(rd.path, backend.is_chief, config.logging.tensorboard, config.logging.progress,
-                            config.data.level)
     metrics.text("train", "config", "```\n" + config.to_yaml() + "```", int(trainer.state.step))
     metrics.text("train", "kernels", "\n".join("    " + k.line() for k in trainer.kernels), int(trainer.state.step))
     metrics.hparams(hparams_of(config, backend.num_replicas), rd.path.name)
     try:
-        result = trainer.train(metrics)
+        result = trainer.train()
         # A stopped run (preemption) exits at once: its grace period is for the checkpoint.
         if backend.is_chief and config.train.sample_length and not result.get("stopped_by"):
             sample = trainer.sample(config.train.sample_prime, config.train.sample_length, seed=0)
@@ -243,14 +242,14 @@ def evaluate(run_dir: str, split: str, checkpoint: str = "latest", overrides: li
     from dist_rnn.data.encoding import encode_corpus
     from dist_rnn.distribution import create_backend
     from dist_rnn.summaries import setup_logging
-    from dist_rnn.training.trainer import Trainer
+    from dist_rnn.training.factory import build_trainer
 
     path = find_checkpoint(rd.path, checkpoint)
     setup_logging(True)
     _setup_tensorflow(config, precision="float32")
     corpus = encode_corpus(config.data, vocab)
     check_same_data(rd, config, corpus, "evaluate")
-    trainer = Trainer(config, rd, create_backend(config.distribute), corpus)
+    trainer = build_trainer(config, rd, backend=create_backend(config.distribute), corpus=corpus)
     if checkpoint == "latest":
         path = trainer.restore()  # the newest that loads, with checkpoint.fallback
     else:

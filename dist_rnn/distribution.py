@@ -110,8 +110,8 @@ class Backend:
         """Any one replica's copy of a value identical on all replicas."""
         return self.local_results(value)[0]
 
-    def after_optimizer_built(self, variables: list) -> None:
-        """Hook to synchronize freshly initialized or restored variables."""
+    def after_variables_ready(self, variables: list) -> None:
+        """Called once the variables are final (freshly initialized or restored): e.g. broadcasts them from rank 0."""
 
     def any_worker(self, flag: bool) -> bool:
         """Whether ``flag`` is set on any worker (a collective on multi-process backends).
@@ -351,7 +351,7 @@ class HorovodBackend(Backend):
     def reduce_sum(self, value):
         return self.hvd.allreduce(value, op=self.hvd.Sum)
 
-    def after_optimizer_built(self, variables):
+    def after_variables_ready(self, variables):
         self.hvd.broadcast_variables([getattr(v, "value", v) for v in variables], root_rank=0)
 
     def any_worker(self, flag):

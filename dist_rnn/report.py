@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from dist_rnn.errors import UserError
+from dist_rnn.run_dir import RunDirectory
 
 SPLITS = ("train", "valid", "test")
 
@@ -387,13 +388,14 @@ def report(run_dir: str | Path, out: str | Path | None = None) -> dict:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run directory not found: {run_dir}")
-    config = load_config_dict(run_dir / "config.yaml")
-    metrics_file = run_dir / "metrics.jsonl"
+    rd = RunDirectory(run_dir)
+    config = load_config_dict(rd.config_file)
+    metrics_file = rd.metrics_file
     metrics = load_metrics(metrics_file)
     if not metrics:
         raise UserError(f"{metrics_file} holds no metrics yet (nothing logged)")
     summary = summarize(config, metrics)
-    out_path = Path(out) if out is not None else run_dir / "report.png"
+    out_path = Path(out) if out is not None else rd.report_file
     title = (f"{run_dir.name}: {_v(summary['num_layers'])} x {_v(summary['cell'])} {_v(summary['hidden_size'])}, "
              f"{_v(summary['corpus'])} ({_v(summary['level'])}), {_v(summary['optimizer'])}, "
              f"batch {_v(summary['batch_size'])} x {_v(summary['num_steps'])}, {summary['steps']:,} steps")

@@ -30,12 +30,14 @@ import tensorflow as tf
 
 from dist_rnn.config import RESUME_INVARIANT_KEYS, Config, flatten
 from dist_rnn.errors import UserError
+from dist_rnn.run_dir import RunDirectory
 
 log = logging.getLogger("dist_rnn")
 
 # Checkpointed objects a checkpoint may lack: the loss scale exists only under
 # mixed_float16, so a checkpoint saved in another precision has none.
 OPTIONAL_OBJECTS = ("loss_scale",)
+BEST_RECORD = "best.json"  # beside the best checkpoint: its step, loss, perplexity and file name
 _FINGERPRINT_KEY = "training_state/fingerprint/.ATTRIBUTES/VARIABLE_VALUE"
 
 
@@ -66,16 +68,16 @@ def accepted_fingerprints(config: Config, vocab_tokens: list[str]) -> tuple[str,
 def read_best_record(best_directory: Path) -> dict | None:
     """``{"step", "loss", "perplexity", "checkpoint"}`` from ``best_directory/best.json``, or None."""
     try:
-        return json.loads((Path(best_directory) / "best.json").read_text())
+        return json.loads((Path(best_directory) / BEST_RECORD).read_text())
     except (OSError, json.JSONDecodeError):
         return None
 
 
-def find_checkpoint(run_path: Path, choice: str) -> str:
+def find_checkpoint(run_dir: RunDirectory | Path, choice: str) -> str:
     """Resolves ``--checkpoint best|latest|PATH`` of a run to a checkpoint path prefix.
 
     Args:
-        run_path: The run directory.
+        run_dir: The run directory (or its path).
         choice: ``latest`` (newest rolling checkpoint in ``RUN_DIR/checkpoints``),
             ``best`` (``RUN_DIR/best``, the lowest validation loss so far) or a
             checkpoint path prefix (``.../ckpt-20``) or a folder of checkpoints
@@ -87,20 +89,20 @@ def find_checkpoint(run_path: Path, choice: str) -> str:
     Raises:
         UserError: If there is no such checkpoint.
     """
-    run_path = Path(run_path)
+    rd = run_dir if isinstance(run_dir, RunDirectory) else RunDirectory(run_dir)
     if choice == "latest":
-        path = tf.train.latest_checkpoint(str(run_path / "checkpoints"))
+        path = tf.train.latest_checkpoint(str(rd.checkpoints))
         if path is None:
-            raise UserError(f"{run_path / 'checkpoints'} holds no checkpoint")
+            raise UserError(f"{rd.checkpoints} holds no checkpoint")
         return path
     if choice == "best":
-        record = read_best_record(run_path / "best")
+        record = read_best_record(rd.best)
         if record is None or "checkpoint" not in record:
-            raise UserError(f"--checkpoint best: {run_path} has no best checkpoint yet ({run_path / 'best' / 'best.json'} "
+            raise UserError(f"--checkpoint best: {rd.path} has no best checkpoint yet ({rd.best / BEST_RECORD} "
                             f"is written at the first evaluation on a non-empty validation split)")
-        path = run_path / "best" / record["checkpoint"]
+        path = rd.best / record["checkpoint"]
         if not Path(f"{path}.index").is_file():
-            raise UserError(f"--checkpoint best: {run_path / 'best' / 'best.json'} names {path}, which is missing")
+            raise UserError(f"--checkpoint best: {rd.best / BEST_RECORD} names {path}, which is missing")
         return str(path)
     given = Path(choice).expanduser()
     if Path(f"{given}.index").is_file():
@@ -110,7 +112,7 @@ def find_checkpoint(run_path: Path, choice: str) -> str:
         if path is not None:
             return path
     raise UserError(f"--checkpoint {choice}: no checkpoint there (give best, latest, a checkpoint path such as "
-                    f"{run_path / 'checkpoints' / 'ckpt-20'}, or a folder of checkpoints)")
+                    f"{rd.checkpoints / 'ckpt-20'}, or a folder of checkpoints)")
 
 
 def check_fingerprint(path: str, expected: str | tuple[str, ...]) -> None:
@@ -195,9 +197,9 @@ class Checkpointer:
         if self._best_manager is None:
             self._best_manager = tf.train.CheckpointManager(self.checkpoint, str(self.best_directory), max_to_keep=1)
         path = self._best_manager.save(checkpoint_number=step)
-        tmp = self.best_directory / "best.json.tmp"
+        tmp = self.best_directory / f"{BEST_RECORD}.tmp"
         tmp.write_text(json.dumps({**record, "step": step, "checkpoint": Path(path).name}) + "\n")
-        tmp.replace(self.best_directory / "best.json")
+        tmp.replace(self.best_directory / BEST_RECORD)
         return path
 
     def restore(self, path: str, expected_fingerprint: str | tuple[str, ...] | None = None,
