@@ -35,8 +35,10 @@ def dist_rnn_config(spec: dict, data_path: Path, max_steps: int):
     })
 
 
-def assemble_trainer(config, run_path: Path):
+def assemble_trainer(config, run_path: Path, metrics_type=None):
     """A dist-rnn Trainer for ``config``, as the CLI assembles one, with its run directory at ``run_path``.
+
+    ``metrics_type`` (a MetricsLogger class) makes the trainer's metrics logger, as ``dist-rnn train`` does.
 
     Creates the backend (and the logical CPU devices of a mirrored backend, so it
     must run before TensorFlow initializes), seeds, sets the precision policy,
@@ -49,7 +51,7 @@ def assemble_trainer(config, run_path: Path):
     from dist_rnn.distribution import create_backend
     from dist_rnn.run_dir import RunDirectory
     from dist_rnn.runtime import set_precision
-    from dist_rnn.training.trainer import Trainer
+    from dist_rnn.training.factory import build_trainer
 
     backend = create_backend(config.distribute)
     check_divisible(config, backend.num_replicas)
@@ -58,18 +60,20 @@ def assemble_trainer(config, run_path: Path):
     corpus = encode_corpus(config.data)
     run_dir = RunDirectory(run_path)
     run_dir.ensure()
-    trainer = Trainer(config, run_dir, backend, corpus)
+    metrics = (metrics_type(run_dir, True, tensorboard=config.logging.tensorboard, progress="off", level="char")
+               if metrics_type else None)
+    trainer = build_trainer(config, run_dir, backend=backend, corpus=corpus, metrics=metrics)
     trainer.restore()
     return trainer
 
 
-def _row_trainer(spec: dict, workdir: Path, max_steps: int):
+def _row_trainer(spec: dict, workdir: Path, max_steps: int, metrics_type=None):
     """The row's ``(config, trainer, info)``: synthetic text in ``workdir``, thread settings, the Trainer."""
     data_path = workdir / "synthetic.txt"
     data_path.write_text(synthetic_text(spec), encoding="utf-8")
     config = dist_rnn_config(spec, data_path, max_steps)
     tf_setup(spec)
-    trainer = assemble_trainer(config, workdir / "run")
+    trainer = assemble_trainer(config, workdir / "run", metrics_type)
     backend = trainer.backend
     info = {"vocab": len(trainer.corpus.vocab), "replicas": backend.num_replicas, "devices": backend.devices,
             "parameters": trainer.parameter_count, "kernels": [k.line() for k in trainer.kernels]}
@@ -86,12 +90,6 @@ def work_loop(spec: dict, workdir: Path) -> None:
     Nothing in the trainer is changed or hooked.
     """
     from dist_rnn.summaries import MetricsLogger
-
-    base_rss = peak_rss_mib()
-    max_steps = (spec["warmup"] + spec["repeats"] + 2) * spec["steps"]
-    config, trainer, info = _row_trainer(spec, workdir, max_steps)
-    commands = Commands(lambda: tf_memory(base_rss))
-    t_build = time.perf_counter()
 
     class TimedMetrics(MetricsLogger):
         started = None
@@ -111,14 +109,17 @@ def work_loop(spec: dict, workdir: Path) -> None:
             commands.next()
             self.started = time.perf_counter()
 
-    metrics = TimedMetrics(trainer.run_dir.path, True, tensorboard=config.logging.tensorboard, progress="off",
-                           level="char")
+    base_rss = peak_rss_mib()
+    max_steps = (spec["warmup"] + spec["repeats"] + 2) * spec["steps"]
+    config, trainer, info = _row_trainer(spec, workdir, max_steps, TimedMetrics)
+    commands = Commands(lambda: tf_memory(base_rss))
+    t_build = time.perf_counter()
     try:
-        trainer.train(metrics)
+        trainer.train()
     except Quit:
         return
     finally:
-        metrics.close()
+        trainer.metrics.close()
     raise RuntimeError("the training loop ended before the parent was done timing")
 
 
