@@ -21,7 +21,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from dist_rnn.errors import UserError
+from dist_rnn.errors import UserError, first_line
 
 CORPORA = ("stdlib", "file", "tinyshakespeare", "ptb", "text8")
 CELLS = ("lstm", "gru", "ln_lstm", "ln_gru", "rnn")
@@ -384,7 +384,7 @@ def _read_yaml(path: str) -> dict[str, Any]:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else path
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        problem = getattr(e, "problem", None) or first_line(e, limit=None)
         raise UserError(f"{where}: invalid YAML: {problem}") from None
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text") from None

@@ -41,7 +41,7 @@ import numpy as np
 import tensorflow as tf
 
 from dist_rnn import __version__
-from dist_rnn.errors import UserError
+from dist_rnn.errors import UserError, first_line
 from dist_rnn.data.vocab import Vocabulary
 
 EXPORT_FORMAT = "dist-rnn-export"
@@ -214,8 +214,7 @@ class ExportedModel:
         try:
             self._loaded = tf.saved_model.load(str(self.path / SAVED_MODEL_DIR))
         except (OSError, ValueError, tf.errors.OpError) as e:
-            first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
-            raise UserError(f"{self.path / SAVED_MODEL_DIR}: cannot load the SavedModel: {first[:300]}") from None
+            raise UserError(f"{self.path / SAVED_MODEL_DIR}: cannot load the SavedModel: {first_line(e)}") from None
         signatures = self._loaded.signatures
         missing = [name for name in ("serve", "step") if name not in signatures]
         if missing:

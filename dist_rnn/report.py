@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from dist_rnn.errors import UserError
+from dist_rnn.errors import UserError, first_line
 
 SPLITS = ("train", "valid", "test")
 
@@ -361,7 +361,7 @@ def plot(metrics: list[dict], out_path: str | Path, title: str | None = None) ->
     except OSError as e:
         raise UserError(f"cannot write {out_path}: {e.strerror or e}") from None
     except ValueError as e:  # unsupported image format
-        raise UserError(f"cannot write {out_path}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot write {out_path}: {first_line(e, limit=None)}") from None
     return out_path
 
 

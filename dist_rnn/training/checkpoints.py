@@ -29,7 +29,7 @@ from pathlib import Path
 import tensorflow as tf
 
 from dist_rnn.config import RESUME_INVARIANT_KEYS, Config, flatten
-from dist_rnn.errors import UserError
+from dist_rnn.errors import UserError, first_line
 
 log = logging.getLogger("dist_rnn")
 
@@ -235,7 +235,7 @@ class Checkpointer:
         except (tf.errors.OpError, ValueError, AssertionError, IndexError, KeyError) as e:
             # A truncated file surfaces as IndexError ("Read less bytes
             # than requested") from the checkpoint reader.
-            raise _Unreadable(path, _first_line(e)) from None
+            raise _Unreadable(path, first_line(e)) from None
         if "loss_scale" in absent:
             log.info(f"checkpoint {path} has no loss scale (saved in another train.precision): "
                      "the loss scale starts fresh at train.loss_scale.initial")
@@ -289,8 +289,3 @@ class _Unreadable(UserError):
 def _files_of(prefix: str) -> str:
     files = sorted(str(p) for p in Path(prefix).parent.glob(Path(prefix).name + ".*"))
     return ", ".join(files) if files else prefix
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return (text.splitlines()[0] if text else error.__class__.__name__)[:300]
