@@ -125,7 +125,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "late
 
     import keras
 
-    from dist_rnn.app import load_model_for_inference
+    from dist_rnn.inference import load_model_for_inference
 
     out = Path(out_dir)
     _check_out_dir(out)
