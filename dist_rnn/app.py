@@ -12,12 +12,13 @@ import logging
 import sys
 from pathlib import Path
 
-from dist_rnn.config import (DATA_LOCATION_KEYS, EPOCH_INVARIANT_KEYS, RESUME_INVARIANT_KEYS, Config,
+from dist_rnn.config import (EPOCH_INVARIANT_KEYS, RESUME_INVARIANT_KEYS, Config,
                              changed_keys, check_divisible, load_config, resume_invariant_differences,
                              save_config)
 from dist_rnn.errors import UserError
 from dist_rnn.run_dir import RunDirectory
-from dist_rnn.runtime import import_tensorflow
+from dist_rnn.inference import inference_config, load_model_for_inference
+from dist_rnn.runtime import import_tensorflow, setup_tensorflow
 
 log = logging.getLogger("dist_rnn")
 
@@ -139,18 +140,6 @@ def check_epoch_invariant_keys(saved: Config, config: Config, epoch: int, index:
                         "epoch's end, e.g. by train.max_epochs) or use a new --run-dir")
 
 
-def _setup_tensorflow(config: Config, precision: str | None = None) -> None:
-    import keras
-    import tensorflow as tf
-
-    from dist_rnn.runtime import set_precision
-
-    if config.train.deterministic:
-        tf.config.experimental.enable_op_determinism()
-    keras.utils.set_random_seed(config.train.seed)
-    set_precision(precision or config.train.precision)
-
-
 def train(config_paths: list[str], overrides: list[str], run_dir: str | None) -> dict:
     """``dist-rnn train``: trains a new run or resumes one.
 
@@ -168,7 +157,7 @@ def train(config_paths: list[str], overrides: list[str], run_dir: str | None) ->
     backend = create_backend(config.distribute)
     setup_logging(backend.is_chief)
     check_divisible(config, backend.num_replicas)
-    _setup_tensorflow(config)
+    setup_tensorflow(config)
     saved_vocab = rd.load_vocab()
     corpus = encode_corpus(config.data, saved_vocab)
     if saved is not None and saved_vocab is not None:
@@ -246,7 +235,7 @@ def evaluate(run_dir: str, split: str, checkpoint: str = "latest", overrides: li
 
     path = find_checkpoint(rd.path, checkpoint)
     setup_logging(True)
-    _setup_tensorflow(config, precision="float32")
+    setup_tensorflow(config, precision="float32")
     corpus = encode_corpus(config.data, vocab)
     check_same_data(rd, config, corpus, "evaluate")
     trainer = build_trainer(config, rd, backend=create_backend(config.distribute), corpus=corpus)
@@ -258,65 +247,6 @@ def evaluate(run_dir: str, split: str, checkpoint: str = "latest", overrides: li
     result["step"] = int(trainer.state.step)
     result["checkpoint"] = path
     return result
-
-
-def inference_config(rd: RunDirectory, overrides: list[str], command: str) -> Config:
-    """The saved config of a run with ``--set`` overrides of where its data is read from.
-
-    Raises:
-        UserError: If an override changes a key outside
-            :data:`~dist_rnn.config.DATA_LOCATION_KEYS`, or is invalid.
-    """
-    saved = rd.load_config()
-    if not overrides:
-        return saved
-    config = load_config([], overrides, base=saved.to_dict())
-    others = [c for c in changed_keys(saved, config) if c.split(":", 1)[0] not in DATA_LOCATION_KEYS]
-    if others:
-        raise UserError(f"{command} --set may change only where the data is read from "
-                        f"({', '.join(DATA_LOCATION_KEYS)}), not " + "; ".join(others))
-    return config
-
-
-def load_model_for_inference(run_dir: str, checkpoint: str = "latest", overrides: list[str] = (),
-                             command: str = "generate", allow_cudnn: bool = True):
-    """Builds the model of a run and restores a checkpoint's weights (float32, one device).
-
-    Args:
-        run_dir: The training run.
-        checkpoint: ``latest``, ``best`` or a checkpoint path.
-        overrides: ``--set`` of :data:`~dist_rnn.config.DATA_LOCATION_KEYS`.
-        command: The command, for messages.
-        allow_cudnn: False keeps ``lstm``/``gru`` off cuDNN even on a GPU (for a portable export).
-
-    Returns:
-        ``(model, vocab, config, checkpoint_path)``.
-
-    Raises:
-        UserError: No such checkpoint, one of another run, or unreadable.
-    """
-    rd = RunDirectory(run_dir)
-    config = inference_config(rd, overrides, command)
-    vocab = rd.load_vocab()
-    if vocab is None:
-        raise UserError(f"{rd.path} has no vocab.json")
-    tf = import_tensorflow()
-
-    from dist_rnn.training.checkpoints import accepted_fingerprints, check_fingerprint, find_checkpoint
-    from dist_rnn.models.model import build_model
-
-    path = find_checkpoint(rd.path, checkpoint)
-    check_fingerprint(path, accepted_fingerprints(config, vocab.tokens))
-    _setup_tensorflow(config, precision="float32")
-    if config.model.cudnn == "require":
-        # Same weights; sampling and export must also work where cuDNN cannot run.
-        config.model.cudnn = "auto"
-    model = build_model(config.model, len(vocab), config.train.seed, allow_cudnn=allow_cudnn)
-    try:
-        tf.train.Checkpoint(model=model).restore(path).expect_partial().assert_existing_objects_matched()
-    except (tf.errors.OpError, AssertionError, ValueError) as e:
-        raise UserError(f"checkpoint {path} cannot be restored: {str(e).splitlines()[0][:300]}") from None
-    return model, vocab, config, path
 
 
 def generate(run_dir: str, prime: str, length: int, temperature: float, top_k: int, top_p: float,

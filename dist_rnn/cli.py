@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
     from dist_rnn import runtime
-    from dist_rnn.errors import UserError
+    from dist_rnn.errors import UserError, first_line
 
     runtime.show_startup_logs(args.verbose)
 
@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:
         if _is_lost_peer(e):
-            first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
-            sys.stderr.write(f"error: a collective operation failed, another worker probably died: {first[:300]}\n")
+            sys.stderr.write("error: a collective operation failed, another worker probably died: "
+                             f"{first_line(e)}\n")
             return 1
         raise
     return 0

@@ -1,11 +1,13 @@
 """Distribution backends behind one small interface.
 
 The trainer sees a :class:`Backend`: it creates variables in ``scope()``,
-places the global batch on replicas with ``distribute_rows`` (replica ``r``
-always owns rows ``r*b .. r*b+b-1``), runs a per-replica function with
-``run``, all-reduces gradients with ``all_reduce_sum`` and applies updates
-once, in cross-replica context, with ``apply_once``. Everything else
-(gradient order, state carrying, logging) is backend-independent.
+places the global batch on replicas with ``shard`` (replica ``r`` always owns
+rows ``r*b .. r*b+b-1``) and collects per-replica rows back with ``gather``,
+runs a per-replica function with ``run``, all-reduces gradients with
+``all_reduce_sum`` and applies the update on every replica or on none (when
+the reduced gradients are not finite) with ``apply_if_finite``.
+Everything else (gradient order, state carrying, logging) is
+backend-independent and lives in :mod:`dist_rnn.training`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any, Callable
 import tensorflow as tf
 
 from dist_rnn.config import DistributeConfig
-from dist_rnn.errors import UserError
+from dist_rnn.errors import UserError, first_line
 
 log = logging.getLogger("dist_rnn")
 
@@ -54,10 +56,6 @@ class Backend:
     def scope(self):
         """Context in which model and optimizer variables are created."""
         return self.strategy.scope()
-
-    def local_replica_ids(self) -> list[int]:
-        """Global replica ids hosted by this process, in order."""
-        return [0]
 
     def shard(self, value: Any) -> Any:
         """Places rows of global-batch tensors on the replicas.
@@ -121,9 +119,6 @@ class Backend:
         """
         return flag
 
-    def barrier(self) -> None:
-        """Waits for all workers."""
-
 
 class MirroredBackend(Backend):
     """tf.distribute.MirroredStrategy over the GPUs of this host, or logical CPU devices.
@@ -155,9 +150,6 @@ class MirroredBackend(Backend):
     @property
     def devices(self) -> list[str]:
         return list(self.strategy.extended.worker_devices)
-
-    def local_replica_ids(self) -> list[int]:
-        return list(range(self.num_replicas))
 
     def shard(self, value):
         def value_fn(ctx: tf.distribute.DistributedContext):
@@ -242,10 +234,6 @@ class MultiWorkerBackend(MirroredBackend):
                 tf.distribute.ReduceOp.SUM, self.strategy.run(lambda: tf.identity(x)), axis=None))
         return float(self._any_fn(tf.constant(1.0 if flag else 0.0))) > 0
 
-    def local_replica_ids(self) -> list[int]:
-        per_worker = self.num_replicas // self.num_workers
-        return list(range(self.worker_index * per_worker, (self.worker_index + 1) * per_worker))
-
 
 def _configure_heartbeats(cluster: dict, timeout_seconds: float) -> None:
     """Starts the coordination service with a heartbeat timeout (before the strategy exists).
@@ -310,8 +298,7 @@ class HorovodBackend(Backend):
             raise UserError("distribute.backend 'horovod' needs Horovod built for this TensorFlow: "
                             "run tools/install_horovod.sh") from None
         except tf.errors.NotFoundError as e:  # its op library does not load (e.g. libnccl.so.2 or libmpi gone)
-            first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:300]
-            raise UserError(f"distribute.backend 'horovod': Horovod's TensorFlow ops do not load ({first}); "
+            raise UserError(f"distribute.backend 'horovod': Horovod's TensorFlow ops do not load ({first_line(e)}); "
                             "rebuild it with tools/install_horovod.sh") from None
         self.hvd = hvd
         hvd.init()
@@ -332,9 +319,6 @@ class HorovodBackend(Backend):
         self.num_replicas = hvd.size()
         self.num_workers = hvd.size()
         self.worker_index = hvd.rank()
-
-    def local_replica_ids(self) -> list[int]:
-        return [self.worker_index]
 
     def shard(self, value):
         return tf.nest.map_structure(lambda t: _rows(t, self.worker_index, self.num_replicas), value)
@@ -357,8 +341,6 @@ class HorovodBackend(Backend):
     def any_worker(self, flag):
         return float(self.hvd.allreduce(tf.constant(1.0 if flag else 0.0), op=self.hvd.Sum)) > 0
 
-    def barrier(self):
-        self.hvd.allreduce(tf.constant(0.0), op=self.hvd.Sum)
 
 
 def _call_true(fn: Callable, *args) -> tf.Tensor:

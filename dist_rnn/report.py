@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from dist_rnn.errors import UserError
+from dist_rnn.errors import UserError, first_line
 from dist_rnn.run_dir import RunDirectory
 
 SPLITS = ("train", "valid", "test")
@@ -150,8 +150,7 @@ def summarize(config, metrics: list[dict]) -> dict:
         ``train_points``, ``valid_points``.
     """
     cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
-    data, model, opt = _section(cfg, "data"), _section(cfg, "model"), _section(cfg, "optimizer")
-    train_cfg, dist = _section(cfg, "train"), _section(cfg, "distribute")
+    train_cfg = _section(cfg, "train")
     records = effective_records(metrics)
     by_split = {split: [r for r in records if r["split"] == split] for split in SPLITS}
     train, valid = by_split["train"], by_split["valid"]
@@ -163,6 +162,29 @@ def summarize(config, metrics: list[dict]) -> dict:
                    if _is_number(r.get("tokens_per_sec_per_replica"))]
     run_sessions = sessions(metrics)
     wall = sum(max((r["time"] for r in s if _is_number(r.get("time"))), default=0.0) for s in run_sessions)
+    return {
+        **_run_description(cfg, train),
+        "steps": max((r["step"] for r in records), default=0),
+        "max_steps": train_cfg.get("max_steps"),
+        "max_epochs": train_cfg.get("max_epochs"),
+        "epoch": train[-1].get("epoch") if train else None,
+        "wall_time": wall,
+        "sessions": len(run_sessions),
+        "best_valid": _point(best),
+        "last_valid": _point(valid[-1] if valid else None),
+        "last_test": _point(by_split["test"][-1] if by_split["test"] else None),
+        "last_train": _point(train[-1] if train else None),
+        "median_tokens_per_sec": statistics.median(rates) if rates else None,
+        "median_tokens_per_sec_per_replica": statistics.median(per_replica) if per_replica else None,
+        "train_points": len(train),
+        "valid_points": len(valid),
+    }
+
+
+def _run_description(cfg: dict, train: list[dict]) -> dict:
+    """The run's corpus, model, optimizer, batch, precision and backend, from its config mapping."""
+    data, model, opt = _section(cfg, "data"), _section(cfg, "model"), _section(cfg, "optimizer")
+    train_cfg, dist = _section(cfg, "train"), _section(cfg, "distribute")
     schedule = opt.get("schedule") if isinstance(opt.get("schedule"), dict) else {}
     return {
         "corpus": data.get("corpus"),
@@ -180,20 +202,6 @@ def summarize(config, metrics: list[dict]) -> dict:
         "precision": train_cfg.get("precision"),
         "backend": dist.get("backend"),
         "replicas": _replicas(dist, train),
-        "steps": max((r["step"] for r in records), default=0),
-        "max_steps": train_cfg.get("max_steps"),
-        "max_epochs": train_cfg.get("max_epochs"),
-        "epoch": train[-1].get("epoch") if train else None,
-        "wall_time": wall,
-        "sessions": len(run_sessions),
-        "best_valid": _point(best),
-        "last_valid": _point(valid[-1] if valid else None),
-        "last_test": _point(by_split["test"][-1] if by_split["test"] else None),
-        "last_train": _point(train[-1] if train else None),
-        "median_tokens_per_sec": statistics.median(rates) if rates else None,
-        "median_tokens_per_sec_per_replica": statistics.median(per_replica) if per_replica else None,
-        "train_points": len(train),
-        "valid_points": len(valid),
     }
 
 
@@ -267,13 +275,11 @@ def plot(metrics: list[dict], out_path: str | Path, title: str | None = None) ->
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter, LogFormatter
+    from matplotlib.ticker import LogFormatter
 
     out_path = Path(out_path)
     records = effective_records(metrics)
-    train = [r for r in records if r["split"] == "train"]
-    valid = [r for r in records if r["split"] == "valid"]
-    test = [r for r in records if r["split"] == "test"]
+    by_split = {split: [r for r in records if r["split"] == split] for split in ("train", "valid", "test")}
 
     fig = Figure(figsize=(12, 8), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
@@ -281,35 +287,10 @@ def plot(metrics: list[dict], out_path: str | Path, title: str | None = None) ->
         fig.suptitle(title, fontsize=12)
     ax_loss, ax_ppl, ax_lr, ax_rate = fig.subplots(2, 2, sharex=True).flat
 
-    def series(rows, key):
-        pts = [(r["step"], r[key]) for r in rows if _is_number(r.get(key)) and math.isfinite(r[key])]
-        return [p[0] for p in pts], [p[1] for p in pts]
-
-    def curves(ax, key):
-        drawn = False
-        x, y = series(train, key)
-        if x:
-            ax.plot(x, y, color="tab:blue", linewidth=1.4, marker="." if len(x) < 40 else None, label="train")
-            drawn = True
-        x, y = series(valid, key)
-        if x:
-            ax.plot(x, y, color="tab:orange", linewidth=1.6, marker="o", markersize=4, label="valid")
-            drawn = True
-            best = min(range(len(y)), key=lambda i: y[i])
-            ax.plot([x[best]], [y[best]], linestyle="none", marker="*", markersize=13, color="tab:red",
-                    label=f"best valid (step {x[best]:,})")
-        x, y = series(test, key)
-        if x:
-            ax.plot(x, y, linestyle="none", marker="s", markersize=5, color="tab:green", label="test")
-            drawn = True
-        if drawn:
-            ax.legend(loc="best", fontsize=9)
-        return drawn
-
-    have_loss = curves(ax_loss, "loss")
+    have_loss = _draw_curves(ax_loss, by_split, "loss")
     ax_loss.set_title("Loss (cross-entropy, nats/token)")
     ax_loss.set_ylabel("loss")
-    have_ppl = curves(ax_ppl, "perplexity")
+    have_ppl = _draw_curves(ax_ppl, by_split, "perplexity")
     ax_ppl.set_title("Perplexity")
     ax_ppl.set_ylabel("perplexity (log scale)")
     if have_ppl:
@@ -317,33 +298,11 @@ def plot(metrics: list[dict], out_path: str | Path, title: str | None = None) ->
         # Plain numbers (6, 20, 300) instead of 6x10^0; minor ticks labelled only on a narrow range.
         ax_ppl.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
         ax_ppl.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1.5, 0.6)))
-
-    x, y = series(train, "learning_rate")
-    have_lr = bool(x)
-    if x:
-        ax_lr.plot(x, y, color="tab:purple", linewidth=1.4, marker="." if len(x) < 40 else None)
-        if min(y) > 0 and max(y) / min(y) > 20:  # decays over decades: log scale
-            ax_lr.set_yscale("log")
-            ax_lr.set_ylabel("learning rate (log scale)")
-        else:
-            ax_lr.set_ylim(bottom=0, top=max(y) * 1.1 if max(y) > 0 else None)
-            ax_lr.set_ylabel("learning rate")
-            ax_lr.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
-    ax_lr.set_title("Learning rate")
-
-    x, y = series(train, "tokens_per_sec")
-    if x:
-        ax_rate.plot(x, y, color="tab:green", linewidth=1.4, marker="." if len(x) < 40 else None)
-        ax_rate.axhline(statistics.median(y), color="gray", linestyle="--", linewidth=1,
-                        label=f"median {statistics.median(y):,.0f}")
-        ax_rate.legend(loc="best", fontsize=9)
-        ax_rate.set_ylim(bottom=0)
-    ax_rate.set_title("Throughput")
-    ax_rate.set_ylabel("tokens/s (all replicas)")
-    ax_rate.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    have_lr = _draw_learning_rate(ax_lr, by_split["train"])
+    have_rate = _draw_throughput(ax_rate, by_split["train"])
 
     resumes = [session[0]["step"] for session in sessions(metrics)[1:]]
-    for ax, has in ((ax_loss, have_loss), (ax_ppl, have_ppl), (ax_lr, have_lr), (ax_rate, bool(x))):
+    for ax, has in ((ax_loss, have_loss), (ax_ppl, have_ppl), (ax_lr, have_lr), (ax_rate, have_rate)):
         ax.grid(True, which="major", alpha=0.3)
         for i, step in enumerate(resumes):
             ax.axvline(step, color="gray", linestyle=":", linewidth=1,
@@ -355,14 +314,81 @@ def plot(metrics: list[dict], out_path: str | Path, title: str | None = None) ->
     for ax in (ax_lr, ax_rate):
         ax.set_xlabel("step")
         ax.tick_params(labelbottom=True)
+    return _save(fig, out_path)
 
+
+def _series(rows: list[dict], key: str) -> tuple[list, list]:
+    """Steps and finite values of ``key`` in ``rows``."""
+    pts = [(r["step"], r[key]) for r in rows if _is_number(r.get(key)) and math.isfinite(r[key])]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _draw_curves(ax, by_split: dict[str, list[dict]], key: str) -> bool:
+    """Draws ``key`` of train (line), valid (line, best starred) and test (squares); whether any was drawn."""
+    drawn = False
+    x, y = _series(by_split["train"], key)
+    if x:
+        ax.plot(x, y, color="tab:blue", linewidth=1.4, marker="." if len(x) < 40 else None, label="train")
+        drawn = True
+    x, y = _series(by_split["valid"], key)
+    if x:
+        ax.plot(x, y, color="tab:orange", linewidth=1.6, marker="o", markersize=4, label="valid")
+        drawn = True
+        best = min(range(len(y)), key=lambda i: y[i])
+        ax.plot([x[best]], [y[best]], linestyle="none", marker="*", markersize=13, color="tab:red",
+                label=f"best valid (step {x[best]:,})")
+    x, y = _series(by_split["test"], key)
+    if x:
+        ax.plot(x, y, linestyle="none", marker="s", markersize=5, color="tab:green", label="test")
+        drawn = True
+    if drawn:
+        ax.legend(loc="best", fontsize=9)
+    return drawn
+
+
+def _draw_learning_rate(ax, train: list[dict]) -> bool:
+    """Draws the learning rate (log scale when it spans more than 20x); whether there was any."""
+    from matplotlib.ticker import FuncFormatter
+
+    x, y = _series(train, "learning_rate")
+    if x:
+        ax.plot(x, y, color="tab:purple", linewidth=1.4, marker="." if len(x) < 40 else None)
+        if min(y) > 0 and max(y) / min(y) > 20:  # decays over decades: log scale
+            ax.set_yscale("log")
+            ax.set_ylabel("learning rate (log scale)")
+        else:
+            ax.set_ylim(bottom=0, top=max(y) * 1.1 if max(y) > 0 else None)
+            ax.set_ylabel("learning rate")
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+    ax.set_title("Learning rate")
+    return bool(x)
+
+
+def _draw_throughput(ax, train: list[dict]) -> bool:
+    """Draws tokens/s with its median; whether there was any."""
+    from matplotlib.ticker import FuncFormatter
+
+    x, y = _series(train, "tokens_per_sec")
+    if x:
+        ax.plot(x, y, color="tab:green", linewidth=1.4, marker="." if len(x) < 40 else None)
+        ax.axhline(statistics.median(y), color="gray", linestyle="--", linewidth=1,
+                   label=f"median {statistics.median(y):,.0f}")
+        ax.legend(loc="best", fontsize=9)
+        ax.set_ylim(bottom=0)
+    ax.set_title("Throughput")
+    ax.set_ylabel("tokens/s (all replicas)")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    return bool(x)
+
+
+def _save(fig, out_path: Path) -> Path:
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out_path)
     except OSError as e:
         raise UserError(f"cannot write {out_path}: {e.strerror or e}") from None
     except ValueError as e:  # unsupported image format
-        raise UserError(f"cannot write {out_path}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot write {out_path}: {first_line(e, limit=None)}") from None
     return out_path
 
 

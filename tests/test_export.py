@@ -65,7 +65,7 @@ def exported(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(exported):
     """The checkpoint's model, vocabulary and fixed test tokens (in-process, via the training code)."""
-    from dist_rnn.app import load_model_for_inference
+    from dist_rnn.inference import load_model_for_inference
 
     model, vocab, config, checkpoint = load_model_for_inference(str(exported["run"]))
     ids = vocab.encode_text(TEXT)

@@ -199,7 +199,7 @@ def test_projection_matmul_runs_in_bfloat16_with_float32_logits(shakespeare_slic
 
 
 def test_an_export_made_with_a_gpu_visible_serves_on_cpu(shakespeare_slice, tmp_path, capsys):
-    from dist_rnn.app import load_model_for_inference
+    from dist_rnn.inference import load_model_for_inference
     from dist_rnn.export import ExportedModel
     from tensorflow.core.protobuf import saved_model_pb2
 

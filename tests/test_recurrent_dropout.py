@@ -356,7 +356,7 @@ def test_two_mirrored_replicas_with_recurrent_dropout_match_one_device(runs, cel
 def test_a_cudnn_require_run_still_loads_for_sampling_on_a_cpu(shakespeare_slice, tmp_path):
     # `cudnn: require` builds use_cudnn=True for training; sampling and export
     # (same weights) must not inherit it where no GPU exists.
-    from dist_rnn.app import load_model_for_inference
+    from dist_rnn.inference import load_model_for_inference
     from dist_rnn.config import save_config
     from dist_rnn.run_dir import RunDirectory
     from dist_rnn.data.vocab import Vocabulary

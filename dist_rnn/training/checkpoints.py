@@ -29,7 +29,7 @@ from pathlib import Path
 import tensorflow as tf
 
 from dist_rnn.config import RESUME_INVARIANT_KEYS, Config, flatten
-from dist_rnn.errors import UserError
+from dist_rnn.errors import UserError, first_line
 from dist_rnn.run_dir import RunDirectory
 
 log = logging.getLogger("dist_rnn")
@@ -38,6 +38,8 @@ log = logging.getLogger("dist_rnn")
 # mixed_float16, so a checkpoint saved in another precision has none.
 OPTIONAL_OBJECTS = ("loss_scale",)
 BEST_RECORD = "best.json"  # beside the best checkpoint: its step, loss, perplexity and file name
+# Top-level entries tf.train.Checkpoint writes itself, beside the saved objects.
+_CHECKPOINT_BOOKKEEPING = ("save_counter", "_CHECKPOINTABLE_OBJECT_GRAPH")
 _FINGERPRINT_KEY = "training_state/fingerprint/.ATTRIBUTES/VARIABLE_VALUE"
 
 
@@ -124,8 +126,8 @@ def check_fingerprint(path: str, expected: str | tuple[str, ...]) -> None:
     """
     try:
         found = tf.train.load_checkpoint(path).get_tensor(_FINGERPRINT_KEY)
-    except (tf.errors.OpError, ValueError):
-        return  # no fingerprint saved: nothing to compare
+    except (tf.errors.OpError, ValueError, IndexError, KeyError):
+        return  # no fingerprint saved (or unreadable, which restoring reports): nothing to compare
     _compare_fingerprints(path, found.decode() if isinstance(found, bytes) else str(found), expected)
 
 
@@ -206,15 +208,19 @@ class Checkpointer:
                 state: TrainingState | None = None) -> str:
         """Restores one checkpoint.
 
-        A checkpoint without a loss scale (saved in another precision) leaves
-        the loss scale as built: it starts fresh.
+        Only the objects this Checkpointer holds are restored: a checkpoint's
+        others (a loss scale saved in another precision; the optimizer and
+        training state when only the model is loaded for inference) are left
+        unread. A checkpoint without a loss scale (saved in another precision)
+        leaves the loss scale as built: it starts fresh.
 
         Args:
             path: The checkpoint path prefix.
             expected_fingerprint: Refuse a checkpoint of another run: the
                 run's fingerprint, or a tuple of accepted ones (the first is
                 the current one, kept in ``state`` after the restore).
-            state: The TrainingState whose fingerprint is checked.
+            state: The TrainingState whose fingerprint is checked; without
+                one, the fingerprint saved in the checkpoint file is.
 
         Returns:
             ``path``.
@@ -223,21 +229,23 @@ class Checkpointer:
             UserError: If the checkpoint is unreadable (naming its files) or
                 was written by another run (its fingerprint differs).
         """
+        if expected_fingerprint is not None and state is None:
+            check_fingerprint(path, expected_fingerprint)
         try:
             saved = {name.split("/", 1)[0] for name, _ in tf.train.list_variables(path)}
             absent = [name for name in OPTIONAL_OBJECTS if name in self.objects and name not in saved]
-            unused = [name for name in OPTIONAL_OBJECTS if name in saved and name not in self.objects]
+            unused = [name for name in saved - set(self.objects) if name not in _CHECKPOINT_BOOKKEEPING]
             checkpoint = self.checkpoint
             if absent:
                 checkpoint = tf.train.Checkpoint(**{k: v for k, v in self.objects.items() if k not in absent})
             status = checkpoint.restore(path)
-            if unused:  # e.g. a mixed_float16 loss scale resumed in float32: not needed, no warning
+            if unused:  # e.g. a mixed_float16 loss scale resumed in float32, or the optimizer at inference: no warning
                 status.expect_partial()
             status.assert_existing_objects_matched()
         except (tf.errors.OpError, ValueError, AssertionError, IndexError, KeyError) as e:
             # A truncated file surfaces as IndexError ("Read less bytes
             # than requested") from the checkpoint reader.
-            raise _Unreadable(path, _first_line(e)) from None
+            raise _Unreadable(path, first_line(e)) from None
         if "loss_scale" in absent:
             log.info(f"checkpoint {path} has no loss scale (saved in another train.precision): "
                      "the loss scale starts fresh at train.loss_scale.initial")
@@ -291,8 +299,3 @@ class _Unreadable(UserError):
 def _files_of(prefix: str) -> str:
     files = sorted(str(p) for p in Path(prefix).parent.glob(Path(prefix).name + ".*"))
     return ", ".join(files) if files else prefix
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return (text.splitlines()[0] if text else error.__class__.__name__)[:300]
