@@ -149,7 +149,7 @@ def corpus_layout(config: DataConfig) -> CorpusLayout:
     raise UserError(f"config key 'data.corpus': unknown corpus {corpus!r}")
 
 
-def corpus_folder(config: DataConfig, corpus: str, opener=urllib.request.urlopen) -> Path:
+def corpus_folder(config: DataConfig, corpus: str, opener=None) -> Path:
     """The folder holding an archive corpus' files: ``data.path`` if set, else the cache (fetched once).
 
     ``enwik8`` alone is one file: ``data.path`` may name the file itself.
@@ -166,7 +166,7 @@ def corpus_folder(config: DataConfig, corpus: str, opener=urllib.request.urlopen
             raise UserError(f"data.path: {folder / missing[0]} not found ({corpus} needs "
                             f"{_describe_layout(archive)} under data.path, as extracted from {archive.name})")
         return folder.resolve()
-    return fetch_archive(archive, cache_dir(config) / corpus, opener)
+    return fetch_archive(archive, cache_dir(config) / corpus, opener or urllib.request.urlopen)
 
 
 def _describe_layout(archive: RemoteArchive) -> str:
