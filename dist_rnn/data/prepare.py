@@ -179,6 +179,7 @@ def _build(tmp: Path, key: str, data: DataConfig, layout: CorpusLayout, progress
     byte_level = data.level == "byte"
     sources = _describe_sources(layout.sources(), progress)
     bounds = _split_bounds(layout, byte_level, progress)
+    _check_train_not_empty(layout, bounds, sources)
     train = _split_pieces(layout, bounds, byte_level, only="train")
     tokenizer = fit_tokenizer(data, train)
     files = tokenizer.save(tmp)
@@ -189,7 +190,7 @@ def _build(tmp: Path, key: str, data: DataConfig, layout: CorpusLayout, progress
         splits[split] = _write_split(tmp / f"{split}.bin", tokenizer, pieces, dtype, meter)
     meter.close()
     if splits["train"]["tokens"] == 0:
-        raise UserError(f"data: the training split of corpus '{data.corpus}' is empty")
+        raise UserError(f"data: the training split of corpus '{data.corpus}' has no token")
     from dist_rnn import __version__
 
     manifest = {"format_version": FORMAT_VERSION, "key": key, "data": dataclasses.asdict(data),
@@ -201,6 +202,15 @@ def _build(tmp: Path, key: str, data: DataConfig, layout: CorpusLayout, progress
         f.write(json.dumps(manifest, indent=1) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def _check_train_not_empty(layout: CorpusLayout, bounds: list[int] | None, sources: list[dict]) -> None:
+    files = layout.stream if layout.stream is not None else layout.splits["train"]
+    empty = bounds[0] == 0 if bounds is not None else all(
+        r["size"] == 0 for r, s in zip(sources, layout.sources()) if s in files)
+    if empty:
+        names = ", ".join(s.path for s in files[:3]) + (" ..." if len(files) > 3 else "")
+        raise UserError(f"{files[0].key if files else 'data'}: the training split is empty (read from {names})")
 
 
 def token_dtype(vocab_size: int) -> type:

@@ -42,12 +42,13 @@ class Source:
     key: str
     data: bytes | None = None
 
-    def chunks(self, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+    def chunks(self, chunk_bytes: int | None = None) -> Iterator[bytes]:
         """Yields the file's bytes in chunks, decompressed, without a leading byte-order mark.
 
         Raises:
             UserError: If the file is missing, unreadable or a corrupt gzip file.
         """
+        chunk_bytes = chunk_bytes or CHUNK_BYTES
         first = True
         try:
             with self._open() as f:
@@ -66,7 +67,7 @@ class Source:
         except OSError as e:
             raise UserError(f"{self.key}: cannot read {self.path}: {e.strerror or e}") from None
 
-    def texts(self, chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:
+    def texts(self, chunk_bytes: int | None = None) -> Iterator[str]:
         """Yields the file's text in chunks (strict UTF-8).
 
         Raises:
