@@ -71,6 +71,24 @@ def test_split_sizes_and_ids_equal_encode_corpus(level, split, shakespeare_slice
             [a, int(round(n * split[1])), n - a - int(round(n * split[1]))]
 
 
+@pytest.mark.parametrize("level", ["char", "word"])
+def test_max_vocab_and_min_count(level, shakespeare_slice, cache):
+    config = DataConfig(corpus="file", path=str(shakespeare_slice), level=level, max_vocab=30, cache_dir=cache)
+    assert len(assert_same_as_encode_corpus(config) and load_tokenizer(prepare_corpus(config)).vocab) == 30
+    text = shakespeare_slice.read_text(encoding="utf-8")
+    train = text[:int(round(len(text) * 0.9))]
+    folder = prepare_corpus(DataConfig(corpus="file", path=str(shakespeare_slice), level=level, min_count=5,
+                                       cache_dir=cache), progress="off")
+    from collections import Counter
+
+    from dist_rnn.data.vocab import tokenize
+
+    counts = Counter(tokenize(train, level))
+    kept = sorted((t for t, c in counts.items() if c >= 5), key=lambda t: (-counts[t], t))
+    assert load_tokenizer(folder).vocab.tokens == ["<unk>"] + kept
+    assert 10 < len(kept) < len(counts)
+
+
 def test_file_list_max_chars_bom_and_unicode(tmp_path, cache, monkeypatch):
     monkeypatch.setattr("dist_rnn.data.sources.CHUNK_BYTES", 7)
     (tmp_path / "a.txt").write_bytes(b"\xef\xbb\xbf" + "héllo wörld ✓ 𝄞\nsecond line\n".encode() * 20)
@@ -522,9 +540,11 @@ def test_config_errors(overrides, expect, tmp_path, capsys):
 # ====================================================================== progress
 
 
-def test_progress_line_has_bytes_speed_and_eta(caplog):
+def test_progress_line_has_bytes_speed_and_eta(caplog, monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr("dist_rnn.data.progress.time.monotonic", lambda: clock[0])
     meter = ByteProgress("encoding", 10_000_000, mode="log", log_every=0.0)
-    meter._start -= 2.0  # two seconds in
+    clock[0] += 2.0  # two seconds in
     with caplog.at_level("INFO", logger="dist_rnn"):
         meter.update(4_000_000)
         meter.close()

@@ -39,7 +39,7 @@ from dist_rnn.data.corpora import cache_dir, split_points
 from dist_rnn.data.layouts import SPLITS, CorpusLayout, corpus_layout
 from dist_rnn.data.progress import ByteProgress
 from dist_rnn.data.sources import Source
-from dist_rnn.data.tokenizers import Tokenizer, fit_tokenizer
+from dist_rnn.data.tokenizers import Tokenizer, WordIndexer, bincount, fit_tokenizer
 from dist_rnn.errors import UserError
 
 log = logging.getLogger("dist_rnn")
@@ -180,15 +180,21 @@ def _build(tmp: Path, key: str, data: DataConfig, layout: CorpusLayout, progress
     sources = _describe_sources(layout.sources(), progress)
     bounds = _split_bounds(layout, byte_level, progress)
     _check_train_not_empty(layout, bounds, sources)
-    train = _split_pieces(layout, bounds, byte_level, only="train")
-    tokenizer = fit_tokenizer(data, train)
+    total = sum(s["size"] for s in sources)
+    if data.level == "word":
+        tokenizer, dtype, splits = _encode_words(tmp, data, layout, bounds, progress, total)
+    else:
+        fitting = ByteProgress("vocabulary", 0, progress) if data.level == "char" else None
+        train = _split_pieces(layout, bounds, byte_level, only="train")
+        tokenizer = fit_tokenizer(data, _metered(train, fitting) if fitting else train)
+        if fitting:
+            fitting.close()
+        dtype = token_dtype(tokenizer.size)
+        meter = ByteProgress("encoding", total, progress)
+        splits = {split: _write_split(tmp / f"{split}.bin", tokenizer, pieces, dtype, meter)
+                  for split, pieces in _split_pieces(layout, bounds, byte_level)}
+        meter.close()
     files = tokenizer.save(tmp)
-    dtype = token_dtype(tokenizer.size)
-    meter = ByteProgress("encoding", sum(s["size"] for s in sources), progress)
-    splits = {}
-    for split, pieces in _split_pieces(layout, bounds, byte_level):
-        splits[split] = _write_split(tmp / f"{split}.bin", tokenizer, pieces, dtype, meter)
-    meter.close()
     if splits["train"]["tokens"] == 0:
         raise UserError(f"data: the training split of corpus '{data.corpus}' has no token")
     from dist_rnn import __version__
@@ -291,24 +297,81 @@ class _Cursor:
             yield piece
 
 
-def _write_split(path: Path, tokenizer: Tokenizer, pieces: Iterable, dtype, meter: ByteProgress) -> dict:
-    counted = {"source_bytes": 0}
+def _metered(pieces: Iterable, meter: ByteProgress, counted: list[int] | None = None) -> Iterator:
+    """Passes pieces through, adding their UTF-8 bytes to ``meter`` (and to ``counted[0]``)."""
+    for piece in pieces:
+        if isinstance(piece, (bytes, bytearray)) or piece.isascii():
+            size = len(piece)
+        else:
+            size = len(piece.encode("utf-8", "surrogatepass"))
+        meter.update(size)
+        if counted is not None:
+            counted[0] += size
+        yield piece
 
-    def measured(stream):
-        for piece in stream:
-            size = len(piece) if isinstance(piece, (bytes, bytearray)) else len(piece.encode("utf-8", "surrogatepass"))
-            counted["source_bytes"] += size
-            meter.update(size)
-            yield piece
 
+def _write_split(path: Path, tokenizer, pieces: Iterable, dtype, meter: ByteProgress, observe=None,
+                 durable: bool = True) -> dict:
+    """Encodes one split's pieces into ``path``; returns its manifest record.
+
+    Args:
+        observe: Called with every array of ids written (the word path counts them).
+        durable: Flush the file to disk (not needed for an intermediate file).
+    """
+    counted = [0]
     tokens = 0
     with open(path, "wb") as f:
-        for ids in tokenizer.encode_stream(measured(pieces)):
+        for ids in tokenizer.encode_stream(_metered(pieces, meter, counted)):
             np.asarray(ids).astype(dtype, copy=False).tofile(f)
             tokens += len(ids)
+            if observe is not None:
+                observe(ids)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
+    return {"file": path.name, "tokens": tokens, "source_bytes": counted[0]}
+
+
+def _encode_words(tmp: Path, data: DataConfig, layout: CorpusLayout, bounds: list[int] | None,
+                  progress: str | None, total: int) -> tuple[Tokenizer, type, dict]:
+    """Word level in one reading: provisional ids (``<split>.ids``), then renumbered into ``<split>.bin``."""
+    indexer, counts = WordIndexer(), _Counts()
+    meter = ByteProgress("encoding", total, progress)
+    splits = {split: _write_split(tmp / f"{split}.ids", indexer, pieces, np.int32, meter,
+                                  counts.add if split == "train" else None, durable=False)
+              for split, pieces in _split_pieces(layout, bounds, False)}
+    meter.close()
+    tokenizer, remap = indexer.vocabulary(counts.total, data)
+    dtype = token_dtype(tokenizer.size)
+    for split, record in splits.items():
+        provisional = tmp / record["file"]
+        record["file"] = f"{split}.bin"
+        _remap_file(provisional, tmp / record["file"], remap, dtype)
+        provisional.unlink()
+    return tokenizer, dtype, splits
+
+
+class _Counts:
+    """A bincount that grows with the ids seen."""
+
+    def __init__(self):
+        self.total = np.zeros(0, dtype=np.int64)
+
+    def add(self, ids: np.ndarray) -> None:
+        seen = bincount(ids)
+        if len(seen) > len(self.total):
+            self.total = np.concatenate([self.total, np.zeros(len(seen) - len(self.total), np.int64)])
+        self.total[: len(seen)] += seen
+
+
+def _remap_file(source: Path, target: Path, remap: np.ndarray, dtype, block: int = 1 << 22) -> None:
+    ids = np.memmap(source, dtype=np.int32, mode="r") if source.stat().st_size else np.zeros(0, np.int32)
+    with open(target, "wb") as f:
+        for start in range(0, len(ids), block):
+            remap[ids[start:start + block]].astype(dtype, copy=False).tofile(f)
         f.flush()
         os.fsync(f.fileno())
-    return {"file": path.name, "tokens": tokens, "source_bytes": counted["source_bytes"]}
+    del ids
 
 
 # --------------------------------------------------------------------------
