@@ -109,14 +109,31 @@ class VocabularyTokenizer(Tokenizer):
 
     def encode(self, text: str) -> np.ndarray:
         if self.kind == "char":
-            return self._char_table()[code_points(text)]
+            return self._encode_chars(text).astype(np.int32)
         tokens = word_tokens(text)
         return np.fromiter(map(self._ids.get, tokens, itertools.repeat(self.vocab.unk_id)),
                            dtype=np.int32, count=len(tokens))
 
     def encode_stream(self, pieces: Iterable[str]) -> Iterator[np.ndarray]:
-        chunks = pieces if self.kind == "char" else cut_after_whitespace(pieces)
-        return super().encode_stream(chunks)
+        if self.kind == "word":
+            return super().encode_stream(cut_after_whitespace(pieces))
+        return (self._encode_chars(piece) for piece in pieces if piece)
+
+    def _encode_chars(self, text: str) -> np.ndarray:
+        """Character ids, uint8 when they fit (the common case runs as one ``bytes.translate``)."""
+        if len(self.vocab) <= 256:
+            try:
+                data = text.encode("latin-1")
+            except UnicodeEncodeError:
+                pass
+            else:
+                return np.frombuffer(data.translate(self._byte_table()), dtype=np.uint8)
+        return self._char_table()[code_points(text)]
+
+    def _byte_table(self) -> bytes:
+        """Code points below 256 -> id as a ``bytes.translate`` table (vocabularies of up to 256 ids)."""
+        self._char_table()
+        return self._bytes
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.vocab.decode(ids)
@@ -136,6 +153,7 @@ class VocabularyTokenizer(Tokenizer):
                 if token != UNK:
                     table[ord(token)] = i
             self._table = table
+            self._bytes = table[:256].astype(np.uint8).tobytes() if len(self.vocab) <= 256 else None
         return self._table
 
 
