@@ -665,8 +665,8 @@ def validate(config: Config) -> None:
     _require(d.subword_sample_chars >= 1, "data.subword_sample_chars", f"must be positive, got {d.subword_sample_chars}")
     # Keys that would be silently ignored are refused.
     _require(d.path is None or d.corpus != "stdlib", "data.path",
-             "data.corpus 'stdlib' reads no file; set data.corpus (file or a built-in corpus: tinyshakespeare, ptb, text8, wikitext2, wikitext103, enwik8, lm1b) "
-             "to read data.path")
+             "data.corpus 'stdlib' reads no file; set data.corpus (file or a built-in corpus: tinyshakespeare, "
+             "ptb, text8, wikitext2, wikitext103, enwik8, lm1b) to read data.path")
     _require(d.path is None or d.train_file is None, "data.path",
              "data.path and data.train_file are both set; data.train_file (with valid_file/test_file) "
              "replaces data.path: set one of them")
