@@ -58,8 +58,9 @@ class DataConfig:
             ids), ``word`` (whitespace-separated, each newline an ``<eos>``)
             or ``subword`` (SentencePiece pieces trained on the training
             split, see ``vocab_size``).
-        max_chars: Read at most this many characters of the corpus (``stdlib``
-            and ``file``); ``null`` reads everything.
+        max_chars: Read at most this many characters of the corpus (``stdlib``,
+            ``file``, ``tinyshakespeare``, ``text8``; bytes at ``byte``
+            level and for ``enwik8``); ``null`` reads everything.
         max_vocab: Keep the most frequent tokens of the training split, mapping
             the rest to ``<unk>``; ``null`` keeps all (``char``/``word``).
         min_count: Keep only tokens seen at least this often in the training

@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -266,6 +267,42 @@ def test_error_half_way_leaves_nothing(shakespeare_slice, cache, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         prepare_corpus(config, progress="off")
     assert list((Path(cache) / "prepared").iterdir()) == []
+
+
+def test_a_worker_finishing_first_is_kept(shakespeare_slice, cache, monkeypatch):
+    from dist_rnn.data import prepare
+
+    config = DataConfig(corpus="file", path=str(shakespeare_slice), cache_dir=cache)
+    final = Path(cache) / "prepared" / prepared_key(config)
+    real = prepare._build
+
+    def other_worker_wins(tmp, *args):
+        real(tmp, *args)
+        shutil.copytree(tmp, final)  # another process installs the same data while this one finishes
+        (final / "theirs").write_text("kept", encoding="utf-8")
+
+    monkeypatch.setattr(prepare, "_build", other_worker_wins)
+    assert prepare_corpus(config, progress="off") == final
+    assert (final / "theirs").read_text() == "kept"
+    assert [p.name for p in final.parent.iterdir()] == [final.name]
+
+
+def test_content_hash_is_the_same_wherever_prepared(tmp_path):
+    text = "the same words\nin two places\n" * 50
+    manifests = []
+    for where in ("a", "b"):
+        (tmp_path / where).mkdir()
+        (tmp_path / where / "t.txt").write_text(text, encoding="utf-8")
+        config = DataConfig(corpus="file", path=str(tmp_path / where / "t.txt"), level="word",
+                            cache_dir=str(tmp_path / where / "cache"))
+        manifests.append(read_manifest(prepare_corpus(config, progress="off")))
+    assert manifests[0]["sources"] != manifests[1]["sources"] and manifests[0]["key"] != manifests[1]["key"]
+    assert manifests[0]["content_sha256"] == manifests[1]["content_sha256"]
+    (tmp_path / "b" / "t.txt").write_text(text.replace("two", "too"), encoding="utf-8")
+    changed = read_manifest(prepare_corpus(DataConfig(corpus="file", path=str(tmp_path / "b" / "t.txt"),
+                                                      level="word", cache_dir=str(tmp_path / "b" / "cache")),
+                                           progress="off"))
+    assert changed["content_sha256"] != manifests[0]["content_sha256"]
 
 
 # ====================================================================== sources
@@ -538,6 +575,22 @@ def test_config_errors(overrides, expect, tmp_path, capsys):
 
 
 # ====================================================================== progress
+
+
+def test_progress_bar_on_a_terminal(capsys, monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr("dist_rnn.data.progress.time.monotonic", lambda: clock[0])
+    meter = ByteProgress("counting", 50_000_000, mode="bar")
+    for _ in range(4):
+        clock[0] += 1.0
+        meter.update(5_000_000)
+    meter.close()
+    err = capsys.readouterr().err
+    frames = err.split("\r")[1:]
+    assert len(frames) == 5 and err.endswith("\n")
+    assert frames[0].startswith("counting: 5.0/50.0 MB, 5.0 MB/s, ETA 0:00:09")
+    assert frames[3].startswith("counting: 20.0/50.0 MB, 5.0 MB/s, ETA 0:00:06")
+    assert frames[4].startswith("counting: 20.0/50.0 MB, 5.0 MB/s, 4.0 s")
 
 
 def test_progress_line_has_bytes_speed_and_eta(caplog, monkeypatch):

@@ -66,6 +66,7 @@ def prepare_corpus(data_config: DataConfig, *, progress: str | None = None) -> P
              "tokenizer": {"kind": ..., "files": [...]}, "vocab_size": N,
              "dtype": "uint8"|"uint16"|"uint32",
              "splits": {"train": {"file": "train.bin", "tokens": N, "source_bytes": B}, ...},
+             "content_sha256": (SHA-256 of the token and tokenizer files; the same wherever prepared),
              "sources": [{"path", "size", "mtime_ns", "sha256"}, ...],
              "dist_rnn_version": ..., "created": ...}
 
@@ -78,21 +79,31 @@ def prepare_corpus(data_config: DataConfig, *, progress: str | None = None) -> P
     root = cache_dir(data_config) / "prepared"
     final = root / key
     layout = corpus_layout(data_config)
-    if (final / MANIFEST).is_file():
-        manifest = read_manifest(final)
-        changed = changed_source(manifest, layout)
-        if changed is None:
-            return final
+    changed = _outdated(final, layout)
+    if changed is None:
+        return final
+    if changed:
         log.info(f"prepare: {changed} changed since {final} was prepared; preparing again")
     root.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(root, key)
     tmp = root / f".tmp-{key}-{socket.gethostname()}-{os.getpid()}"
     try:
         _build(tmp, key, data_config, layout, progress)
-        _install(tmp, final)
+        # Another process (a worker of the same job) may have finished the same folder meanwhile: keep
+        # theirs, so that all read one manifest.
+        if _outdated(final, layout) is not None:
+            _install(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _outdated(folder: Path, layout: CorpusLayout) -> str | None:
+    """None if ``folder`` is prepared from the sources as they are now; "" if it is not prepared; else
+    the changed source."""
+    if not (folder / MANIFEST).is_file():
+        return ""
+    return changed_source(read_manifest(folder), layout)
 
 
 def prepared_key(data_config: DataConfig) -> str:
@@ -195,19 +206,32 @@ def _build(tmp: Path, key: str, data: DataConfig, layout: CorpusLayout, progress
                   for split, pieces in _split_pieces(layout, bounds, byte_level)}
         meter.close()
     files = tokenizer.save(tmp)
+    content = content_sha256(tmp, splits, files)
     if splits["train"]["tokens"] == 0:
         raise UserError(f"data: the training split of corpus '{data.corpus}' has no token")
     from dist_rnn import __version__
 
     manifest = {"format_version": FORMAT_VERSION, "key": key, "data": dataclasses.asdict(data),
                 "tokenizer": {"kind": tokenizer.kind, "files": files}, "vocab_size": tokenizer.size,
-                "dtype": np.dtype(dtype).name, "splits": splits, "sources": sources,
+                "dtype": np.dtype(dtype).name, "splits": splits, "content_sha256": content, "sources": sources,
                 "dist_rnn_version": __version__,
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
         f.write(json.dumps(manifest, indent=1) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def content_sha256(folder: Path, splits: dict, tokenizer_files: list[str]) -> str:
+    """SHA-256 over the token files and tokenizer files: the prepared data's identity, the same for the same
+    data prepared on another host, at another time or from another path (unlike the manifest's bytes)."""
+    h = hashlib.sha256()
+    for name in [splits[s]["file"] for s in SPLITS] + sorted(tokenizer_files):
+        h.update(name.encode() + os.stat(folder / name).st_size.to_bytes(8, "little"))
+        with open(folder / name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
 def _check_train_not_empty(layout: CorpusLayout, bounds: list[int] | None, sources: list[dict]) -> None:
