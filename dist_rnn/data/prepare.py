@@ -196,7 +196,7 @@ def _build(tmp: Path, key: str, data: DataConfig, layout: CorpusLayout, progress
         tokenizer, dtype, splits = _encode_words(tmp, data, layout, bounds, progress, total)
     else:
         fitting = ByteProgress("vocabulary", 0, progress) if data.level == "char" else None
-        train = _split_pieces(layout, bounds, byte_level, only="train")
+        train = _train_pieces(layout, bounds, byte_level)
         tokenizer = fit_tokenizer(data, _metered(train, fitting) if fitting else train)
         if fitting:
             fitting.close()
@@ -284,21 +284,24 @@ def _pieces(sources: list[Source], byte_level: bool) -> Iterator[str | bytes]:
         yield from source.chunks() if byte_level else source.texts()
 
 
-def _split_pieces(layout: CorpusLayout, bounds: list[int] | None, byte_level: bool, only: str | None = None):
-    """Yields ``(split, pieces)`` in split order (or just the ``only`` split's pieces).
+def _split_pieces(layout: CorpusLayout, bounds: list[int] | None, byte_level: bool):
+    """Yields ``(split, pieces)`` in split order.
 
     Each split's pieces must be consumed before the next split is asked for:
     a stream is read once, front to back.
     """
     if bounds is None:
-        if only is not None:
-            return _pieces(layout.splits[only], byte_level)
         return ((s, _pieces(layout.splits[s], byte_level)) for s in SPLITS)
     cursor = _Cursor(_pieces(layout.stream, byte_level))
     lengths = [bounds[0], bounds[1] - bounds[0], bounds[2] - bounds[1]]
-    if only is not None:
-        return cursor.take(lengths[SPLITS.index(only)]) if only == "train" else None
     return ((s, cursor.take(n)) for s, n in zip(SPLITS, lengths))
+
+
+def _train_pieces(layout: CorpusLayout, bounds: list[int] | None, byte_level: bool) -> Iterator:
+    """The training split's pieces alone (read lazily: a reader may stop early)."""
+    if bounds is None:
+        return _pieces(layout.splits["train"], byte_level)
+    return _Cursor(_pieces(layout.stream, byte_level)).take(bounds[0])
 
 
 class _Cursor:
