@@ -604,3 +604,21 @@ def test_progress_line_has_bytes_speed_and_eta(caplog, monkeypatch):
     first, last = [r.getMessage() for r in caplog.records]
     assert first.startswith("encoding: 4.0/10.0 MB, 2.0 MB/s, ETA 0:00:03")
     assert last.startswith("encoding: 4.0/10.0 MB, 2.0 MB/s, 2.0 s")
+
+
+def test_bench_prepare_runs_small(capsys):
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import bench_prepare
+    finally:
+        sys.path.pop(0)
+    results = bench_prepare.main(["--mb", "0.3", "--vocab-size", "400", "--sample-chars", "100000"])
+    assert [r["level"] for r in results] == ["byte", "char", "word", "subword"]
+    for r in results:
+        assert 0.29 < r["mb"] < 0.32 and r["mb_per_s"] > 0 and r["passes"]["encoding"] >= 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert lines == results
+    text = bench_prepare.zipf_text(0.05)
+    words = text.split()
+    counts = sorted((words.count(w) for w in set(words[:50])), reverse=True)
+    assert counts[0] > 10 * counts[-1]  # Zipfian: the head words are far more frequent than the tail

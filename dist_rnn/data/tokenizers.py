@@ -74,7 +74,11 @@ class Tokenizer:
         raise NotImplementedError
 
     def encode_stream(self, pieces: Iterable[str]) -> Iterator[np.ndarray]:
-        """Encodes the text of consecutive pieces; the ids equal ``encode("".join(pieces))``."""
+        """Encodes the text of consecutive pieces; the ids equal ``encode("".join(pieces))``.
+
+        The arrays may be of a narrower unsigned type than ``encode``'s int32
+        (char and byte ids as uint8), to be written without a widening copy.
+        """
         for piece in pieces:
             if piece:
                 yield self.encode(piece)
