@@ -363,9 +363,15 @@ def test_wikitext_from_a_local_copy(corpus, tmp_path, cache):
 def test_enwik8_is_cut_90_5_5_in_bytes(tmp_path, cache):
     data = bytes(range(256)) * 40 + b"\xff\xfe tail"  # not UTF-8: byte level reads it anyway
     (tmp_path / "enwik8").write_bytes(data)
-    config = load_config([], ["data.corpus=enwik8", f"data.path={tmp_path / 'enwik8'}", "data.level=byte",
+    (tmp_path / "copy.bin").write_bytes(data)
+    config = load_config([], ["data.corpus=enwik8", f"data.path={tmp_path}", "data.level=byte",
                               f"data.cache_dir={cache}"]).data
     ids = split_ids(prepare_corpus(config, progress="off"))
+    # data.path may also name the file itself, under any name.
+    renamed = load_config([], ["data.corpus=enwik8", f"data.path={tmp_path / 'copy.bin'}", "data.level=byte",
+                               f"data.cache_dir={cache}"]).data
+    assert {k: v.tolist() for k, v in split_ids(prepare_corpus(renamed, progress="off")).items()} == \
+        {k: v.tolist() for k, v in ids.items()}
     n = len(data)
     assert [len(ids[s]) for s in ("train", "valid", "test")] == \
         [round(n * 0.9), round(n * 0.05), n - round(n * 0.9) - round(n * 0.05)]
