@@ -122,6 +122,15 @@ def test_train_valid_test_files_and_ptb(tmp_path, cache):
         assert_same_as_encode_corpus(DataConfig(corpus="ptb", path=str(ptb), level="word", cache_dir=cache))
 
 
+@pytest.mark.parametrize("level", ["byte", "subword"])
+def test_encode_corpus_refuses_the_new_levels(level, shakespeare_slice):
+    # Its word tokenizer would otherwise split the text silently (a wrong model, no error).
+    config = DataConfig(corpus="file", path=str(shakespeare_slice), level=level,
+                        vocab_size=500 if level == "subword" else None)
+    with pytest.raises(UserError, match=f"config key 'data.level': '{level}' tokens are read from prepared data"):
+        encode_corpus(config)
+
+
 def test_stdlib_corpus(cache):
     assert_same_as_encode_corpus(DataConfig(corpus="stdlib", max_chars=50_000, cache_dir=cache))
 
