@@ -477,8 +477,8 @@ def test_fetch_archive_tar_gz_subfolders(tmp_path):
 def test_offline_error_says_which_file_goes_where(corpus, level, expect, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("urllib.request.urlopen", offline)
     cache = tmp_path / "cache"
-    code, out, err = run_cli(["prepare", empty_config(tmp_path), "--set", f"data.corpus={corpus}", "--set", f"data.level={level}",
-                              "--set", f"data.cache_dir={cache}"], capsys)
+    code, out, err = run_cli(["prepare", empty_config(tmp_path), "--set", f"data.corpus={corpus}",
+                              "--set", f"data.level={level}", "--set", f"data.cache_dir={cache}"], capsys)
     line = assert_one_line_error(code, out, err)
     assert expect in line and str(cache / corpus) in line and "data.path" in line
     assert not (cache / "prepared").exists()
