@@ -392,13 +392,15 @@ class _Counts:
 
 
 def _remap_file(source: Path, target: Path, remap: np.ndarray, dtype, block: int = 1 << 22) -> None:
-    ids = np.memmap(source, dtype=np.int32, mode="r") if source.stat().st_size else np.zeros(0, np.int32)
-    with open(target, "wb") as f:
-        for start in range(0, len(ids), block):
-            remap[ids[start:start + block]].astype(dtype, copy=False).tofile(f)
+    """Writes ``remap[ids]`` of the int32 ids in ``source`` to ``target``, a block at a time (bounded memory)."""
+    with open(source, "rb") as src, open(target, "wb") as f:
+        while True:
+            ids = np.fromfile(src, dtype=np.int32, count=block)
+            if not len(ids):
+                break
+            remap[ids].astype(dtype, copy=False).tofile(f)
         f.flush()
         os.fsync(f.fileno())
-    del ids
 
 
 # --------------------------------------------------------------------------
