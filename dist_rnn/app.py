@@ -337,3 +337,21 @@ def _streamer(stream, level: str, prime: str):
 def print_json_line(result: dict) -> None:
     """Prints a result as the last line of stdout (one JSON object)."""
     print(json.dumps(result))
+
+
+def prepare(config_paths: list[str], overrides: list[str]) -> dict:
+    """``dist-rnn prepare``: prepares the config's corpus (or finds it prepared).
+
+    Returns:
+        The prepared folder, tokenizer kind, vocabulary size and each split's
+        token count.
+    """
+    from dist_rnn.data.prepare import prepare_corpus, read_manifest
+    from dist_rnn.data.progress import log_to_stdout
+
+    config = load_config(config_paths, overrides)
+    log_to_stdout()  # pass lines on stdout; stderr keeps errors and a terminal's progress bar
+    folder = prepare_corpus(config.data)
+    manifest = read_manifest(folder)
+    return {"prepared": str(folder), "tokenizer": manifest["tokenizer"]["kind"], "vocab_size": manifest["vocab_size"],
+            "tokens": {s: r["tokens"] for s, r in manifest["splits"].items()}}

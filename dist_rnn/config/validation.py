@@ -53,10 +53,20 @@ def _validate_data(config: Config) -> None:
     _require(d.corpus != "file" or d.path is not None or d.train_file is not None, "data.path",
              "corpus 'file' needs data.path (or data.train_file/valid_file/test_file)")
     _require(d.corpus != "ptb" or d.level == "word", "data.level", "the ptb corpus is word level")
+    _require(d.corpus != "enwik8" or d.level == "byte", "data.level",
+             "the enwik8 corpus is byte level (its standard split is in bytes)")
+    _require(d.min_count >= 1, "data.min_count", f"must be at least 1, got {d.min_count}")
+    _require(d.level == "subword" or d.vocab_size is None, "data.vocab_size",
+             f"only data.level 'subword' uses it (level is {d.level!r}; char/word use data.max_vocab)")
+    _require(d.level != "subword" or (d.vocab_size is not None and d.vocab_size > 258), "data.vocab_size",
+             f"data.level 'subword' needs a vocab_size above 258 (256 byte pieces, <unk>, newline), got {d.vocab_size}")
+    _require(d.level != "subword" or d.max_vocab is None, "data.max_vocab",
+             "data.level 'subword' sizes its vocabulary by data.vocab_size")
+    _require(d.subword_sample_chars >= 1, "data.subword_sample_chars", f"must be positive, got {d.subword_sample_chars}")
     # Keys that would be silently ignored are refused.
     _require(d.path is None or d.corpus != "stdlib", "data.path",
-             "data.corpus 'stdlib' reads no file; set data.corpus (file, tinyshakespeare, ptb or text8) "
-             "to read data.path")
+             "data.corpus 'stdlib' reads no file; set data.corpus (file or a built-in corpus: tinyshakespeare, "
+             "ptb, text8, wikitext2, wikitext103, enwik8, lm1b) to read data.path")
     _require(d.path is None or d.train_file is None, "data.path",
              "data.path and data.train_file are both set; data.train_file (with valid_file/test_file) "
              "replaces data.path: set one of them")
