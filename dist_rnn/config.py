@@ -25,6 +25,7 @@ from dist_rnn.errors import UserError
 
 CORPORA = ("stdlib", "file", "tinyshakespeare", "ptb", "text8")
 CELLS = ("lstm", "gru", "ln_lstm", "ln_gru", "rnn")
+INITIALIZERS = ("keras", "unit_scaling")
 
 
 @dataclass
@@ -56,6 +57,12 @@ class DataConfig:
             ``~/.cache/dist-rnn``.
         random_offset: Start each training epoch at a seeded random offset in
             ``[0, num_steps)`` so truncation boundaries move between epochs.
+        train_on_whole_text: Train on the whole text of a one-stream corpus
+            instead of its ``split[0]`` part; validation and test are still
+            the parts ``split`` gives, so they are text the model trained on.
+            Only for reproducing setups that trained on a whole file (the
+            classic char-rnn tutorials); their "validation" loss is not
+            held out. Not with ``ptb`` or ``train_file``.
     """
 
     corpus: Literal["stdlib", "file", "tinyshakespeare", "ptb", "text8"] = "stdlib"
@@ -69,6 +76,7 @@ class DataConfig:
     max_vocab: Optional[int] = None
     cache_dir: Optional[str] = None
     random_offset: bool = False
+    train_on_whole_text: bool = False
 
 
 @dataclass
@@ -98,6 +106,22 @@ class ModelConfig:
         init_scale: If set, initialize every weight uniformly in
             ``[-init_scale, init_scale]`` (the PTB recipe); else Keras defaults.
             Either way each weight draws its own values, fixed by ``train.seed``.
+        initializer: Starting weights when ``init_scale`` is not set.
+            ``keras`` (default): Keras' defaults (Glorot-uniform input kernels
+            and projection, orthogonal recurrent kernels, embedding uniform in
+            +-0.05, zero biases, LSTM forget bias 1). ``unit_scaling``: the
+            default of ``tf.get_variable`` before TensorFlow 1.0, which the
+            classic char-rnn tutorials relied on: every matrix uniform in
+            ``+-sqrt(3 / fan_in)``, fan_in being its rows. The embedding's
+            fan_in is the vocabulary size and the projection's
+            ``hidden_size``; a recurrent layer's input and recurrent kernels
+            are the two parts of the tutorials' single matrix over the
+            concatenated ``[input, state]``, so both use fan_in = input width
+            + ``hidden_size``. GRU update and reset gates start with bias 1.0
+            (``ln_gru``: their layer-norm shifts), as TensorFlow's old
+            ``GRUCell``; other biases and layer-norm parameters keep their
+            starts. Each weight draws its own values, fixed by ``train.seed``;
+            the kernel choice (cuDNN or not) does not depend on it.
     """
 
     cell: Literal["lstm", "gru", "ln_lstm", "ln_gru", "rnn"] = "lstm"
@@ -109,6 +133,7 @@ class ModelConfig:
     tie_embeddings: bool = False
     cudnn: Literal["auto", "require", "off"] = "auto"
     init_scale: Optional[float] = None
+    initializer: Literal["keras", "unit_scaling"] = "keras"
 
 
 @dataclass
@@ -336,7 +361,7 @@ class Config:
 RESUME_INVARIANT_KEYS = (
     "optimizer.name",
     "data.corpus", "data.split", "data.level",
-    "data.max_chars", "data.max_vocab",
+    "data.max_chars", "data.max_vocab", "data.train_on_whole_text",
     "model.cell", "model.num_layers", "model.hidden_size",
     "model.embedding_size", "model.tie_embeddings",
     "train.batch_size", "train.num_steps",
@@ -640,6 +665,9 @@ def validate(config: Config) -> None:
     for key, value in (("data.valid_file", d.valid_file), ("data.test_file", d.test_file)):
         _require(value is None or d.train_file is not None, key,
                  f"{key} needs data.train_file (without it the splits come from data.corpus and {key} is unused)")
+    _require(not d.train_on_whole_text or (d.corpus != "ptb" and d.train_file is None), "data.train_on_whole_text",
+             "needs a one-stream corpus cut by data.split (stdlib, file, tinyshakespeare or text8), "
+             "not data.corpus 'ptb' or data.train_file")
     _require(m.num_layers >= 1, "model.num_layers", f"must be at least 1, got {m.num_layers}")
     _require(m.hidden_size >= 1, "model.hidden_size", f"must be positive, got {m.hidden_size}")
     _require(m.embedding_size >= 1, "model.embedding_size", f"must be positive, got {m.embedding_size}")
@@ -648,6 +676,11 @@ def validate(config: Config) -> None:
     _require(not m.tie_embeddings or m.embedding_size == m.hidden_size, "model.tie_embeddings",
              f"needs model.embedding_size == model.hidden_size, got {m.embedding_size} and {m.hidden_size}")
     _require(m.init_scale is None or m.init_scale > 0, "model.init_scale", f"must be positive, got {m.init_scale}")
+    _require(m.initializer in INITIALIZERS, "model.initializer",
+             f"must be one of {', '.join(INITIALIZERS)}, got {m.initializer!r}")
+    _require(m.init_scale is None or m.initializer == "keras", "model.initializer",
+             f"{m.initializer!r} conflicts with model.init_scale ({m.init_scale}), which sets every weight's "
+             "range itself; set one of them")
     _require(o.learning_rate > 0, "optimizer.learning_rate", f"must be positive, got {o.learning_rate}")
     _require(o.clip_norm >= 0, "optimizer.clip_norm", f"must be >= 0 (0 turns clipping off), got {o.clip_norm}")
     _require(0 <= o.momentum < 1, "optimizer.momentum", f"must be in [0, 1), got {o.momentum}")
