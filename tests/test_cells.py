@@ -328,6 +328,8 @@ def test_get_config_round_trip(cls):
         kwargs["forget_bias"] = 0.5
     if cls is VanillaRNN:
         kwargs["bias_initializer"] = "ones"
+    if cls is LayerNormGRU:
+        kwargs["gate_beta_initializer"] = "ones"
     rng = np.random.default_rng(6)
     layer = make_layer(cls, 4, 5, rng, **kwargs)
     config = layer.get_config()

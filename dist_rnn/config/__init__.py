@@ -18,14 +18,14 @@ Modules (every public name is importable from ``dist_rnn.config``):
 """
 
 from dist_rnn.config.loading import config_from_dict, load_config, parse_override, save_config, yaml_load
-from dist_rnn.config.schema import (CELLS, CORPORA, DATA_LOCATION_KEYS, EPOCH_INVARIANT_KEYS, RESUME_INVARIANT_KEYS,
+from dist_rnn.config.schema import (CELLS, CORPORA, INITIALIZERS, DATA_LOCATION_KEYS, EPOCH_INVARIANT_KEYS, RESUME_INVARIANT_KEYS,
                                     TWO_STATE_CELLS, CheckpointConfig, Config, DataConfig, DistributeConfig,
                                     LoggingConfig, LossScaleConfig, ModelConfig, OptimizerConfig, ScheduleConfig,
                                     TrainConfig, changed_keys, flatten, resume_invariant_differences)
 from dist_rnn.config.validation import InvalidValue, check_divisible, validate
 
 __all__ = [
-    "CELLS", "CORPORA", "DATA_LOCATION_KEYS", "EPOCH_INVARIANT_KEYS", "RESUME_INVARIANT_KEYS", "TWO_STATE_CELLS",
+    "CELLS", "CORPORA", "INITIALIZERS", "DATA_LOCATION_KEYS", "EPOCH_INVARIANT_KEYS", "RESUME_INVARIANT_KEYS", "TWO_STATE_CELLS",
     "CheckpointConfig", "Config", "DataConfig", "DistributeConfig", "LoggingConfig", "LossScaleConfig",
     "ModelConfig", "OptimizerConfig", "ScheduleConfig", "TrainConfig",
     "changed_keys", "flatten", "resume_invariant_differences",

@@ -15,6 +15,7 @@ import yaml
 
 CORPORA = ("stdlib", "file", "tinyshakespeare", "ptb", "text8", "wikitext2", "wikitext103", "enwik8", "lm1b")
 CELLS = ("lstm", "gru", "ln_lstm", "ln_gru", "rnn")
+INITIALIZERS = ("keras", "unit_scaling")
 # Cells whose recurrent state is (h, c) rather than h alone.
 TWO_STATE_CELLS = ("lstm", "ln_lstm")
 
@@ -64,6 +65,12 @@ class DataConfig:
             ``~/.cache/dist-rnn``.
         random_offset: Start each training epoch at a seeded random offset in
             ``[0, num_steps)`` so truncation boundaries move between epochs.
+        train_on_whole_text: Train on the whole text of a one-stream corpus
+            instead of its ``split[0]`` part; validation and test are still
+            the parts ``split`` gives, so they are text the model trained on.
+            Only for reproducing setups that trained on a whole file (the
+            classic char-rnn tutorials); their "validation" loss is not
+            held out. Not with ``ptb`` or ``train_file``.
     """
 
     corpus: Literal["stdlib", "file", "tinyshakespeare", "ptb", "text8", "wikitext2", "wikitext103", "enwik8",
@@ -82,6 +89,7 @@ class DataConfig:
     vocab_size: Optional[int] = None
     subword_model: Literal["unigram", "bpe"] = "unigram"
     subword_sample_chars: int = 10_000_000
+    train_on_whole_text: bool = False
 
 
 @dataclass
@@ -111,6 +119,22 @@ class ModelConfig:
         init_scale: If set, initialize every weight uniformly in
             ``[-init_scale, init_scale]`` (the PTB recipe); else Keras defaults.
             Either way each weight draws its own values, fixed by ``train.seed``.
+        initializer: Starting weights when ``init_scale`` is not set.
+            ``keras`` (default): Keras' defaults (Glorot-uniform input kernels
+            and projection, orthogonal recurrent kernels, embedding uniform in
+            +-0.05, zero biases, LSTM forget bias 1). ``unit_scaling``: the
+            default of ``tf.get_variable`` before TensorFlow 1.0, which the
+            classic char-rnn tutorials relied on: every matrix uniform in
+            ``+-sqrt(3 / fan_in)``, fan_in being its rows. The embedding's
+            fan_in is the vocabulary size and the projection's
+            ``hidden_size``; a recurrent layer's input and recurrent kernels
+            are the two parts of the tutorials' single matrix over the
+            concatenated ``[input, state]``, so both use fan_in = input width
+            + ``hidden_size``. GRU update and reset gates start with bias 1.0
+            (``ln_gru``: their layer-norm shifts), as TensorFlow's old
+            ``GRUCell``; other biases and layer-norm parameters keep their
+            starts. Each weight draws its own values, fixed by ``train.seed``;
+            the kernel choice (cuDNN or not) does not depend on it.
     """
 
     cell: Literal["lstm", "gru", "ln_lstm", "ln_gru", "rnn"] = "lstm"
@@ -122,6 +146,7 @@ class ModelConfig:
     tie_embeddings: bool = False
     cudnn: Literal["auto", "require", "off"] = "auto"
     init_scale: Optional[float] = None
+    initializer: Literal["keras", "unit_scaling"] = "keras"
 
 
 @dataclass
@@ -349,7 +374,7 @@ class Config:
 RESUME_INVARIANT_KEYS = (
     "optimizer.name",
     "data.corpus", "data.split", "data.level",
-    "data.max_chars", "data.max_vocab",
+    "data.max_chars", "data.max_vocab", "data.train_on_whole_text",
     "data.min_count", "data.vocab_size", "data.subword_model", "data.subword_sample_chars",
     "model.cell", "model.num_layers", "model.hidden_size",
     "model.embedding_size", "model.tie_embeddings",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from dist_rnn.config.schema import Config
+from dist_rnn.config.schema import INITIALIZERS, Config
 from dist_rnn.errors import UserError
 
 
@@ -73,6 +73,9 @@ def _validate_data(config: Config) -> None:
     for key, value in (("data.valid_file", d.valid_file), ("data.test_file", d.test_file)):
         _require(value is None or d.train_file is not None, key,
                  f"{key} needs data.train_file (without it the splits come from data.corpus and {key} is unused)")
+    _require(not d.train_on_whole_text or (d.corpus != "ptb" and d.train_file is None), "data.train_on_whole_text",
+             "needs a one-stream corpus cut by data.split (stdlib, file, tinyshakespeare or text8), "
+             "not data.corpus 'ptb' or data.train_file")
 
 
 def _validate_model(config: Config) -> None:
@@ -85,6 +88,11 @@ def _validate_model(config: Config) -> None:
     _require(not m.tie_embeddings or m.embedding_size == m.hidden_size, "model.tie_embeddings",
              f"needs model.embedding_size == model.hidden_size, got {m.embedding_size} and {m.hidden_size}")
     _require(m.init_scale is None or m.init_scale > 0, "model.init_scale", f"must be positive, got {m.init_scale}")
+    _require(m.initializer in INITIALIZERS, "model.initializer",
+             f"must be one of {', '.join(INITIALIZERS)}, got {m.initializer!r}")
+    _require(m.init_scale is None or m.initializer == "keras", "model.initializer",
+             f"{m.initializer!r} conflicts with model.init_scale ({m.init_scale}), which sets every weight's "
+             "range itself; set one of them")
 
 
 def _validate_optimizer(config: Config) -> None:

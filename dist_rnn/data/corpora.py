@@ -7,6 +7,7 @@ where the splits fall.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -101,6 +102,10 @@ def load_splits(config: DataConfig) -> Splits:
             download is impossible (the message names the file and where to put
             it).
     """
+    if config.train_on_whole_text:
+        # split_text cuts contiguous parts: together they are the whole text.
+        splits = load_splits(dataclasses.replace(config, train_on_whole_text=False))
+        return Splits(splits.train + splits.valid + splits.test, splits.valid, splits.test)
     if config.train_file:
         return Splits(_read_text(config.train_file, "data.train_file"),
                       _read_text(config.valid_file, "data.valid_file") if config.valid_file else "",

@@ -152,6 +152,8 @@ class LayerNormGRU(FusedRecurrentLayer):
             the recurrent matmul (one mask per sequence).
         kernel_initializer: Initializer of ``kernel``.
         recurrent_initializer: Initializer of ``recurrent_kernel``.
+        gate_beta_initializer: Initializer of ``gate_beta`` (default zeros;
+            a constant 1.0 starts z and r like a GRU gate bias of 1.0).
         dropout_salt: Folded into the call's ``seed`` so that each layer
             draws its own recurrent-dropout mask.
         return_sequences: Return all outputs (default) or only the last one.
@@ -166,9 +168,18 @@ class LayerNormGRU(FusedRecurrentLayer):
     _num_gates = 3
     _num_states = 1
 
+    def __init__(self, units, gate_beta_initializer="zeros", **kwargs):
+        super().__init__(units, **kwargs)
+        self.gate_beta_initializer = keras.initializers.get(gate_beta_initializer)
+
+    def get_config(self):
+        """Returns the constructor arguments (plus the base layer's) as a dict."""
+        return {**super().get_config(),
+                "gate_beta_initializer": keras.initializers.serialize(self.gate_beta_initializer)}
+
     def _build_extra(self):
         self.gate_gamma = self._ln_weight("gate_gamma", 2 * self.units, "ones")
-        self.gate_beta = self._ln_weight("gate_beta", 2 * self.units, "zeros")
+        self.gate_beta = self._ln_weight("gate_beta", 2 * self.units, self.gate_beta_initializer)
         self.candidate_gamma = self._ln_weight("candidate_gamma", self.units, "ones")
         self.candidate_beta = self._ln_weight("candidate_beta", self.units, "zeros")
 
