@@ -3,6 +3,7 @@ built-in corpora on local stand-ins, and bad input through the CLI."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -637,3 +638,19 @@ def test_bench_prepare_runs_small(capsys):
     words = text.split()
     counts = sorted((words.count(w) for w in set(words[:50])), reverse=True)
     assert counts[0] > 10 * counts[-1]  # Zipfian: the head words are far more frequent than the tail
+
+
+@pytest.mark.parametrize("level", ["char", "word"])
+def test_train_on_whole_text_trains_on_every_split_and_keeps_the_held_parts(level, shakespeare_slice, cache,
+                                                                            monkeypatch):
+    monkeypatch.setattr("dist_rnn.data.sources.CHUNK_BYTES", 4099)
+    config = DataConfig(corpus="file", path=str(shakespeare_slice), level=level, train_on_whole_text=True,
+                        cache_dir=cache)
+    folder = assert_same_as_encode_corpus(config)
+    tokens = {s: read_manifest(folder)["splits"][s]["tokens"] for s in ("train", "valid", "test")}
+    plain = read_manifest(prepare_corpus(dataclasses.replace(config, train_on_whole_text=False),
+                                         progress="off"))["splits"]
+    # Words cut at a split boundary count twice in the cut stream, once in the whole one.
+    assert tokens["train"] - sum(plain[s]["tokens"] for s in ("train", "valid", "test")) in ((0,) if level == "char"
+                                                                                           else (0, -1, -2))
+    assert (tokens["valid"], tokens["test"]) == (plain["valid"]["tokens"], plain["test"]["tokens"])

@@ -196,14 +196,14 @@ def _build(tmp: Path, key: str, data: DataConfig, layout: CorpusLayout, progress
         tokenizer, dtype, splits = _encode_words(tmp, data, layout, bounds, progress, total)
     else:
         fitting = ByteProgress("vocabulary", 0, progress) if data.level == "char" else None
-        train = _train_pieces(layout, bounds, byte_level)
+        train = _train_pieces(layout, bounds, byte_level, data.train_on_whole_text)
         tokenizer = fit_tokenizer(data, _metered(train, fitting) if fitting else train)
         if fitting:
             fitting.close()
         dtype = token_dtype(tokenizer.size)
         meter = ByteProgress("encoding", total, progress)
         splits = {split: _write_split(tmp / f"{split}.bin", tokenizer, pieces, dtype, meter)
-                  for split, pieces in _split_pieces(layout, bounds, byte_level)}
+                  for split, pieces in _split_pieces(layout, bounds, byte_level, data.train_on_whole_text)}
         meter.close()
     files = tokenizer.save(tmp)
     content = content_sha256(tmp, splits, files)
@@ -284,24 +284,38 @@ def _pieces(sources: list[Source], byte_level: bool) -> Iterator[str | bytes]:
         yield from source.chunks() if byte_level else source.texts()
 
 
-def _split_pieces(layout: CorpusLayout, bounds: list[int] | None, byte_level: bool):
+def _split_pieces(layout: CorpusLayout, bounds: list[int] | None, byte_level: bool, whole_train: bool = False):
     """Yields ``(split, pieces)`` in split order.
 
     Each split's pieces must be consumed before the next split is asked for:
-    a stream is read once, front to back.
+    a stream is read once, front to back (twice with ``whole_train``:
+    ``data.train_on_whole_text`` trains on the whole stream, and validation
+    and test are still its tail parts).
     """
     if bounds is None:
         return ((s, _pieces(layout.splits[s], byte_level)) for s in SPLITS)
+    if whole_train:
+        return _whole_train_split_pieces(layout, bounds, byte_level)
     cursor = _Cursor(_pieces(layout.stream, byte_level))
     lengths = [bounds[0], bounds[1] - bounds[0], bounds[2] - bounds[1]]
     return ((s, cursor.take(n)) for s, n in zip(SPLITS, lengths))
 
 
-def _train_pieces(layout: CorpusLayout, bounds: list[int] | None, byte_level: bool) -> Iterator:
+def _whole_train_split_pieces(layout: CorpusLayout, bounds: list[int], byte_level: bool):
+    yield "train", _Cursor(_pieces(layout.stream, byte_level)).take(bounds[2])
+    cursor = _Cursor(_pieces(layout.stream, byte_level))
+    for _ in cursor.take(bounds[0]):
+        pass
+    yield "valid", cursor.take(bounds[1] - bounds[0])
+    yield "test", cursor.take(bounds[2] - bounds[1])
+
+
+def _train_pieces(layout: CorpusLayout, bounds: list[int] | None, byte_level: bool,
+                  whole_train: bool = False) -> Iterator:
     """The training split's pieces alone (read lazily: a reader may stop early)."""
     if bounds is None:
         return _pieces(layout.splits["train"], byte_level)
-    return _Cursor(_pieces(layout.stream, byte_level)).take(bounds[0])
+    return _Cursor(_pieces(layout.stream, byte_level)).take(bounds[2] if whole_train else bounds[0])
 
 
 class _Cursor:
@@ -366,7 +380,7 @@ def _encode_words(tmp: Path, data: DataConfig, layout: CorpusLayout, bounds: lis
     meter = ByteProgress("encoding", total, progress)
     splits = {split: _write_split(tmp / f"{split}.ids", indexer, pieces, np.int32, meter,
                                   counts.add if split == "train" else None, durable=False)
-              for split, pieces in _split_pieces(layout, bounds, False)}
+              for split, pieces in _split_pieces(layout, bounds, False, data.train_on_whole_text)}
     meter.close()
     tokenizer, remap = indexer.vocabulary(counts.total, data)
     dtype = token_dtype(tokenizer.size)
