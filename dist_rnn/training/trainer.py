@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from dist_rnn.data.batching import EvalBatcher, StreamBatcher
+from dist_rnn.data.batching import EvalBatcher, StreamBatcher, owned_rows
 from dist_rnn.training.checkpoints import Checkpointer, TrainingState, accepted_fingerprints, run_fingerprint
 from dist_rnn.config import Config
 from dist_rnn.data.encoding import EncodedCorpus
@@ -91,13 +91,24 @@ class EvalResult:
     loss: float
     tokens: int
     level: str
+    bpb: float | None = None
 
     def as_dict(self) -> dict:
-        """``split``, ``loss``, ``perplexity``, ``tokens`` and ``bpc`` (char level)."""
+        """``split``, ``loss``, ``perplexity``, ``tokens``, ``bpc`` (char level) and ``bpb`` (bits per source
+        byte, when the corpus knows its bytes)."""
         out = {"split": self.split, "loss": self.loss, "perplexity": perplexity(self.loss), "tokens": self.tokens}
         if self.level == "char":
             out["bpc"] = self.loss / math.log(2)
+        if self.bpb is not None:
+            out["bpb"] = self.bpb
         return out
+
+    def metrics(self) -> dict:
+        """The values :meth:`MetricsLogger.evaluation` records: ``loss``, ``tokens`` and ``bpb`` if known."""
+        values = {"loss": self.loss, "tokens": self.tokens}
+        if self.bpb is not None:
+            values["bpb"] = self.bpb
+        return values
 
 
 class Trainer:
@@ -121,9 +132,12 @@ class Trainer:
         self.corpus = corpus
         t = config.train
         self.eval_batch_size = t.eval_batch_size or t.batch_size
+        # Each process reads only the rows of its own replicas from the (memory-mapped) splits.
+        replicas = (backend.num_replicas, backend.local_replica_ids())
         self.train_batches = StreamBatcher(corpus.train, t.batch_size, t.num_steps, "train", t.seed,
-                                           config.data.random_offset)
-        self.eval_batches = {split: EvalBatcher(corpus.split(split), self.eval_batch_size, t.num_steps, split)
+                                           config.data.random_offset, owned_rows(t.batch_size, *replicas))
+        self.eval_batches = {split: EvalBatcher(corpus.split(split), self.eval_batch_size, t.num_steps, split,
+                                                owned_rows(self.eval_batch_size, *replicas))
                              for split in ("valid", "test") if len(corpus.split(split))}
         # The policy in force, not train.precision: ``dist-rnn eval`` builds a float32 model.
         precision = keras.mixed_precision.global_policy().name
@@ -304,7 +318,7 @@ class Trainer:
         test = None
         if "test" in self.eval_batches:
             test = self.evaluate("test")
-            self.metrics.evaluation(step, "test", {"loss": test.loss, "tokens": test.tokens})
+            self.metrics.evaluation(step, "test", test.metrics())
         return {"step": step, "epoch": epoch, "valid": valid.as_dict() if valid else None,
                 "test": test.as_dict() if test else None}
 
@@ -381,7 +395,7 @@ class Trainer:
         if "valid" not in self.eval_batches:
             return None
         result = self.evaluate("valid")
-        self.metrics.evaluation(step, "valid", {"loss": result.loss, "tokens": result.tokens})
+        self.metrics.evaluation(step, "valid", result.metrics())
         self.save_best(step, epoch, index, states, result)
         if self.config.train.sample_length and self.backend.is_chief:
             text = self.sample(self.config.train.sample_prime, self.config.train.sample_length, seed=0)
@@ -423,8 +437,9 @@ class Trainer:
         for inputs, targets, weights in batches.dataset():
             loss_sum, states = self.steps.eval_step(*self.backend.shard((inputs, targets, weights)), states)
             total += tf.cast(loss_sum, tf.float64)
-        tokens = batches.tokens
-        return EvalResult(split, float(total) / tokens, tokens, self.corpus.vocab.level)
+        tokens, loss = batches.tokens, float(total) / batches.tokens
+        bpb = self.corpus.bits_per_byte(split, loss) if hasattr(self.corpus, "bits_per_byte") else None
+        return EvalResult(split, loss, tokens, self.corpus.vocab.level, bpb)
 
     def sample(self, prime: str, length: int, seed: int = 0, temperature: float = 0.8) -> str:
         """Generates a text sample from the current weights."""
