@@ -124,6 +124,14 @@ class Backend:
     def barrier(self) -> None:
         """Waits for all workers."""
 
+    def gather_text(self, text: str) -> list[str]:
+        """Every worker's ``text``, in worker order (every worker calls it, the same number of times).
+
+        For small facts the workers must agree on before training (e.g. the
+        prepared data's identity); not a tensor collective.
+        """
+        return [text]
+
 
 class MirroredBackend(Backend):
     """tf.distribute.MirroredStrategy over the GPUs of this host, or logical CPU devices.
@@ -242,6 +250,17 @@ class MultiWorkerBackend(MirroredBackend):
                 tf.distribute.ReduceOp.SUM, self.strategy.run(lambda: tf.identity(x)), axis=None))
         return float(self._any_fn(tf.constant(1.0 if flag else 0.0))) > 0
 
+    def gather_text(self, text):
+        # Through the coordination service's key-value store: it runs before any collective, and a
+        # worker that is still preparing its data is waited for (up to an hour).
+        from tensorflow.python.eager import context
+
+        self._gathers = getattr(self, "_gathers", 0) + 1
+        key = f"dist_rnn/gather_text/{self._gathers}"
+        context.context().set_config_key_value(f"{key}/{self.worker_index}", text)
+        return [context.context().get_config_key_value(f"{key}/{i}", timeout_in_ms=3_600_000)
+                for i in range(self.num_workers)]
+
     def local_replica_ids(self) -> list[int]:
         per_worker = self.num_replicas // self.num_workers
         return list(range(self.worker_index * per_worker, (self.worker_index + 1) * per_worker))
@@ -359,6 +378,9 @@ class HorovodBackend(Backend):
 
     def barrier(self):
         self.hvd.allreduce(tf.constant(0.0), op=self.hvd.Sum)
+
+    def gather_text(self, text):
+        return list(self.hvd.allgather_object(text))
 
 
 def _call_true(fn: Callable, *args) -> tf.Tensor:
