@@ -408,3 +408,26 @@ def _streamer(stream, level: str, prime: str):
 def print_json_line(result: dict) -> None:
     """Prints a result as the last line of stdout (one JSON object)."""
     print(json.dumps(result))
+
+
+def prepare(config_paths: list[str], overrides: list[str]) -> dict:
+    """``dist-rnn prepare``: prepares the config's corpus (or finds it prepared).
+
+    Returns:
+        The prepared folder, tokenizer kind, vocabulary size and each split's
+        token count.
+    """
+    from dist_rnn.data.prepare import prepare_corpus, read_manifest
+
+    config = load_config(config_paths, overrides)
+    # Progress lines go to stdout (stderr keeps errors and the terminal's progress bar).
+    log.handlers.clear()
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    folder = prepare_corpus(config.data)
+    manifest = read_manifest(folder)
+    return {"prepared": str(folder), "tokenizer": manifest["tokenizer"]["kind"], "vocab_size": manifest["vocab_size"],
+            "tokens": {s: r["tokens"] for s, r in manifest["splits"].items()}}

@@ -23,7 +23,7 @@ import yaml
 
 from dist_rnn.errors import UserError
 
-CORPORA = ("stdlib", "file", "tinyshakespeare", "ptb", "text8")
+CORPORA = ("stdlib", "file", "tinyshakespeare", "ptb", "text8", "wikitext2", "wikitext103", "enwik8", "lm1b")
 CELLS = ("lstm", "gru", "ln_lstm", "ln_gru", "rnn")
 # Cells whose recurrent state is (h, c) rather than h alone.
 TWO_STATE_CELLS = ("lstm", "ln_lstm")
@@ -36,41 +36,61 @@ class DataConfig:
     Attributes:
         corpus: ``stdlib`` (the running Python's standard library source, the
             embedded default), ``file`` (UTF-8 text files), ``tinyshakespeare``,
-            ``ptb`` or ``text8`` (downloaded once into ``cache_dir`` unless
-            ``path`` points at a local copy).
-        path: A file or list of files (``file``, ``tinyshakespeare``, ``text8``)
-            or a folder with ``ptb.{train,valid,test}.txt`` (``ptb``); refused
-            with ``stdlib`` and together with ``train_file``. A resumed run may
-            read its data from another path if the text is the same.
+            ``ptb``, ``text8``, ``wikitext2``/``wikitext103`` (the raw
+            variants), ``enwik8`` (the first 10^8 bytes cut 90M/5M/5M,
+            ``byte`` level) or ``lm1b`` (One Billion Word: its 99 training
+            shards, held-out shard 1 as valid and 0 as test); downloaded once
+            into ``cache_dir`` unless ``path`` points at a local copy.
+        path: A file, glob pattern, folder of shards, or a list of them
+            (``file``; ``.gz`` files are decompressed), the corpus file
+            (``tinyshakespeare``, ``text8``, ``enwik8``) or the folder laid
+            out as the corpus' archive (``ptb``, ``wikitext2``,
+            ``wikitext103``, ``lm1b``); refused with ``stdlib`` and together
+            with ``train_file``. A resumed run may read its data from another
+            path if the text is the same.
         train_file: Explicit training file; with ``valid_file``/``test_file``
             replaces the corpus and its fractional split.
         valid_file: Explicit validation file (needs ``train_file``).
         test_file: Explicit test file (needs ``train_file``).
         split: Train/valid/test fractions of the token stream when the corpus
             is one stream (``stdlib``, ``file``, ``tinyshakespeare``, ``text8``).
-        level: ``char`` or ``word`` tokens. Word level splits on whitespace and
-            turns each newline into ``<eos>``.
+        level: ``char`` (Unicode characters), ``byte`` (UTF-8 bytes, 256
+            ids), ``word`` (whitespace-separated, each newline an ``<eos>``)
+            or ``subword`` (SentencePiece pieces trained on the training
+            split, see ``vocab_size``).
         max_chars: Read at most this many characters of the corpus (``stdlib``
             and ``file``); ``null`` reads everything.
         max_vocab: Keep the most frequent tokens of the training split, mapping
-            the rest to ``<unk>``; ``null`` keeps all.
+            the rest to ``<unk>``; ``null`` keeps all (``char``/``word``).
+        min_count: Keep only tokens seen at least this often in the training
+            split (``char``/``word``); default 1 keeps all.
+        vocab_size: Number of SentencePiece pieces (``subword``, required
+            there; byte fallback needs more than 256 + 2).
+        subword_model: SentencePiece algorithm, ``unigram`` or ``bpe``.
+        subword_sample_chars: The subword model is trained on the first this
+            many characters of the training split.
         cache_dir: Download cache; default ``$DIST_RNN_CACHE`` or
             ``~/.cache/dist-rnn``.
         random_offset: Start each training epoch at a seeded random offset in
             ``[0, num_steps)`` so truncation boundaries move between epochs.
     """
 
-    corpus: Literal["stdlib", "file", "tinyshakespeare", "ptb", "text8"] = "stdlib"
+    corpus: Literal["stdlib", "file", "tinyshakespeare", "ptb", "text8", "wikitext2", "wikitext103", "enwik8",
+                    "lm1b"] = "stdlib"
     path: Optional[Union[str, list[str]]] = None
     train_file: Optional[str] = None
     valid_file: Optional[str] = None
     test_file: Optional[str] = None
     split: list[float] = field(default_factory=lambda: [0.9, 0.05, 0.05])
-    level: Literal["char", "word"] = "char"
+    level: Literal["char", "byte", "word", "subword"] = "char"
     max_chars: Optional[int] = None
     max_vocab: Optional[int] = None
     cache_dir: Optional[str] = None
     random_offset: bool = False
+    min_count: int = 1
+    vocab_size: Optional[int] = None
+    subword_model: Literal["unigram", "bpe"] = "unigram"
+    subword_sample_chars: int = 10_000_000
 
 
 @dataclass
@@ -339,6 +359,7 @@ RESUME_INVARIANT_KEYS = (
     "optimizer.name",
     "data.corpus", "data.split", "data.level",
     "data.max_chars", "data.max_vocab",
+    "data.min_count", "data.vocab_size", "data.subword_model", "data.subword_sample_chars",
     "model.cell", "model.num_layers", "model.hidden_size",
     "model.embedding_size", "model.tie_embeddings",
     "train.batch_size", "train.num_steps",
@@ -632,6 +653,16 @@ def validate(config: Config) -> None:
     _require(d.corpus != "file" or d.path is not None or d.train_file is not None, "data.path",
              "corpus 'file' needs data.path (or data.train_file/valid_file/test_file)")
     _require(d.corpus != "ptb" or d.level == "word", "data.level", "the ptb corpus is word level")
+    _require(d.corpus != "enwik8" or d.level == "byte", "data.level",
+             "the enwik8 corpus is byte level (its standard split is in bytes)")
+    _require(d.min_count >= 1, "data.min_count", f"must be at least 1, got {d.min_count}")
+    _require(d.level == "subword" or d.vocab_size is None, "data.vocab_size",
+             f"only data.level 'subword' uses it (level is {d.level!r}; char/word use data.max_vocab)")
+    _require(d.level != "subword" or (d.vocab_size is not None and d.vocab_size > 258), "data.vocab_size",
+             f"data.level 'subword' needs a vocab_size above 258 (256 byte pieces, <unk>, newline), got {d.vocab_size}")
+    _require(d.level != "subword" or d.max_vocab is None, "data.max_vocab",
+             "data.level 'subword' sizes its vocabulary by data.vocab_size")
+    _require(d.subword_sample_chars >= 1, "data.subword_sample_chars", f"must be positive, got {d.subword_sample_chars}")
     # Keys that would be silently ignored are refused.
     _require(d.path is None or d.corpus != "stdlib", "data.path",
              "data.corpus 'stdlib' reads no file; set data.corpus (file, tinyshakespeare, ptb or text8) "
