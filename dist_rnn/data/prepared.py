@@ -134,8 +134,9 @@ class PreparedCorpus:
 
     @property
     def vocab(self):
-        """The tokenizer, under the name the trainer and sampler use for today's vocabulary."""
-        return self.tokenizer
+        """What the trainer, sampler and ``RUN_DIR/vocab.json`` use: the
+        :class:`~dist_rnn.data.vocab.Vocabulary` of a char or word tokenizer, else the tokenizer itself."""
+        return getattr(self.tokenizer, "vocab", self.tokenizer)
 
     def _file(self, split: str) -> Path:
         return self.folder / self.manifest["splits"][split]["file"]
