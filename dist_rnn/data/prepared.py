@@ -16,12 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dist_rnn.data.prepare import MANIFEST, SPLITS, read_manifest
 from dist_rnn.errors import UserError
-
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-SPLITS = ("train", "valid", "test")
-DTYPES = ("uint8", "uint16", "uint32")
 
 
 class PreparedCorpus:
@@ -51,25 +47,14 @@ class PreparedCorpus:
 
         Raises:
             UserError: If the folder has no manifest (not prepared, or a
-                prepare was interrupted), the manifest is unreadable or of
-                another format version, or a token file is missing or has
-                another size than the manifest says.
+                prepare was interrupted), or :func:`~dist_rnn.data.prepare.read_manifest`
+                finds it damaged or of another format version.
         """
         folder = Path(folder).expanduser()
-        path = folder / MANIFEST
-        if not path.is_file():
+        if not (folder / MANIFEST).is_file():
             raise UserError(f"{folder}: not a prepared corpus (no {MANIFEST}; an interrupted prepare leaves "
                             f"none): run dist-rnn prepare")
-        try:
-            manifest = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise UserError(f"{path}: unreadable manifest ({e.__class__.__name__}); delete {folder} and prepare "
-                            f"again") from None
-        _check_manifest(path, manifest)
-        corpus = cls(folder, manifest)
-        for name in SPLITS:
-            corpus._check_size(name)
-        return corpus
+        return cls(folder, read_manifest(folder))
 
     # ---------------------------------------------------------------- splits
 
@@ -140,37 +125,6 @@ class PreparedCorpus:
 
     def _file(self, split: str) -> Path:
         return self.folder / self.manifest["splits"][split]["file"]
-
-    def _check_size(self, split: str) -> None:
-        path = self._file(split)
-        expected = self.tokens(split) * np.dtype(self.manifest["dtype"]).itemsize
-        size = path.stat().st_size if path.is_file() else None
-        if size != expected:
-            found = "missing" if size is None else f"{size:,} bytes"
-            raise UserError(f"{path}: {found}, but {self.folder / MANIFEST} says {self.tokens(split):,} tokens of "
-                            f"{self.manifest['dtype']} ({expected:,} bytes): the prepared corpus is damaged; delete "
-                            f"{self.folder} and prepare again")
-
-
-def _check_manifest(path: Path, manifest) -> None:
-    """Raises UserError unless the manifest has this format version and the keys the reader needs."""
-    if not isinstance(manifest, dict):
-        raise UserError(f"{path}: not a dist-rnn manifest; delete {path.parent} and prepare again")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise UserError(f"{path}: prepared with format version {version!r}, this dist-rnn reads version "
-                        f"{FORMAT_VERSION}; delete {path.parent} and prepare again")
-    try:
-        if manifest["dtype"] not in DTYPES:
-            raise ValueError(f"dtype {manifest['dtype']!r}")
-        for name in SPLITS:
-            entry = manifest["splits"][name]
-            if not (isinstance(entry["file"], str) and int(entry["tokens"]) >= 0 and int(entry["source_bytes"]) >= 0):
-                raise ValueError(name)
-        manifest["tokenizer"]["kind"], int(manifest["vocab_size"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{path}: incomplete manifest ({e.__class__.__name__}: {e}); delete {path.parent} and "
-                        f"prepare again") from None
 
 
 def prepared_identity(folder: Path, manifest: dict) -> str:
