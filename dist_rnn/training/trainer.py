@@ -21,6 +21,7 @@ from dist_rnn.data.batching import EvalBatcher, StreamBatcher, owned_rows
 from dist_rnn.training.checkpoints import Checkpointer, TrainingState, accepted_fingerprints, run_fingerprint
 from dist_rnn.config import Config
 from dist_rnn.data.encoding import EncodedCorpus
+from dist_rnn.data.prepared import PreparedCorpus
 from dist_rnn.distribution import Backend
 from dist_rnn.errors import UserError
 from dist_rnn.generation import Sampler, model_step_fn
@@ -118,14 +119,15 @@ class Trainer:
         config: The validated run config.
         run_dir: The run directory.
         backend: The distribution backend (replica count known).
-        corpus: The encoded corpus.
+        corpus: The prepared corpus (:func:`dist_rnn.data.load_corpus`), or an in-memory encoded one.
 
     Raises:
         UserError: If a split is too small for one batch, or ``model.cudnn``
             is ``require`` and a layer cannot use the fused kernel.
     """
 
-    def __init__(self, config: Config, run_dir: RunDirectory, backend: Backend, corpus: EncodedCorpus):
+    def __init__(self, config: Config, run_dir: RunDirectory, backend: Backend,
+                 corpus: PreparedCorpus | EncodedCorpus):
         self.config = config
         self.run_dir = run_dir
         self.backend = backend
@@ -438,8 +440,7 @@ class Trainer:
             loss_sum, states = self.steps.eval_step(*self.backend.shard((inputs, targets, weights)), states)
             total += tf.cast(loss_sum, tf.float64)
         tokens, loss = batches.tokens, float(total) / batches.tokens
-        bpb = self.corpus.bits_per_byte(split, loss) if hasattr(self.corpus, "bits_per_byte") else None
-        return EvalResult(split, loss, tokens, self.corpus.vocab.level, bpb)
+        return EvalResult(split, loss, tokens, self.corpus.vocab.level, self.corpus.bits_per_byte(split, loss))
 
     def sample(self, prime: str, length: int, seed: int = 0, temperature: float = 0.8) -> str:
         """Generates a text sample from the current weights."""
