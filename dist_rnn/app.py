@@ -247,13 +247,16 @@ def evaluate(run_dir: str, split: str, checkpoint: str = "latest", overrides: li
     if vocab is None:
         raise UserError(f"{rd.path} has no vocab.json")
     import_tensorflow()
-    from dist_rnn.training.checkpoints import accepted_fingerprints, find_checkpoint
+    from dist_rnn.training.checkpoints import accepted_fingerprints, check_fingerprint, find_checkpoint
     from dist_rnn.data import load_corpus
     from dist_rnn.distribution import create_backend
     from dist_rnn.summaries import setup_logging
     from dist_rnn.training.trainer import Trainer
 
     path = find_checkpoint(rd.path, checkpoint)
+    # vocab.json against the checkpoint first, as generate does: a vocab.json of another run is named as
+    # such, not as data that differs from it.
+    check_fingerprint(path, accepted_fingerprints(config, vocab.tokens))
     setup_logging(True)
     _setup_tensorflow(config, precision="float32")
     corpus = load_corpus(config.data)
