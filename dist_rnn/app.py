@@ -429,15 +429,10 @@ def prepare(config_paths: list[str], overrides: list[str]) -> dict:
         token count.
     """
     from dist_rnn.data.prepare import prepare_corpus, read_manifest
+    from dist_rnn.data.progress import log_to_stdout
 
     config = load_config(config_paths, overrides)
-    # Progress lines go to stdout (stderr keeps errors and the terminal's progress bar).
-    log.handlers.clear()
-    log.propagate = False
-    log.setLevel(logging.INFO)
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    log.addHandler(handler)
+    log_to_stdout()  # pass lines on stdout; stderr keeps errors and a terminal's progress bar
     folder = prepare_corpus(config.data)
     manifest = read_manifest(folder)
     return {"prepared": str(folder), "tokenizer": manifest["tokenizer"]["kind"], "vocab_size": manifest["vocab_size"],

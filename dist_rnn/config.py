@@ -58,8 +58,9 @@ class DataConfig:
             ids), ``word`` (whitespace-separated, each newline an ``<eos>``)
             or ``subword`` (SentencePiece pieces trained on the training
             split, see ``vocab_size``).
-        max_chars: Read at most this many characters of the corpus (``stdlib``
-            and ``file``); ``null`` reads everything.
+        max_chars: Read at most this many characters of the corpus (``stdlib``,
+            ``file``, ``tinyshakespeare``, ``text8``; bytes at ``byte``
+            level and for ``enwik8``); ``null`` reads everything.
         max_vocab: Keep the most frequent tokens of the training split, mapping
             the rest to ``<unk>``; ``null`` keeps all (``char``/``word``).
         min_count: Keep only tokens seen at least this often in the training
@@ -665,8 +666,8 @@ def validate(config: Config) -> None:
     _require(d.subword_sample_chars >= 1, "data.subword_sample_chars", f"must be positive, got {d.subword_sample_chars}")
     # Keys that would be silently ignored are refused.
     _require(d.path is None or d.corpus != "stdlib", "data.path",
-             "data.corpus 'stdlib' reads no file; set data.corpus (file, tinyshakespeare, ptb or text8) "
-             "to read data.path")
+             "data.corpus 'stdlib' reads no file; set data.corpus (file or a built-in corpus: tinyshakespeare, "
+             "ptb, text8, wikitext2, wikitext103, enwik8, lm1b) to read data.path")
     _require(d.path is None or d.train_file is None, "data.path",
              "data.path and data.train_file are both set; data.train_file (with valid_file/test_file) "
              "replaces data.path: set one of them")

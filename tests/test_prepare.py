@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -71,6 +72,24 @@ def test_split_sizes_and_ids_equal_encode_corpus(level, split, shakespeare_slice
             [a, int(round(n * split[1])), n - a - int(round(n * split[1]))]
 
 
+@pytest.mark.parametrize("level", ["char", "word"])
+def test_max_vocab_and_min_count(level, shakespeare_slice, cache):
+    config = DataConfig(corpus="file", path=str(shakespeare_slice), level=level, max_vocab=30, cache_dir=cache)
+    assert len(assert_same_as_encode_corpus(config) and load_tokenizer(prepare_corpus(config)).vocab) == 30
+    text = shakespeare_slice.read_text(encoding="utf-8")
+    train = text[:int(round(len(text) * 0.9))]
+    folder = prepare_corpus(DataConfig(corpus="file", path=str(shakespeare_slice), level=level, min_count=5,
+                                       cache_dir=cache), progress="off")
+    from collections import Counter
+
+    from dist_rnn.data.vocab import tokenize
+
+    counts = Counter(tokenize(train, level))
+    kept = sorted((t for t, c in counts.items() if c >= 5), key=lambda t: (-counts[t], t))
+    assert load_tokenizer(folder).vocab.tokens == ["<unk>"] + kept
+    assert 10 < len(kept) < len(counts)
+
+
 def test_file_list_max_chars_bom_and_unicode(tmp_path, cache, monkeypatch):
     monkeypatch.setattr("dist_rnn.data.sources.CHUNK_BYTES", 7)
     (tmp_path / "a.txt").write_bytes(b"\xef\xbb\xbf" + "héllo wörld ✓ 𝄞\nsecond line\n".encode() * 20)
@@ -101,6 +120,15 @@ def test_train_valid_test_files_and_ptb(tmp_path, cache):
         for split, src in (("train", "valid"), ("valid", "valid"), ("test", "test")):
             (ptb / f"ptb.{split}.txt").write_bytes((PTB / f"ptb.{src}.txt").read_bytes())
         assert_same_as_encode_corpus(DataConfig(corpus="ptb", path=str(ptb), level="word", cache_dir=cache))
+
+
+@pytest.mark.parametrize("level", ["byte", "subword"])
+def test_encode_corpus_refuses_the_new_levels(level, shakespeare_slice):
+    # Its word tokenizer would otherwise split the text silently (a wrong model, no error).
+    config = DataConfig(corpus="file", path=str(shakespeare_slice), level=level,
+                        vocab_size=500 if level == "subword" else None)
+    with pytest.raises(UserError, match=f"config key 'data.level': '{level}' tokens are read from prepared data"):
+        encode_corpus(config)
 
 
 def test_stdlib_corpus(cache):
@@ -250,6 +278,42 @@ def test_error_half_way_leaves_nothing(shakespeare_slice, cache, monkeypatch):
     assert list((Path(cache) / "prepared").iterdir()) == []
 
 
+def test_a_worker_finishing_first_is_kept(shakespeare_slice, cache, monkeypatch):
+    from dist_rnn.data import prepare
+
+    config = DataConfig(corpus="file", path=str(shakespeare_slice), cache_dir=cache)
+    final = Path(cache) / "prepared" / prepared_key(config)
+    real = prepare._build
+
+    def other_worker_wins(tmp, *args):
+        real(tmp, *args)
+        shutil.copytree(tmp, final)  # another process installs the same data while this one finishes
+        (final / "theirs").write_text("kept", encoding="utf-8")
+
+    monkeypatch.setattr(prepare, "_build", other_worker_wins)
+    assert prepare_corpus(config, progress="off") == final
+    assert (final / "theirs").read_text() == "kept"
+    assert [p.name for p in final.parent.iterdir()] == [final.name]
+
+
+def test_content_hash_is_the_same_wherever_prepared(tmp_path):
+    text = "the same words\nin two places\n" * 50
+    manifests = []
+    for where in ("a", "b"):
+        (tmp_path / where).mkdir()
+        (tmp_path / where / "t.txt").write_text(text, encoding="utf-8")
+        config = DataConfig(corpus="file", path=str(tmp_path / where / "t.txt"), level="word",
+                            cache_dir=str(tmp_path / where / "cache"))
+        manifests.append(read_manifest(prepare_corpus(config, progress="off")))
+    assert manifests[0]["sources"] != manifests[1]["sources"] and manifests[0]["key"] != manifests[1]["key"]
+    assert manifests[0]["content_sha256"] == manifests[1]["content_sha256"]
+    (tmp_path / "b" / "t.txt").write_text(text.replace("two", "too"), encoding="utf-8")
+    changed = read_manifest(prepare_corpus(DataConfig(corpus="file", path=str(tmp_path / "b" / "t.txt"),
+                                                      level="word", cache_dir=str(tmp_path / "b" / "cache")),
+                                           progress="off"))
+    assert changed["content_sha256"] != manifests[0]["content_sha256"]
+
+
 # ====================================================================== sources
 
 
@@ -308,9 +372,15 @@ def test_wikitext_from_a_local_copy(corpus, tmp_path, cache):
 def test_enwik8_is_cut_90_5_5_in_bytes(tmp_path, cache):
     data = bytes(range(256)) * 40 + b"\xff\xfe tail"  # not UTF-8: byte level reads it anyway
     (tmp_path / "enwik8").write_bytes(data)
-    config = load_config([], ["data.corpus=enwik8", f"data.path={tmp_path / 'enwik8'}", "data.level=byte",
+    (tmp_path / "copy.bin").write_bytes(data)
+    config = load_config([], ["data.corpus=enwik8", f"data.path={tmp_path}", "data.level=byte",
                               f"data.cache_dir={cache}"]).data
     ids = split_ids(prepare_corpus(config, progress="off"))
+    # data.path may also name the file itself, under any name.
+    renamed = load_config([], ["data.corpus=enwik8", f"data.path={tmp_path / 'copy.bin'}", "data.level=byte",
+                               f"data.cache_dir={cache}"]).data
+    assert {k: v.tolist() for k, v in split_ids(prepare_corpus(renamed, progress="off")).items()} == \
+        {k: v.tolist() for k, v in ids.items()}
     n = len(data)
     assert [len(ids[s]) for s in ("train", "valid", "test")] == \
         [round(n * 0.9), round(n * 0.05), n - round(n * 0.9) - round(n * 0.05)]
@@ -407,8 +477,8 @@ def test_fetch_archive_tar_gz_subfolders(tmp_path):
 def test_offline_error_says_which_file_goes_where(corpus, level, expect, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("urllib.request.urlopen", offline)
     cache = tmp_path / "cache"
-    code, out, err = run_cli(["prepare", empty_config(tmp_path), "--set", f"data.corpus={corpus}", "--set", f"data.level={level}",
-                              "--set", f"data.cache_dir={cache}"], capsys)
+    code, out, err = run_cli(["prepare", empty_config(tmp_path), "--set", f"data.corpus={corpus}",
+                              "--set", f"data.level={level}", "--set", f"data.cache_dir={cache}"], capsys)
     line = assert_one_line_error(code, out, err)
     assert expect in line and str(cache / corpus) in line and "data.path" in line
     assert not (cache / "prepared").exists()
@@ -522,12 +592,48 @@ def test_config_errors(overrides, expect, tmp_path, capsys):
 # ====================================================================== progress
 
 
-def test_progress_line_has_bytes_speed_and_eta(caplog):
+def test_progress_bar_on_a_terminal(capsys, monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr("dist_rnn.data.progress.time.monotonic", lambda: clock[0])
+    meter = ByteProgress("counting", 50_000_000, mode="bar")
+    for _ in range(4):
+        clock[0] += 1.0
+        meter.update(5_000_000)
+    meter.close()
+    err = capsys.readouterr().err
+    frames = err.split("\r")[1:]
+    assert len(frames) == 5 and err.endswith("\n")
+    assert frames[0].startswith("counting: 5.0/50.0 MB, 5.0 MB/s, ETA 0:00:09")
+    assert frames[3].startswith("counting: 20.0/50.0 MB, 5.0 MB/s, ETA 0:00:06")
+    assert frames[4].startswith("counting: 20.0/50.0 MB, 5.0 MB/s, 4.0 s")
+
+
+def test_progress_line_has_bytes_speed_and_eta(caplog, monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr("dist_rnn.data.progress.time.monotonic", lambda: clock[0])
     meter = ByteProgress("encoding", 10_000_000, mode="log", log_every=0.0)
-    meter._start -= 2.0  # two seconds in
+    clock[0] += 2.0  # two seconds in
     with caplog.at_level("INFO", logger="dist_rnn"):
         meter.update(4_000_000)
         meter.close()
     first, last = [r.getMessage() for r in caplog.records]
     assert first.startswith("encoding: 4.0/10.0 MB, 2.0 MB/s, ETA 0:00:03")
     assert last.startswith("encoding: 4.0/10.0 MB, 2.0 MB/s, 2.0 s")
+
+
+def test_bench_prepare_runs_small(capsys):
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import bench_prepare
+    finally:
+        sys.path.pop(0)
+    results = bench_prepare.main(["--mb", "0.3", "--vocab-size", "400", "--sample-chars", "100000"])
+    assert [r["level"] for r in results] == ["byte", "char", "word", "subword"]
+    for r in results:
+        assert 0.29 < r["mb"] < 0.32 and r["mb_per_s"] > 0 and r["passes"]["encoding"] >= 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert lines == results
+    text = bench_prepare.zipf_text(0.05)
+    words = text.split()
+    counts = sorted((words.count(w) for w in set(words[:50])), reverse=True)
+    assert counts[0] > 10 * counts[-1]  # Zipfian: the head words are far more frequent than the tail

@@ -138,8 +138,10 @@ def corpus_layout(config: DataConfig) -> CorpusLayout:
         return CorpusLayout(splits={s: [Source(str(folder / f"wiki.{s}.raw"), "data.path")] for s in SPLITS})
     if corpus == "enwik8":
         cap = min(config.max_chars or ENWIK8_BYTES, ENWIK8_BYTES)
-        return CorpusLayout(stream=[Source(str(corpus_folder(config, corpus) / "enwik8"), "data.path")],
-                            fractions=ENWIK8_SPLIT, max_units=cap)
+        given = Path(config.path if isinstance(config.path, str) else config.path[0]).expanduser() \
+            if config.path else None
+        path = given.resolve() if given is not None and given.is_file() else corpus_folder(config, corpus) / "enwik8"
+        return CorpusLayout(stream=[Source(str(path), "data.path")], fractions=ENWIK8_SPLIT, max_units=cap)
     if corpus == "lm1b":
         folder = corpus_folder(config, corpus)
         return CorpusLayout(splits={
@@ -152,15 +154,13 @@ def corpus_layout(config: DataConfig) -> CorpusLayout:
 def corpus_folder(config: DataConfig, corpus: str, opener=None) -> Path:
     """The folder holding an archive corpus' files: ``data.path`` if set, else the cache (fetched once).
 
-    ``enwik8`` alone is one file: ``data.path`` may name the file itself.
-
     Raises:
         UserError: Naming the first missing file and where it belongs.
     """
     archive = ARCHIVES[corpus]
     if config.path:
         given = Path(config.path if isinstance(config.path, str) else config.path[0]).expanduser()
-        folder = given.parent if corpus == "enwik8" and given.is_file() else given
+        folder = given
         missing = [name for name in archive.members if not (folder / name).is_file()]
         if missing:
             raise UserError(f"data.path: {folder / missing[0]} not found ({corpus} needs "

@@ -39,7 +39,7 @@ from dist_rnn.data.corpora import cache_dir, split_points
 from dist_rnn.data.layouts import SPLITS, CorpusLayout, corpus_layout
 from dist_rnn.data.progress import ByteProgress
 from dist_rnn.data.sources import Source
-from dist_rnn.data.tokenizers import Tokenizer, fit_tokenizer
+from dist_rnn.data.tokenizers import Tokenizer, WordIndexer, bincount, fit_tokenizer
 from dist_rnn.errors import UserError
 
 log = logging.getLogger("dist_rnn")
@@ -66,6 +66,7 @@ def prepare_corpus(data_config: DataConfig, *, progress: str | None = None) -> P
              "tokenizer": {"kind": ..., "files": [...]}, "vocab_size": N,
              "dtype": "uint8"|"uint16"|"uint32",
              "splits": {"train": {"file": "train.bin", "tokens": N, "source_bytes": B}, ...},
+             "content_sha256": (SHA-256 of the token and tokenizer files; the same wherever prepared),
              "sources": [{"path", "size", "mtime_ns", "sha256"}, ...],
              "dist_rnn_version": ..., "created": ...}
 
@@ -78,21 +79,31 @@ def prepare_corpus(data_config: DataConfig, *, progress: str | None = None) -> P
     root = cache_dir(data_config) / "prepared"
     final = root / key
     layout = corpus_layout(data_config)
-    if (final / MANIFEST).is_file():
-        manifest = read_manifest(final)
-        changed = changed_source(manifest, layout)
-        if changed is None:
-            return final
+    changed = _outdated(final, layout)
+    if changed is None:
+        return final
+    if changed:
         log.info(f"prepare: {changed} changed since {final} was prepared; preparing again")
     root.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(root, key)
     tmp = root / f".tmp-{key}-{socket.gethostname()}-{os.getpid()}"
     try:
         _build(tmp, key, data_config, layout, progress)
-        _install(tmp, final)
+        # Another process (a worker of the same job) may have finished the same folder meanwhile: keep
+        # theirs, so that all read one manifest.
+        if _outdated(final, layout) is not None:
+            _install(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _outdated(folder: Path, layout: CorpusLayout) -> str | None:
+    """None if ``folder`` is prepared from the sources as they are now; "" if it is not prepared; else
+    the changed source."""
+    if not (folder / MANIFEST).is_file():
+        return ""
+    return changed_source(read_manifest(folder), layout)
 
 
 def prepared_key(data_config: DataConfig) -> str:
@@ -180,28 +191,47 @@ def _build(tmp: Path, key: str, data: DataConfig, layout: CorpusLayout, progress
     sources = _describe_sources(layout.sources(), progress)
     bounds = _split_bounds(layout, byte_level, progress)
     _check_train_not_empty(layout, bounds, sources)
-    train = _split_pieces(layout, bounds, byte_level, only="train")
-    tokenizer = fit_tokenizer(data, train)
+    total = sum(s["size"] for s in sources)
+    if data.level == "word":
+        tokenizer, dtype, splits = _encode_words(tmp, data, layout, bounds, progress, total)
+    else:
+        fitting = ByteProgress("vocabulary", 0, progress) if data.level == "char" else None
+        train = _train_pieces(layout, bounds, byte_level)
+        tokenizer = fit_tokenizer(data, _metered(train, fitting) if fitting else train)
+        if fitting:
+            fitting.close()
+        dtype = token_dtype(tokenizer.size)
+        meter = ByteProgress("encoding", total, progress)
+        splits = {split: _write_split(tmp / f"{split}.bin", tokenizer, pieces, dtype, meter)
+                  for split, pieces in _split_pieces(layout, bounds, byte_level)}
+        meter.close()
     files = tokenizer.save(tmp)
-    dtype = token_dtype(tokenizer.size)
-    meter = ByteProgress("encoding", sum(s["size"] for s in sources), progress)
-    splits = {}
-    for split, pieces in _split_pieces(layout, bounds, byte_level):
-        splits[split] = _write_split(tmp / f"{split}.bin", tokenizer, pieces, dtype, meter)
-    meter.close()
+    content = content_sha256(tmp, splits, files)
     if splits["train"]["tokens"] == 0:
         raise UserError(f"data: the training split of corpus '{data.corpus}' has no token")
     from dist_rnn import __version__
 
     manifest = {"format_version": FORMAT_VERSION, "key": key, "data": dataclasses.asdict(data),
                 "tokenizer": {"kind": tokenizer.kind, "files": files}, "vocab_size": tokenizer.size,
-                "dtype": np.dtype(dtype).name, "splits": splits, "sources": sources,
+                "dtype": np.dtype(dtype).name, "splits": splits, "content_sha256": content, "sources": sources,
                 "dist_rnn_version": __version__,
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
         f.write(json.dumps(manifest, indent=1) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def content_sha256(folder: Path, splits: dict, tokenizer_files: list[str]) -> str:
+    """SHA-256 over the token files and tokenizer files: the prepared data's identity, the same for the same
+    data prepared on another host, at another time or from another path (unlike the manifest's bytes)."""
+    h = hashlib.sha256()
+    for name in [splits[s]["file"] for s in SPLITS] + sorted(tokenizer_files):
+        h.update(name.encode() + os.stat(folder / name).st_size.to_bytes(8, "little"))
+        with open(folder / name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
 def _check_train_not_empty(layout: CorpusLayout, bounds: list[int] | None, sources: list[dict]) -> None:
@@ -254,21 +284,24 @@ def _pieces(sources: list[Source], byte_level: bool) -> Iterator[str | bytes]:
         yield from source.chunks() if byte_level else source.texts()
 
 
-def _split_pieces(layout: CorpusLayout, bounds: list[int] | None, byte_level: bool, only: str | None = None):
-    """Yields ``(split, pieces)`` in split order (or just the ``only`` split's pieces).
+def _split_pieces(layout: CorpusLayout, bounds: list[int] | None, byte_level: bool):
+    """Yields ``(split, pieces)`` in split order.
 
     Each split's pieces must be consumed before the next split is asked for:
     a stream is read once, front to back.
     """
     if bounds is None:
-        if only is not None:
-            return _pieces(layout.splits[only], byte_level)
         return ((s, _pieces(layout.splits[s], byte_level)) for s in SPLITS)
     cursor = _Cursor(_pieces(layout.stream, byte_level))
     lengths = [bounds[0], bounds[1] - bounds[0], bounds[2] - bounds[1]]
-    if only is not None:
-        return cursor.take(lengths[SPLITS.index(only)]) if only == "train" else None
     return ((s, cursor.take(n)) for s, n in zip(SPLITS, lengths))
+
+
+def _train_pieces(layout: CorpusLayout, bounds: list[int] | None, byte_level: bool) -> Iterator:
+    """The training split's pieces alone (read lazily: a reader may stop early)."""
+    if bounds is None:
+        return _pieces(layout.splits["train"], byte_level)
+    return _Cursor(_pieces(layout.stream, byte_level)).take(bounds[0])
 
 
 class _Cursor:
@@ -291,24 +324,83 @@ class _Cursor:
             yield piece
 
 
-def _write_split(path: Path, tokenizer: Tokenizer, pieces: Iterable, dtype, meter: ByteProgress) -> dict:
-    counted = {"source_bytes": 0}
+def _metered(pieces: Iterable, meter: ByteProgress, counted: list[int] | None = None) -> Iterator:
+    """Passes pieces through, adding their UTF-8 bytes to ``meter`` (and to ``counted[0]``)."""
+    for piece in pieces:
+        if isinstance(piece, (bytes, bytearray)) or piece.isascii():
+            size = len(piece)
+        else:
+            size = len(piece.encode("utf-8", "surrogatepass"))
+        meter.update(size)
+        if counted is not None:
+            counted[0] += size
+        yield piece
 
-    def measured(stream):
-        for piece in stream:
-            size = len(piece) if isinstance(piece, (bytes, bytearray)) else len(piece.encode("utf-8", "surrogatepass"))
-            counted["source_bytes"] += size
-            meter.update(size)
-            yield piece
 
+def _write_split(path: Path, tokenizer, pieces: Iterable, dtype, meter: ByteProgress, observe=None,
+                 durable: bool = True) -> dict:
+    """Encodes one split's pieces into ``path``; returns its manifest record.
+
+    Args:
+        observe: Called with every array of ids written (the word path counts them).
+        durable: Flush the file to disk (not needed for an intermediate file).
+    """
+    counted = [0]
     tokens = 0
     with open(path, "wb") as f:
-        for ids in tokenizer.encode_stream(measured(pieces)):
+        for ids in tokenizer.encode_stream(_metered(pieces, meter, counted)):
             np.asarray(ids).astype(dtype, copy=False).tofile(f)
             tokens += len(ids)
+            if observe is not None:
+                observe(ids)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
+    return {"file": path.name, "tokens": tokens, "source_bytes": counted[0]}
+
+
+def _encode_words(tmp: Path, data: DataConfig, layout: CorpusLayout, bounds: list[int] | None,
+                  progress: str | None, total: int) -> tuple[Tokenizer, type, dict]:
+    """Word level in one reading: provisional ids (``<split>.ids``), then renumbered into ``<split>.bin``."""
+    indexer, counts = WordIndexer(), _Counts()
+    meter = ByteProgress("encoding", total, progress)
+    splits = {split: _write_split(tmp / f"{split}.ids", indexer, pieces, np.int32, meter,
+                                  counts.add if split == "train" else None, durable=False)
+              for split, pieces in _split_pieces(layout, bounds, False)}
+    meter.close()
+    tokenizer, remap = indexer.vocabulary(counts.total, data)
+    dtype = token_dtype(tokenizer.size)
+    for split, record in splits.items():
+        provisional = tmp / record["file"]
+        record["file"] = f"{split}.bin"
+        _remap_file(provisional, tmp / record["file"], remap, dtype)
+        provisional.unlink()
+    return tokenizer, dtype, splits
+
+
+class _Counts:
+    """A bincount that grows with the ids seen."""
+
+    def __init__(self):
+        self.total = np.zeros(0, dtype=np.int64)
+
+    def add(self, ids: np.ndarray) -> None:
+        seen = bincount(ids)
+        if len(seen) > len(self.total):
+            self.total = np.concatenate([self.total, np.zeros(len(seen) - len(self.total), np.int64)])
+        self.total[: len(seen)] += seen
+
+
+def _remap_file(source: Path, target: Path, remap: np.ndarray, dtype, block: int = 1 << 22) -> None:
+    """Writes ``remap[ids]`` of the int32 ids in ``source`` to ``target``, a block at a time (bounded memory)."""
+    with open(source, "rb") as src, open(target, "wb") as f:
+        while True:
+            ids = np.fromfile(src, dtype=np.int32, count=block)
+            if not len(ids):
+                break
+            remap[ids].astype(dtype, copy=False).tofile(f)
         f.flush()
         os.fsync(f.fileno())
-    return {"file": path.name, "tokens": tokens, "source_bytes": counted["source_bytes"]}
 
 
 # --------------------------------------------------------------------------

@@ -63,3 +63,25 @@ class ByteProgress:
             left = max(self.total - self.done, 0) / speed
             text += f", ETA {int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}"
         return text
+
+
+class _CurrentStdout(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stdout`` is at the time of each line (tests swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def log_to_stdout() -> None:
+    """Sends the ``dist_rnn`` logger's INFO lines (the pass lines of ``dist-rnn prepare``) to stdout."""
+    log.handlers.clear()
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    handler = _CurrentStdout()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
