@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dist_rnn.data.prepare import MANIFEST, SPLITS, read_manifest
+from dist_rnn.data.prepare import MANIFEST, SPLITS, prepare_corpus, read_manifest
+from dist_rnn.data.tokenizers import load_tokenizer
 from dist_rnn.errors import UserError
 
 
@@ -112,8 +113,6 @@ class PreparedCorpus:
     def tokenizer(self):
         """The tokenizer saved in the folder (loaded on first use)."""
         if self._tokenizer is None:
-            from dist_rnn.data.tokenizers import load_tokenizer
-
             self._tokenizer = load_tokenizer(self.folder)
         return self._tokenizer
 
@@ -174,6 +173,4 @@ def load_corpus(data_config) -> PreparedCorpus:
     Raises:
         UserError: On bad data (see ``prepare_corpus`` and :meth:`PreparedCorpus.open`).
     """
-    from dist_rnn.data.prepare import prepare_corpus
-
     return PreparedCorpus.open(prepare_corpus(data_config))
