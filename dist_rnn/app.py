@@ -61,14 +61,17 @@ def resolve_train_config(config_paths: list[str], overrides: list[str],
 def check_same_data(rd: RunDirectory, config: Config, corpus, action: str) -> None:
     """Refuses data whose text differs from the data the run was trained on, wherever it is read from.
 
-    The run's ``data.json`` holds the SHA-256 of its three splits' text; a run
-    written before that file existed is checked by its vocabulary instead
-    (the vocabulary built from the data read now must equal ``vocab.json``).
+    The prepared tokenizer's vocabulary must equal the run's ``vocab.json``.
+    The run's ``data.json`` holds the identity of its prepared tokens
+    (:attr:`~dist_rnn.data.prepared.PreparedCorpus.data_sha256`); a record
+    written before prepared corpora (the SHA-256 of the splits' text) is
+    checked by its token counts, a run without ``data.json`` by its
+    vocabulary alone.
 
     Args:
         rd: The run directory.
         config: The config the data was read with.
-        corpus: The :class:`~dist_rnn.data.encoding.EncodedCorpus` read now (with the run's vocabulary).
+        corpus: The :class:`~dist_rnn.data.prepared.PreparedCorpus` read now.
         action: ``resume`` or ``evaluate``, for the message.
 
     Raises:
@@ -77,22 +80,25 @@ def check_same_data(rd: RunDirectory, config: Config, corpus, action: str) -> No
     source = _data_source(config)
     hint = f"point {source[0]} at the run's data" + (" or use a new --run-dir" if action == "resume" else "")
     record = _read_data_record(rd)
-    if record is not None:
-        if record.get("sha256") != corpus.data_sha256:
+    if record is not None and record.get("identity") != "prepared":  # written before prepared corpora
+        counts = {"train": len(corpus.train), "valid": len(corpus.valid), "test": len(corpus.test)}
+        if record.get("tokens") != counts:
             raise UserError(f"cannot {action} {rd.path}: the data read from {source[0]} {source[1]} is not the data "
-                            f"this run was trained on (SHA-256 {corpus.data_sha256[:12]}... != "
-                            f"{str(record.get('sha256'))[:12]}... in {rd.data_file}); {hint}")
-        return
-    from dist_rnn.data.encoding import encode_corpus
-
-    if encode_corpus(config.data).vocab != corpus.vocab:
+                            f"this run was trained on (tokens {counts} != {record.get('tokens')} in "
+                            f"{rd.data_file}); {hint}")
+    elif record is not None and record.get("sha256") != corpus.data_sha256:
+        raise UserError(f"cannot {action} {rd.path}: the data read from {source[0]} {source[1]} is not the data "
+                        f"this run was trained on (SHA-256 {corpus.data_sha256[:12]}... != "
+                        f"{str(record.get('sha256'))[:12]}... in {rd.data_file}); {hint}")
+    saved_vocab = rd.load_vocab()
+    if saved_vocab is not None and saved_vocab != corpus.vocab:
         raise UserError(f"cannot {action} {rd.path}: the data read from {source[0]} {source[1]} gives another "
                         f"vocabulary than {rd.vocab_file}; {hint}")
 
 
 def write_data_record(rd: RunDirectory, corpus) -> None:
-    """Writes ``RUN_DIR/data.json``: the SHA-256 and token counts of the data the run trains on."""
-    record = {"sha256": corpus.data_sha256,
+    """Writes ``RUN_DIR/data.json``: the identity and token counts of the prepared data the run trains on."""
+    record = {"sha256": corpus.data_sha256, "identity": "prepared",
               "tokens": {"train": len(corpus.train), "valid": len(corpus.valid), "test": len(corpus.test)}}
     rd.data_file.write_text(json.dumps(record) + "\n", encoding="utf-8")
 
@@ -149,7 +155,8 @@ def train(config_paths: list[str], overrides: list[str], run_dir: str | None) ->
     config, rd, saved = resolve_train_config(config_paths, overrides, run_dir)
     changes = changed_keys(saved, config) if saved is not None else []
     import_tensorflow()
-    from dist_rnn.data.encoding import encode_corpus
+    from dist_rnn.data import load_corpus
+    from dist_rnn.data.agreement import check_workers_agree
     from dist_rnn.distribution import create_backend
     from dist_rnn.summaries import MetricsLogger, setup_logging
     from dist_rnn.training.factory import build_trainer
@@ -158,9 +165,9 @@ def train(config_paths: list[str], overrides: list[str], run_dir: str | None) ->
     setup_logging(backend.is_chief)
     check_divisible(config, backend.num_replicas)
     setup_tensorflow(config)
-    saved_vocab = rd.load_vocab()
-    corpus = encode_corpus(config.data, saved_vocab)
-    if saved is not None and saved_vocab is not None:
+    corpus = load_corpus(config.data)
+    check_workers_agree(backend, corpus)
+    if saved is not None:
         check_same_data(rd, config, corpus, "resume")
     metrics = MetricsLogger.for_run(config, rd, backend.is_chief)  # writes nothing until the first record
     trainer = build_trainer(config, rd, backend=backend, corpus=corpus, metrics=metrics)
@@ -218,7 +225,8 @@ def evaluate(run_dir: str, split: str, checkpoint: str = "latest", overrides: li
             only, for data that moved; the text must be the run's.
 
     Returns:
-        ``split``, ``loss``, ``perplexity``, ``tokens`` (``bpc``), ``step`` and ``checkpoint``.
+        ``split``, ``loss``, ``perplexity``, ``tokens`` (``bpc``; ``bpb``: bits per source byte), ``step`` and
+        ``checkpoint``.
     """
     rd = RunDirectory(run_dir)
     config = inference_config(rd, overrides, "eval")
@@ -227,16 +235,19 @@ def evaluate(run_dir: str, split: str, checkpoint: str = "latest", overrides: li
     if vocab is None:
         raise UserError(f"{rd.path} has no vocab.json")
     import_tensorflow()
-    from dist_rnn.training.checkpoints import accepted_fingerprints, find_checkpoint
-    from dist_rnn.data.encoding import encode_corpus
+    from dist_rnn.training.checkpoints import accepted_fingerprints, check_fingerprint, find_checkpoint
+    from dist_rnn.data import load_corpus
     from dist_rnn.distribution import create_backend
     from dist_rnn.summaries import setup_logging
     from dist_rnn.training.factory import build_trainer
 
     path = find_checkpoint(rd.path, checkpoint)
+    # vocab.json against the checkpoint first, as generate does: a vocab.json of another run is named as
+    # such, not as data that differs from it.
+    check_fingerprint(path, accepted_fingerprints(config, vocab.tokens))
     setup_logging(True)
     setup_tensorflow(config, precision="float32")
-    corpus = encode_corpus(config.data, vocab)
+    corpus = load_corpus(config.data)
     check_same_data(rd, config, corpus, "evaluate")
     trainer = build_trainer(config, rd, backend=create_backend(config.distribute), corpus=corpus)
     if checkpoint == "latest":

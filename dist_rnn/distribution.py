@@ -57,6 +57,10 @@ class Backend:
         """Context in which model and optimizer variables are created."""
         return self.strategy.scope()
 
+    def local_replica_ids(self) -> list[int]:
+        """Global replica ids hosted by this process, in order (the rows it reads)."""
+        return [0]
+
     def shard(self, value: Any) -> Any:
         """Places rows of global-batch tensors on the replicas.
 
@@ -119,6 +123,14 @@ class Backend:
         """
         return flag
 
+    def gather_text(self, text: str) -> list[str]:
+        """Every worker's ``text``, in worker order (every worker calls it, the same number of times).
+
+        For small facts the workers must agree on before training (e.g. the
+        prepared data's identity); not a tensor collective.
+        """
+        return [text]
+
 
 class MirroredBackend(Backend):
     """tf.distribute.MirroredStrategy over the GPUs of this host, or logical CPU devices.
@@ -150,6 +162,9 @@ class MirroredBackend(Backend):
     @property
     def devices(self) -> list[str]:
         return list(self.strategy.extended.worker_devices)
+
+    def local_replica_ids(self) -> list[int]:
+        return list(range(self.num_replicas))
 
     def shard(self, value):
         def value_fn(ctx: tf.distribute.DistributedContext):
@@ -233,6 +248,21 @@ class MultiWorkerBackend(MirroredBackend):
             self._any_fn = tf.function(lambda x: self.strategy.reduce(
                 tf.distribute.ReduceOp.SUM, self.strategy.run(lambda: tf.identity(x)), axis=None))
         return float(self._any_fn(tf.constant(1.0 if flag else 0.0))) > 0
+
+    def gather_text(self, text):
+        # Through the coordination service's key-value store: it runs before any collective, and a
+        # worker that is still preparing its data is waited for (up to an hour).
+        from tensorflow.python.eager import context
+
+        self._gathers = getattr(self, "_gathers", 0) + 1
+        key = f"dist_rnn/gather_text/{self._gathers}"
+        context.context().set_config_key_value(f"{key}/{self.worker_index}", text)
+        return [context.context().get_config_key_value(f"{key}/{i}", timeout_in_ms=3_600_000)
+                for i in range(self.num_workers)]
+
+    def local_replica_ids(self) -> list[int]:
+        per_worker = self.num_replicas // self.num_workers
+        return list(range(self.worker_index * per_worker, (self.worker_index + 1) * per_worker))
 
 
 def _configure_heartbeats(cluster: dict, timeout_seconds: float) -> None:
@@ -320,6 +350,9 @@ class HorovodBackend(Backend):
         self.num_workers = hvd.size()
         self.worker_index = hvd.rank()
 
+    def local_replica_ids(self) -> list[int]:
+        return [self.worker_index]
+
     def shard(self, value):
         return tf.nest.map_structure(lambda t: _rows(t, self.worker_index, self.num_replicas), value)
 
@@ -341,6 +374,9 @@ class HorovodBackend(Backend):
     def any_worker(self, flag):
         return float(self.hvd.allreduce(tf.constant(1.0 if flag else 0.0), op=self.hvd.Sum)) > 0
 
+
+    def gather_text(self, text):
+        return list(self.hvd.allgather_object(text))
 
 
 def _call_true(fn: Callable, *args) -> tf.Tensor:

@@ -145,7 +145,8 @@ def summarize(config, metrics: list[dict]) -> dict:
         (``steps``, ``max_steps``, ``max_epochs``, ``epoch``, ``wall_time``
         in seconds, ``sessions``), ``best_valid``, ``last_valid``, ``last_test``
         and ``last_train`` (each ``{"step", "loss", "perplexity", "bpc"}`` or
-        None; bpc is None at word level), ``median_tokens_per_sec``,
+        None; bpc is None at word level; evaluations that logged bits per
+        source byte add ``bpb``), ``median_tokens_per_sec``,
         ``median_tokens_per_sec_per_replica`` and the point counts
         ``train_points``, ``valid_points``.
     """
@@ -465,7 +466,10 @@ def _point(record: dict | None) -> dict | None:
     if not _is_number(ppl) and _is_number(loss):
         ppl = math.exp(loss) if loss < 700 else float("inf")
     bpc = record.get("bpc")
-    return {"step": record["step"], "loss": loss, "perplexity": ppl, "bpc": bpc if _is_number(bpc) else None}
+    point = {"step": record["step"], "loss": loss, "perplexity": ppl, "bpc": bpc if _is_number(bpc) else None}
+    if _is_number(record.get("bpb")):  # evaluations of a prepared corpus: bits per source byte
+        point["bpb"] = record["bpb"]
+    return point
 
 
 def _format_point(point: dict | None) -> str:
@@ -474,6 +478,8 @@ def _format_point(point: dict | None) -> str:
     text = f"loss {_f(point['loss'], 4)}  ppl {_f(point['perplexity'], 2)}"
     if point["bpc"] is not None:
         text += f"  bpc {_f(point['bpc'], 4)}"
+    if point.get("bpb") is not None:
+        text += f"  bpb {_f(point['bpb'], 4)}"
     return text + f"  at step {point['step']:,}"
 
 

@@ -148,7 +148,8 @@ class MetricsLogger:
         values = self._with_derived(values)
         self._record(split, step, values)
         bpc = f"  bpc {values['bpc']:.4f}" if "bpc" in values else ""
-        self._print(f"eval  step {step:>7}  {split}  loss {values['loss']:.4f}  ppl {values['perplexity']:.2f}{bpc}")
+        bpb = f"  bpb {values['bpb']:.4f}" if values.get("bpb") is not None else ""
+        self._print(f"eval  step {step:>7}  {split}  loss {values['loss']:.4f}  ppl {values['perplexity']:.2f}{bpc}{bpb}")
 
     def text(self, split: str, tag: str, text: str, step: int) -> None:
         """Writes a text summary (TensorBoard only)."""

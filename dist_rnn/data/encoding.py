@@ -36,6 +36,10 @@ class EncodedCorpus:
         """Returns the ids of ``train``, ``valid`` or ``test``."""
         return {"train": self.train, "valid": self.valid, "test": self.test}[name]
 
+    def bits_per_byte(self, split: str, nats_per_token: float) -> None:
+        """None: this in-memory corpus does not keep its text's byte counts (a prepared corpus does)."""
+        return None
+
 
 def encode_corpus(config: DataConfig, vocab: Vocabulary | None = None) -> EncodedCorpus:
     """Reads the configured corpus and encodes it.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 from dataclasses import dataclass
 
 import tensorflow as tf
@@ -21,17 +22,28 @@ class EvalResult:
     loss: float
     tokens: int
     level: str
+    bpb: float | None = None
 
     def as_dict(self) -> dict:
-        """``split``, ``loss``, ``perplexity``, ``tokens`` and ``bpc`` (char level)."""
+        """``split``, ``loss``, ``perplexity``, ``tokens``, ``bpc`` (char level) and ``bpb`` (bits per source
+        byte, when the corpus knows its bytes)."""
         out = {"split": self.split, "loss": self.loss, "perplexity": perplexity(self.loss), "tokens": self.tokens}
         if self.level == "char":
             out["bpc"] = self.loss / math.log(2)
+        if self.bpb is not None:
+            out["bpb"] = self.bpb
         return out
+
+    def metrics(self) -> dict:
+        """The values :meth:`MetricsLogger.evaluation` records: ``loss``, ``tokens`` and ``bpb`` if known."""
+        values = {"loss": self.loss, "tokens": self.tokens}
+        if self.bpb is not None:
+            values["bpb"] = self.bpb
+        return values
 
 
 def evaluate_split(split: str, batches: EvalBatcher, steps: StepFunctions, backend: Backend, states,
-                   level: str) -> EvalResult:
+                   level: str, bits_per_byte: Callable[[str, float], float | None] | None = None) -> EvalResult:
     """Evaluates every window of ``batches`` in order, carrying the recurrent state from window to window.
 
     Every token but the first is scored exactly once (see
@@ -43,7 +55,9 @@ def evaluate_split(split: str, batches: EvalBatcher, steps: StepFunctions, backe
         steps: The run's compiled steps (``eval_step``).
         backend: The distribution backend.
         states: The sharded initial state (zeros) of ``batches.batch_size`` rows.
-        level: ``char`` or ``word`` (char level adds bits per character).
+        level: The tokenizer kind (char level adds bits per character).
+        bits_per_byte: ``(split, nats per token) -> bits per source byte``
+            (the corpus'), or None.
 
     Returns:
         The summed loss divided by the scored tokens.
@@ -52,4 +66,6 @@ def evaluate_split(split: str, batches: EvalBatcher, steps: StepFunctions, backe
     for inputs, targets, weights in batches.dataset():
         loss_sum, states = steps.eval_step(*backend.shard((inputs, targets, weights)), states)
         total += tf.cast(loss_sum, tf.float64)
-    return EvalResult(split, float(total) / batches.tokens, batches.tokens, level)
+    loss = float(total) / batches.tokens
+    bpb = bits_per_byte(split, loss) if bits_per_byte else None
+    return EvalResult(split, loss, batches.tokens, level, bpb)

@@ -13,8 +13,9 @@ import keras
 import tensorflow as tf
 
 from dist_rnn.config import Config
-from dist_rnn.data.batching import EvalBatcher, StreamBatcher
-from dist_rnn.data.encoding import EncodedCorpus, encode_corpus
+from dist_rnn.data.batching import EvalBatcher, StreamBatcher, owned_rows
+from dist_rnn.data.encoding import EncodedCorpus
+from dist_rnn.data.prepared import PreparedCorpus, load_corpus
 from dist_rnn.distribution import Backend, create_backend
 from dist_rnn.models.model import build_model, check_cudnn_requirement, cudnn_excluded_by, kernel_report
 from dist_rnn.run_dir import RunDirectory
@@ -27,7 +28,8 @@ from dist_rnn.training.trainer import Trainer
 
 
 def build_trainer(config: Config, run_dir: RunDirectory | str | Path, *, backend: Backend | None = None,
-                  corpus: EncodedCorpus | None = None, metrics: MetricsLogger | None = None) -> Trainer:
+                  corpus: PreparedCorpus | EncodedCorpus | None = None,
+                  metrics: MetricsLogger | None = None) -> Trainer:
     """Builds every part of a run and the :class:`Trainer` that receives them.
 
     Nothing is written to the run directory and no checkpoint is restored
@@ -38,7 +40,8 @@ def build_trainer(config: Config, run_dir: RunDirectory | str | Path, *, backend
         run_dir: The run directory (or its path).
         backend: The distribution backend; None creates ``distribute``'s
             (before TensorFlow initializes, for logical CPU devices).
-        corpus: The encoded corpus; None encodes ``data`` with a new vocabulary.
+        corpus: The corpus; None loads ``data`` as ``dist-rnn train`` does (:func:`dist_rnn.data.load_corpus`:
+            prepared token files, prepared first if needed).
         metrics: Where :meth:`Trainer.train` writes log points; None for a
             trainer that only evaluates or samples.
 
@@ -51,12 +54,15 @@ def build_trainer(config: Config, run_dir: RunDirectory | str | Path, *, backend
     """
     rd = run_dir if isinstance(run_dir, RunDirectory) else RunDirectory(run_dir)
     backend = backend if backend is not None else create_backend(config.distribute)
-    corpus = corpus if corpus is not None else encode_corpus(config.data)
+    corpus = corpus if corpus is not None else load_corpus(config.data)
     t = config.train
+    # Each process reads only the rows of its own replicas from the (memory-mapped) splits.
+    replicas = (backend.num_replicas, backend.local_replica_ids())
     train_batches = StreamBatcher(corpus.train, t.batch_size, t.num_steps, "train", t.seed,
-                                  config.data.random_offset)
+                                  config.data.random_offset, owned_rows(t.batch_size, *replicas))
     eval_batch_size = t.eval_batch_size or t.batch_size
-    eval_batches = {split: EvalBatcher(corpus.split(split), eval_batch_size, t.num_steps, split)
+    eval_batches = {split: EvalBatcher(corpus.split(split), eval_batch_size, t.num_steps, split,
+                                       owned_rows(eval_batch_size, *replicas))
                     for split in ("valid", "test") if len(corpus.split(split))}
     # The policy in force, not train.precision: ``dist-rnn eval`` builds a float32 model.
     precision = keras.mixed_precision.global_policy().name

@@ -22,6 +22,7 @@ import tensorflow as tf
 from dist_rnn.config import Config
 from dist_rnn.data.batching import EvalBatcher, StreamBatcher
 from dist_rnn.data.encoding import EncodedCorpus
+from dist_rnn.data.prepared import PreparedCorpus
 from dist_rnn.distribution import Backend
 from dist_rnn.errors import UserError
 from dist_rnn.generation import Sampler, model_step_fn
@@ -147,7 +148,8 @@ class Trainer:
         metrics: Where log points go; :meth:`train` needs it, :meth:`evaluate` does not.
     """
 
-    def __init__(self, config: Config, run_dir: RunDirectory, backend: Backend, corpus: EncodedCorpus, *,
+    def __init__(self, config: Config, run_dir: RunDirectory, backend: Backend,
+                 corpus: PreparedCorpus | EncodedCorpus, *,
                  model: keras.Model, optimizer: keras.optimizers.Optimizer, loss_scale: DynamicLossScale | None,
                  steps: StepFunctions, state: TrainingState, checkpointer: Checkpointer,
                  train_batches: StreamBatcher, eval_batches: dict[str, EvalBatcher], kernels: list[LayerKernel],
@@ -352,7 +354,7 @@ class Trainer:
         test = None
         if "test" in self.eval_batches:
             test = self.evaluate("test")
-            self.metrics.evaluation(pos.step, "test", {"loss": test.loss, "tokens": test.tokens})
+            self.metrics.evaluation(pos.step, "test", test.metrics())
         return {"step": pos.step, "epoch": pos.epoch, "valid": valid.as_dict() if valid else None,
                 "test": test.as_dict() if test else None}
 
@@ -430,7 +432,7 @@ class Trainer:
         if "valid" not in self.eval_batches:
             return None
         result = self.evaluate("valid")
-        self.metrics.evaluation(pos.step, "valid", {"loss": result.loss, "tokens": result.tokens})
+        self.metrics.evaluation(pos.step, "valid", result.metrics())
         self.save_best(pos, states, result)
         if self.config.train.sample_length and self.backend.is_chief:
             text = self.sample(self.config.train.sample_prime, self.config.train.sample_length, seed=0)
@@ -465,7 +467,7 @@ class Trainer:
             raise UserError(f"the {split} split of this corpus is empty")
         batches = self.eval_batches[split]
         return evaluate_split(split, batches, self.steps, self.backend, self._zero_states(batches.batch_size),
-                              self.corpus.vocab.level)
+                              self.corpus.vocab.level, self.corpus.bits_per_byte)
 
     def sample(self, prime: str, length: int, seed: int = 0, temperature: float = 0.8) -> str:
         """Generates a text sample from the current weights."""
