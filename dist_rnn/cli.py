@@ -108,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         if _is_lost_peer(e):
             first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
             sys.stderr.write(f"error: a collective operation failed, another worker probably died: {first[:300]}\n")
-            return 1
+            from dist_rnn.errors import LOST_PEER_EXIT_CODE
+
+            return LOST_PEER_EXIT_CODE
         raise
     return 0
 

@@ -257,12 +257,18 @@ class CheckpointConfig:
     Attributes:
         every_steps: Save every N steps (and always at the end); 0 saves only
             at the end.
+        every_seconds: Also save when this many seconds passed since the last
+            save (0: off), so the work a lost worker costs is bounded in time
+            whatever the step speed. The chief's clock decides and all workers
+            agree on the step, at the cadence of the stop check (every step on
+            one process, every ``train.log_every`` steps on several).
         keep: Rolling checkpoints kept in ``RUN_DIR/checkpoints``.
         fallback: On a corrupt latest checkpoint, resume from the previous
             good one instead of failing.
     """
 
     every_steps: int = 1000
+    every_seconds: float = 0.0
     keep: int = 3
     fallback: bool = False
 
@@ -694,6 +700,7 @@ def validate(config: Config) -> None:
     _require(ls.max_scale >= ls.initial, "train.loss_scale.max_scale", f"must be >= initial ({ls.initial}), got {ls.max_scale}")
     c = config.checkpoint
     _require(c.every_steps >= 0, "checkpoint.every_steps", f"must be >= 0, got {c.every_steps}")
+    _require(c.every_seconds >= 0, "checkpoint.every_seconds", f"must be >= 0, got {c.every_seconds}")
     _require(c.keep >= 1, "checkpoint.keep", f"must be at least 1, got {c.keep}")
     dist = config.distribute
     _require(dist.cpu_devices >= 0, "distribute.cpu_devices", f"must be >= 0, got {dist.cpu_devices}")

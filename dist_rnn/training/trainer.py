@@ -225,6 +225,7 @@ class Trainer:
         last_time, last_step = time.perf_counter(), step
         skips = SkippedSteps(t.max_consecutive_skips)
         finished = total is not None and step >= total
+        self._last_save_time = time.monotonic()
         with StopRequest() as stop:
             while not finished:
                 if t.max_epochs is not None and epoch > t.max_epochs:
@@ -282,7 +283,8 @@ class Trainer:
                     if t.eval_every and step % t.eval_every == 0 and not last:
                         self._evaluate_and_log(step, epoch, index, states)
                         last_time = time.perf_counter()
-                    if c.checkpoint.every_steps and step % c.checkpoint.every_steps == 0 and not last:
+                    due_by_time = check_stop and not last and self._time_to_save()
+                    if (due_by_time or c.checkpoint.every_steps and step % c.checkpoint.every_steps == 0) and not last:
                         self._mean_loss(pending, step)
                         self.save(step, epoch, index, states)
                         last_time = time.perf_counter()
@@ -366,9 +368,21 @@ class Trainer:
         for var, value in zip(self.state.carried, self.backend.gather(states)):
             var.assign(value)
 
+    def _time_to_save(self) -> bool:
+        """Whether ``checkpoint.every_seconds`` passed since the last save, by the chief's clock.
+
+        A collective on several workers (the chief's answer is shared like a
+        stop request): call it at the stop-check steps, which all workers share.
+        """
+        every = self.config.checkpoint.every_seconds
+        if not every:
+            return False
+        return self.backend.any_worker(self.backend.is_chief and time.monotonic() - self._last_save_time >= every)
+
     def save(self, step: int, epoch: int, index: int, states) -> str | None:
         """Saves a checkpoint of the current position and carried state (chief writes)."""
         self._set_state(step, epoch, index, states)
+        self._last_save_time = time.monotonic()
         if not self.backend.is_chief:
             return None
         path = self.checkpointer.save(step)
