@@ -209,7 +209,9 @@ def assert_resumed_like_reference(reference, run_dir, restarts: int):
                    if m["split"] == "train"]
     assert train_steps == list(range(2, 25, 2))  # each step once, in order
     assert tensorboard_steps(run_dir / "train", "loss") == list(range(2, 25, 2))
-    assert_close_variables(variables(reference), variables(run_dir))
+    # save_counter counts the checkpoints written, which restarts and cadence change.
+    ref, got = ({k: v for k, v in variables(d).items() if not k.startswith("save_counter")} for d in (reference, run_dir))
+    assert_close_variables(ref, got)
     return records
 
 
