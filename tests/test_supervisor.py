@@ -298,3 +298,35 @@ def test_horovod_restarts_after_a_killed_rank(reference_run, shakespeare_slice, 
     assert "supervisor: worker 1 was killed by SIGKILL" in err
     records = assert_resumed_like_reference(reference_run, run_dir, restarts=1)
     assert records[0]["workers_after"] == 2
+
+
+def test_report_shows_the_restarts(tmp_path, capsys):
+    from conftest import run_cli
+    from test_report import synthetic_metrics, write_run
+
+    run_dir = write_run(tmp_path, synthetic_metrics())
+    supervisor.record_restart(run_dir, Attempt(2, WorkerExit(1, -9), 40), 1, "worker 1 was killed by SIGKILL")
+    code, out, err = run_cli(["report", "--run-dir", run_dir], capsys)
+    assert code == 0, err
+    line = next(line for line in out.splitlines() if line.startswith("restarts"))
+    assert line.endswith("from step 40 on 2 -> 1 worker(s): worker 1 was killed by SIGKILL"), line
+    (run_dir / "restarts.jsonl").write_text("[1]\n")
+    code, out, err = run_cli(["report", "--run-dir", run_dir], capsys)
+    assert code == 2 and "restarts.jsonl line 1: not a JSON object" in err
+
+
+def test_checkpoint_every_seconds_is_validated(shakespeare_slice):
+    from conftest import tiny_config
+    from dist_rnn.errors import UserError
+
+    with pytest.raises(UserError, match="checkpoint.every_seconds"):
+        tiny_config(shakespeare_slice, checkpoint={"every_steps": 0, "every_seconds": -1})
+
+
+def test_checkpoint_every_seconds_saves_by_time(shakespeare_slice, tmp_path):
+    # Any step is past 1 ms after the last save: one process checks (and saves) after every step.
+    run_dir = tmp_path / "run"
+    train(run_dir, shakespeare_slice, "--set", "train.max_steps=5",
+          "--set", "checkpoint={every_steps: 0, every_seconds: 0.001, keep: 10}")
+    saved = sorted(int(p.name[len("ckpt-"):-len(".index")]) for p in (run_dir / "checkpoints").glob("ckpt-*.index"))
+    assert saved == [1, 2, 3, 4, 5]
