@@ -268,7 +268,9 @@ def test_multiworker_recovers_from_a_hung_worker(reference_run, shakespeare_slic
     assert code == 0, err[-3000:]
     assert "supervisor: worker 0 lost a peer" in err
     records = assert_resumed_like_reference(reference_run, run_dir, restarts=1)
-    assert records[0]["from_step"] >= 8  # every_seconds: saved at each agreed stop check
+    # every_seconds: saved at each agreed stop check (every 2 steps): the newest is step 6 or 8,
+    # depending on whether worker 1 passed step 8's save before it was stopped.
+    assert records[0]["from_step"] in (6, 8), records
     print("seconds from SIGSTOP to the end of the job:", elapsed)
 
 
