@@ -282,7 +282,7 @@ def test_a_failure_a_restart_cannot_fix_is_not_restarted(shakespeare_slice, tmp_
                           cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHON": sys.executable})
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "error: " in proc.stderr and "divisible" in proc.stderr
+    assert "error: " in proc.stderr and "does not divide by the 2 replicas" in proc.stderr
     assert proc.stderr.count("supervisor:") == 1 and "cannot fix" in proc.stderr
     assert not (run_dir / "restarts.jsonl").exists()
 
