@@ -158,6 +158,7 @@ def train(config_paths: list[str], overrides: list[str], run_dir: str | None) ->
     from dist_rnn.data import load_corpus
     from dist_rnn.data.agreement import check_workers_agree
     from dist_rnn.distribution import create_backend
+    from dist_rnn.rewind import rewind_run_output
     from dist_rnn.summaries import MetricsLogger, setup_logging
     from dist_rnn.training.factory import build_trainer
 
@@ -177,6 +178,8 @@ def train(config_paths: list[str], overrides: list[str], run_dir: str | None) ->
     # From here on the run directory is written (chief only).
     if backend.is_chief:
         rd.ensure()
+        # Steps after the resumed checkpoint (logged by a job that then lost a worker) are trained again.
+        rewind_run_output(rd.path, int(trainer.state.step))
         save_config(config, rd.config_file)
         corpus.vocab.save(rd.vocab_file)
         write_data_record(rd, corpus)

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
     from dist_rnn import runtime
-    from dist_rnn.errors import UserError, first_line
+    from dist_rnn.errors import LOST_PEER_EXIT_CODE, UserError, first_line
 
     runtime.show_startup_logs(args.verbose)
 
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         if _is_lost_peer(e):
             sys.stderr.write("error: a collective operation failed, another worker probably died: "
                              f"{first_line(e)}\n")
-            return 1
+            return LOST_PEER_EXIT_CODE
         raise
     return 0
 

@@ -11,6 +11,12 @@ class UserError(Exception):
     exit_code = 2
 
 
+# Exit code of a worker whose collective failed because a peer worker or rank
+# was lost (EX_TEMPFAIL of sysexits.h): the failure a restart can fix, told
+# apart by the launcher (dist_rnn.supervisor) from exit 2 (bad input) and 1.
+LOST_PEER_EXIT_CODE = 75
+
+
 def first_line(error: BaseException | str, limit: int | None = 300) -> str:
     """The first line of an exception's message, for quoting a library's error in a one-line message.
 

@@ -1,6 +1,7 @@
 """``dist-rnn report``: a run's summary and training curves from its run directory.
 
-Reads ``RUN_DIR/config.yaml`` and ``RUN_DIR/metrics.jsonl`` only (no
+Reads ``RUN_DIR/config.yaml``, ``RUN_DIR/metrics.jsonl`` and, if the launcher
+restarted the job, ``RUN_DIR/restarts.jsonl`` only (no
 TensorFlow, no checkpoint), so it works on a finished run, a run in progress
 and a run whose checkpoints are gone. The plot is drawn with matplotlib's Agg
 canvas: no display needed.
@@ -30,6 +31,28 @@ SPLITS = ("train", "valid", "test")
 
 # --------------------------------------------------------------------------
 # Reading
+
+
+def load_restarts(path: str | Path) -> list[dict]:
+    """Reads ``restarts.jsonl`` (written by the launcher's supervisor); [] when the run never restarted.
+
+    Raises:
+        UserError: If a line is not a JSON object (the message names file and line).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} line {number}: not JSON ({e.msg})") from None
+        if record is not None and not isinstance(record, dict):
+            raise UserError(f"{path} line {number}: not a JSON object")
+        if record is not None:
+            records.append(record)
+    return records
 
 
 def load_metrics(path: str | Path) -> list[dict]:
@@ -236,6 +259,10 @@ def format_summary(summary: dict, run_dir: str | Path | None = None, plot_path: 
     if s["sessions"] > 1:
         wall += f" over {s['sessions']} sessions"
     lines.append(("wall time", wall))
+    for i, r in enumerate(s.get("restarts") or []):
+        lines.append(("restarts" if i == 0 else "", f"{r.get('time', '?')} from step {r.get('from_step', '?')} on "
+                                                    f"{r.get('workers_before', '?')} -> {r.get('workers_after', '?')} "
+                                                    f"worker(s): {r.get('reason', '?')}"))
     lines.append(("valid best", _format_point(s["best_valid"])))
     lines.append(("valid last", _format_point(s["last_valid"])))
     if s["last_test"] is not None:
@@ -422,6 +449,7 @@ def report(run_dir: str | Path, out: str | Path | None = None) -> dict:
     if not metrics:
         raise UserError(f"{metrics_file} holds no metrics yet (nothing logged)")
     summary = summarize(config, metrics)
+    summary["restarts"] = load_restarts(rd.restarts_file)
     out_path = Path(out) if out is not None else rd.report_file
     title = (f"{run_dir.name}: {_v(summary['num_layers'])} x {_v(summary['cell'])} {_v(summary['hidden_size'])}, "
              f"{_v(summary['corpus'])} ({_v(summary['level'])}), {_v(summary['optimizer'])}, "

@@ -35,6 +35,7 @@ class RunDirectory:
     metrics_file = property(lambda self: self.path / "metrics.jsonl")
     log_file = property(lambda self: self.path / "train.log")
     report_file = property(lambda self: self.path / "report.png")
+    restarts_file = property(lambda self: self.path / "restarts.jsonl")
     checkpoints = property(lambda self: self.path / "checkpoints")
     best = property(lambda self: self.path / "best")
 

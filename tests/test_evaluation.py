@@ -51,6 +51,7 @@ def oracle_loss_sum(model, ids: np.ndarray, rows: int) -> float:
     one, as ``np.array_split`` does); a row reads from the token before its
     first target.
     """
+    ids = np.asarray(ids, dtype=np.int32)  # a prepared split is a uint8/16/32 memmap
     total = 0.0
     for targets in np.array_split(np.arange(1, len(ids)), rows):
         if len(targets) == 0:

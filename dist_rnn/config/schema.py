@@ -293,12 +293,18 @@ class CheckpointConfig:
     Attributes:
         every_steps: Save every N steps (and always at the end); 0 saves only
             at the end.
+        every_seconds: Also save when this many seconds passed since the last
+            save (0: off), so the work a lost worker costs is bounded in time
+            whatever the step speed. The chief's clock decides and all workers
+            agree on the step, at the cadence of the stop check (every step on
+            one process, every ``train.log_every`` steps on several).
         keep: Rolling checkpoints kept in ``RUN_DIR/checkpoints``.
         fallback: On a corrupt latest checkpoint, resume from the previous
             good one instead of failing.
     """
 
     every_steps: int = 1000
+    every_seconds: float = 0.0
     keep: int = 3
     fallback: bool = False
 

@@ -152,6 +152,7 @@ def _validate_train(config: Config) -> None:
 def _validate_checkpoint_and_distribute(config: Config) -> None:
     c = config.checkpoint
     _require(c.every_steps >= 0, "checkpoint.every_steps", f"must be >= 0, got {c.every_steps}")
+    _require(c.every_seconds >= 0, "checkpoint.every_seconds", f"must be >= 0, got {c.every_seconds}")
     _require(c.keep >= 1, "checkpoint.keep", f"must be at least 1, got {c.keep}")
     dist = config.distribute
     _require(dist.cpu_devices >= 0, "distribute.cpu_devices", f"must be >= 0, got {dist.cpu_devices}")

@@ -245,6 +245,7 @@ class Trainer:
             states = self._zero_states(t.batch_size)
         window = LogWindow(pos.step)
         skips = SkippedSteps(t.max_consecutive_skips)
+        self._last_save_time = time.monotonic()
         with StopRequest() as stop:
             if total is None or pos.step < total:
                 states = self._train_epochs(pos, total, states, window, skips, stop)
@@ -293,7 +294,8 @@ class Trainer:
             if due(t.eval_every, pos.step) and not last:
                 self._evaluate_and_log(pos, states)
                 window.restart_clock()
-            if due(c.checkpoint.every_steps, pos.step) and not last:
+            due_by_time = check_stop and not last and self._time_to_save()
+            if (due_by_time or due(c.checkpoint.every_steps, pos.step)) and not last:
                 self._mean_loss(window.losses, pos.step)
                 self.save(pos, states)
                 window.restart_clock()
@@ -417,9 +419,21 @@ class Trainer:
         for var, value in zip(self.state.carried, self.backend.gather(states)):
             var.assign(value)
 
+    def _time_to_save(self) -> bool:
+        """Whether ``checkpoint.every_seconds`` passed since the last save, by the chief's clock.
+
+        A collective on several workers (the chief's answer is shared like a
+        stop request): call it at the stop-check steps, which all workers share.
+        """
+        every = self.config.checkpoint.every_seconds
+        if not every:
+            return False
+        return self.backend.any_worker(self.backend.is_chief and time.monotonic() - self._last_save_time >= every)
+
     def save(self, pos: Position, states) -> str | None:
         """Saves a checkpoint of the current position and carried state (chief writes)."""
         self._set_state(pos, states)
+        self._last_save_time = time.monotonic()
         if not self.backend.is_chief:
             return None
         path = self.checkpointer.save(pos.step)
