@@ -15,137 +15,19 @@ sessions' last ``time`` values.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from dist_rnn.errors import UserError, first_line
+from dist_rnn.curves import plot
+from dist_rnn.errors import UserError
 from dist_rnn.run_dir import RunDirectory
+from dist_rnn.run_records import SPLITS, effective_records, load_config_dict, load_metrics, load_restarts, sessions
+from dist_rnn.run_records import is_number as _is_number
 
-SPLITS = ("train", "valid", "test")
-
-
-# --------------------------------------------------------------------------
-# Reading
-
-
-def load_restarts(path: str | Path) -> list[dict]:
-    """Reads ``restarts.jsonl`` (written by the launcher's supervisor); [] when the run never restarted.
-
-    Raises:
-        UserError: If a line is not a JSON object (the message names file and line).
-    """
-    path = Path(path)
-    if not path.is_file():
-        return []
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        try:
-            record = json.loads(line) if line.strip() else None
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} line {number}: not JSON ({e.msg})") from None
-        if record is not None and not isinstance(record, dict):
-            raise UserError(f"{path} line {number}: not a JSON object")
-        if record is not None:
-            records.append(record)
-    return records
-
-
-def load_metrics(path: str | Path) -> list[dict]:
-    """Reads ``metrics.jsonl``: one JSON object per line, blank lines skipped.
-
-    Args:
-        path: The file.
-
-    Returns:
-        The records in file order.
-
-    Raises:
-        UserError: If the file is missing or unreadable, or a line is not a JSON
-            object with ``split`` and ``step`` (the message names file and line).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"metrics file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text") from None
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}") from None
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{number}: malformed JSON line: {e.msg} (column {e.colno})") from None
-        if not isinstance(record, dict):
-            raise UserError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-        split, step = record.get("split"), record.get("step")
-        if not isinstance(split, str) or not isinstance(step, int) or isinstance(step, bool):
-            raise UserError(f"{path}:{number}: a metrics record needs a string 'split' and an integer 'step'")
-        records.append(record)
-    return records
-
-
-def load_config_dict(path: str | Path) -> dict:
-    """Reads a run's ``config.yaml`` as a plain mapping (not validated, so older runs still report).
-
-    Raises:
-        UserError: If the file is missing or is not a YAML mapping.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path.parent} is not a dist-rnn run directory (no config.yaml)")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError):
-        raise UserError(f"{path}: invalid YAML") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
-    return data
-
-
-def sessions(metrics: list[dict]) -> list[list[dict]]:
-    """Splits records into training sessions (a resume restarts ``time`` and may rewind ``step``)."""
-    out: list[list[dict]] = []
-    prev_time, prev_step = None, None
-    for record in metrics:
-        t, step = record.get("time"), record["step"]
-        restarted = (prev_step is not None and step < prev_step) or (
-            _is_number(t) and _is_number(prev_time) and t < prev_time)
-        if not out or restarted:
-            out.append([])
-        out[-1].append(record)
-        prev_time = t if _is_number(t) else prev_time
-        prev_step = step
-    return out
-
-
-def effective_records(metrics: list[dict]) -> list[dict]:
-    """The records that describe the run as it stands, in step order.
-
-    Records that a later session replayed (same or later step than that
-    session's first record) are dropped; of several records of one split at
-    one step, the last one wins.
-    """
-    kept: list[dict] = []
-    for session in sessions(metrics):
-        first = session[0]["step"]
-        kept = [r for r in kept if r["step"] < first] + session
-    by_key: dict[tuple[str, int], dict] = {}
-    for record in kept:
-        by_key[(record["split"], record["step"])] = record
-    order = {split: i for i, split in enumerate(SPLITS)}
-    return sorted(by_key.values(), key=lambda r: (r["step"], order.get(r["split"], len(SPLITS))))
+__all__ = ["SPLITS", "effective_records", "format_summary", "load_config_dict", "load_metrics", "load_restarts",
+           "plot", "report", "sessions", "summarize"]
 
 
 # --------------------------------------------------------------------------
@@ -284,143 +166,6 @@ def format_summary(summary: dict, run_dir: str | Path | None = None, plot_path: 
 
 
 # --------------------------------------------------------------------------
-# Plot
-
-
-def plot(metrics: list[dict], out_path: str | Path, title: str | None = None) -> Path:
-    """Draws loss, perplexity (log scale), learning rate and tokens/s against step into a PNG.
-
-    Args:
-        metrics: Records from :func:`load_metrics`.
-        out_path: The image file; the format follows its suffix (PNG without one).
-        title: Figure title.
-
-    Returns:
-        The written path.
-
-    Raises:
-        UserError: If the file cannot be written.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import LogFormatter
-
-    out_path = Path(out_path)
-    records = effective_records(metrics)
-    by_split = {split: [r for r in records if r["split"] == split] for split in ("train", "valid", "test")}
-
-    fig = Figure(figsize=(12, 8), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    if title:
-        fig.suptitle(title, fontsize=12)
-    ax_loss, ax_ppl, ax_lr, ax_rate = fig.subplots(2, 2, sharex=True).flat
-
-    have_loss = _draw_curves(ax_loss, by_split, "loss")
-    ax_loss.set_title("Loss (cross-entropy, nats/token)")
-    ax_loss.set_ylabel("loss")
-    have_ppl = _draw_curves(ax_ppl, by_split, "perplexity")
-    ax_ppl.set_title("Perplexity")
-    ax_ppl.set_ylabel("perplexity (log scale)")
-    if have_ppl:
-        ax_ppl.set_yscale("log")
-        # Plain numbers (6, 20, 300) instead of 6x10^0; minor ticks labelled only on a narrow range.
-        ax_ppl.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
-        ax_ppl.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1.5, 0.6)))
-    have_lr = _draw_learning_rate(ax_lr, by_split["train"])
-    have_rate = _draw_throughput(ax_rate, by_split["train"])
-
-    resumes = [session[0]["step"] for session in sessions(metrics)[1:]]
-    for ax, has in ((ax_loss, have_loss), (ax_ppl, have_ppl), (ax_lr, have_lr), (ax_rate, have_rate)):
-        ax.grid(True, which="major", alpha=0.3)
-        for i, step in enumerate(resumes):
-            ax.axvline(step, color="gray", linestyle=":", linewidth=1,
-                       label="resumed" if (ax is ax_loss and i == 0) else None)
-        if not has:
-            ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="gray")
-    if resumes and have_loss:
-        ax_loss.legend(loc="best", fontsize=9)
-    for ax in (ax_lr, ax_rate):
-        ax.set_xlabel("step")
-        ax.tick_params(labelbottom=True)
-    return _save(fig, out_path)
-
-
-def _series(rows: list[dict], key: str) -> tuple[list, list]:
-    """Steps and finite values of ``key`` in ``rows``."""
-    pts = [(r["step"], r[key]) for r in rows if _is_number(r.get(key)) and math.isfinite(r[key])]
-    return [p[0] for p in pts], [p[1] for p in pts]
-
-
-def _draw_curves(ax, by_split: dict[str, list[dict]], key: str) -> bool:
-    """Draws ``key`` of train (line), valid (line, best starred) and test (squares); whether any was drawn."""
-    drawn = False
-    x, y = _series(by_split["train"], key)
-    if x:
-        ax.plot(x, y, color="tab:blue", linewidth=1.4, marker="." if len(x) < 40 else None, label="train")
-        drawn = True
-    x, y = _series(by_split["valid"], key)
-    if x:
-        ax.plot(x, y, color="tab:orange", linewidth=1.6, marker="o", markersize=4, label="valid")
-        drawn = True
-        best = min(range(len(y)), key=lambda i: y[i])
-        ax.plot([x[best]], [y[best]], linestyle="none", marker="*", markersize=13, color="tab:red",
-                label=f"best valid (step {x[best]:,})")
-    x, y = _series(by_split["test"], key)
-    if x:
-        ax.plot(x, y, linestyle="none", marker="s", markersize=5, color="tab:green", label="test")
-        drawn = True
-    if drawn:
-        ax.legend(loc="best", fontsize=9)
-    return drawn
-
-
-def _draw_learning_rate(ax, train: list[dict]) -> bool:
-    """Draws the learning rate (log scale when it spans more than 20x); whether there was any."""
-    from matplotlib.ticker import FuncFormatter
-
-    x, y = _series(train, "learning_rate")
-    if x:
-        ax.plot(x, y, color="tab:purple", linewidth=1.4, marker="." if len(x) < 40 else None)
-        if min(y) > 0 and max(y) / min(y) > 20:  # decays over decades: log scale
-            ax.set_yscale("log")
-            ax.set_ylabel("learning rate (log scale)")
-        else:
-            ax.set_ylim(bottom=0, top=max(y) * 1.1 if max(y) > 0 else None)
-            ax.set_ylabel("learning rate")
-            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
-    ax.set_title("Learning rate")
-    return bool(x)
-
-
-def _draw_throughput(ax, train: list[dict]) -> bool:
-    """Draws tokens/s with its median; whether there was any."""
-    from matplotlib.ticker import FuncFormatter
-
-    x, y = _series(train, "tokens_per_sec")
-    if x:
-        ax.plot(x, y, color="tab:green", linewidth=1.4, marker="." if len(x) < 40 else None)
-        ax.axhline(statistics.median(y), color="gray", linestyle="--", linewidth=1,
-                   label=f"median {statistics.median(y):,.0f}")
-        ax.legend(loc="best", fontsize=9)
-        ax.set_ylim(bottom=0)
-    ax.set_title("Throughput")
-    ax.set_ylabel("tokens/s (all replicas)")
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
-    return bool(x)
-
-
-def _save(fig, out_path: Path) -> Path:
-    try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out_path)
-    except OSError as e:
-        raise UserError(f"cannot write {out_path}: {e.strerror or e}") from None
-    except ValueError as e:  # unsupported image format
-        raise UserError(f"cannot write {out_path}: {first_line(e, limit=None)}") from None
-    return out_path
-
-
-# --------------------------------------------------------------------------
 # Command
 
 
@@ -462,10 +207,6 @@ def report(run_dir: str | Path, out: str | Path | None = None) -> dict:
 
 # --------------------------------------------------------------------------
 # Helpers
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _section(cfg: dict, name: str) -> dict:
