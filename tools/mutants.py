@@ -82,9 +82,9 @@ CATALOGUE: tuple[Mutant, ...] = (
            ("tests/test_generation.py::test_empirical_frequencies_match_softmax",)),
     Mutant("window-off-by-one", "training windows start one token late",
            "dist_rnn/data/batching.py",
-           "start = tf.cast(offset + i * n, tf.int32)",
-           "start = tf.cast(offset + i * n + 1, tf.int32)",
-           ("tests/test_data.py::test_dataset_matches_window",)),
+           "start = self.offset(epoch) + index * self.num_steps",
+           "start = self.offset(epoch) + index * self.num_steps + 1",
+           ("tests/test_memmap_batching.py::test_training_windows_equal_the_list_based_ones",)),
     Mutant("carried-state-not-saved", "the checkpoint keeps zeros instead of the carried state",
            "dist_rnn/training/trainer.py",
            "            var.assign(value)",
@@ -132,8 +132,8 @@ CATALOGUE: tuple[Mutant, ...] = (
     # ---- evaluation token counting
     Mutant("eval-scores-one-past-row-end", "evaluation also scores the position after each row's last target",
            "dist_rnn/data/batching.py",
-           "self.weights = (column[:-1] < lengths[:, None]).astype(np.float32)",
-           "self.weights = (column[:-1] <= lengths[:, None]).astype(np.float32)",
+           "weights[local] = np.arange(start, end)[None, :] < self.lengths[local, None]",
+           "weights[local] = np.arange(start, end)[None, :] <= self.lengths[local, None]",
            ("tests/test_evaluation.py::test_evaluation_scores_every_valid_token_once_and_equals_per_row_oracle",)),
     # ---- sampling
     Mutant("sampling-state-not-threaded", "generation restarts the state at every new token",
