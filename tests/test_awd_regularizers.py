@@ -338,7 +338,7 @@ SCRIPT = textwrap.dedent("""
 
     out, data, model = sys.argv[1], sys.argv[2], sys.argv[3]
     base = ["--set", "data={corpus: file, path: %s, split: [0.9, 0.1, 0.0]}" % data, "--set", model,
-            "--set", "optimizer={name: sgd, learning_rate: 2.0, clip_norm: 0.25, weight_decay: 0.001}",
+            "--set", "optimizer={name: adam, learning_rate: 0.01, clip_norm: 0.25, weight_decay: 0.001}",
             "--set", "train={batch_size: 4, num_steps: 12, max_steps: 6, max_epochs: null, log_every: 2, "
                      "sample_length: 0, eval_every: 3, ar: 2.0, tar: 1.0, deterministic: true}",
             "--set", "checkpoint.every_steps=0", "--set", "logging={progress: off, tensorboard: false}"]
@@ -372,7 +372,7 @@ def test_every_regularizer_on_mirrored_equals_one_device_and_resume_is_bitwise(s
     assert full.keys() == resumed.keys()
     for name in full:
         assert np.array_equal(full[name], resumed[name]), name
-    assert_close_variables(full, mirrored, TOLERANCE)
+    assert_close_variables(full, mirrored, TOLERANCE)  # Adam: its slots make > 20 compared variables
     # AR/TAR are logged beside the loss, on training records only, and agree across layouts.
     train_full = [r for r in _records(tmp_path / "full") if r["split"] == "train"]
     train_mirrored = [r for r in _records(tmp_path / "mirrored") if r["split"] == "train"]
