@@ -113,8 +113,9 @@ class _FusedFallback:
         if not self.weight_drop or seed is None or training is None or training is False:
             yield
             return
-        dropped = dropped_weight(tf.convert_to_tensor(variable), self.weight_drop, training, seed,
-                                 self.weight_drop_salt)
+        # In the compute dtype, as Keras reads the variable inside the layer (cuDNN takes it as given).
+        kernel = cast(tf.convert_to_tensor(variable), tf.as_dtype(cell.compute_dtype))
+        dropped = dropped_weight(kernel, self.weight_drop, training, seed, self.weight_drop_salt)
         object.__setattr__(cell, "recurrent_kernel", dropped)
         try:
             yield
