@@ -225,7 +225,7 @@ def test_top_level_must_be_mapping(tmp_path):
     (["data.split=[0.9, 0.2, 0.0]"], "data.split"),
     (["data.corpus=file"], "data.path"),
     (["data.corpus=ptb"], "data.level"),
-    (["optimizer.weight_decay=0.1"], "optimizer.weight_decay"),
+    (["optimizer.weight_decay=-0.1"], "optimizer.weight_decay"),
     (["logging.profile_steps=[5, 2]"], "logging.profile_steps"),
     (["data.max_vocab=1"], "data.max_vocab"),
     (["model.initializer=glorot"], "model.initializer"),

@@ -135,6 +135,24 @@ class ModelConfig:
             ``GRUCell``; other biases and layer-norm parameters keep their
             starts. Each weight draws its own values, fixed by ``train.seed``;
             the kernel choice (cuDNN or not) does not depend on it.
+        weight_drop: AWD-LSTM regularizer: DropConnect rate on each layer's
+            recurrent kernel, one mask per training step applied to the
+            weights (scaled by ``1 / (1 - rate)``), the same for every time
+            step and row; ``lstm``/``gru`` keep their kernel (cuDNN or the
+            fused recurrence). Default 0 (off).
+        embedding_dropout: AWD-LSTM regularizer: fraction of word types
+            (rows of the embedding matrix) dropped at each training step,
+            kept rows scaled by ``1 / (1 - rate)``; a tied output projection
+            keeps every row. Default 0 (off).
+        dropout_input: Locked (variational) dropout on the embedding output:
+            one mask per sequence row, shared across the window's time
+            steps. Default 0 (off).
+        dropout_hidden: Locked dropout between recurrent layers. Default 0.
+        dropout_output: Locked dropout on the last layer's output, before
+            the projection. Default 0. All these masks are drawn from (seed,
+            step, site, global row), so resume is exact and every replica
+            layout drops the same units; ``dropout`` (per time step) still
+            applies on top when set.
     """
 
     cell: Literal["lstm", "gru", "ln_lstm", "ln_gru", "rnn"] = "lstm"
@@ -147,6 +165,12 @@ class ModelConfig:
     cudnn: Literal["auto", "require", "off"] = "auto"
     init_scale: Optional[float] = None
     initializer: Literal["keras", "unit_scaling"] = "keras"
+    # AWD-LSTM regularizers (issue #19), all off by default.
+    weight_drop: float = 0.0
+    embedding_dropout: float = 0.0
+    dropout_input: float = 0.0
+    dropout_hidden: float = 0.0
+    dropout_output: float = 0.0
 
 
 @dataclass
@@ -194,7 +218,12 @@ class OptimizerConfig:
         beta_1: Adam/AdamW first-moment decay.
         beta_2: Adam/AdamW second-moment decay.
         epsilon: Numerical epsilon of adaptive optimizers.
-        weight_decay: Decoupled weight decay (``adamw``).
+        weight_decay: With ``adamw``: its decoupled weight decay. With any
+            other optimizer: L2 regularization as AWD-LSTM uses it (PyTorch's
+            ``weight_decay``): ``weight_decay * w`` is added to every
+            weight's gradient after the all-reduce and the clip, right before
+            the update, so neither the logged ``grad_norm`` nor the clip
+            includes it. Default 0 (off).
         clip_norm: Clip the all-reduced gradient to this global norm; 0 is off.
         scale_lr_with_replicas: Multiply the learning rate by the replica count
             (linear scaling rule), ramped up over ``schedule.warmup_steps``.
@@ -266,6 +295,13 @@ class TrainConfig:
         max_consecutive_skips: Stop the run with an error (exit code 1,
             naming the last good checkpoint) after this many optimizer steps
             in a row were skipped for a non-finite gradient, in any precision.
+        ar: Activation regularization (AWD-LSTM): adds ``ar * mean(h ** 2)``
+            of the last layer's dropped output to the training objective.
+            Logged as ``ar_loss``; not in the logged or evaluated loss.
+            Default 0 (off).
+        tar: Temporal activation regularization: adds ``tar * mean((h_t -
+            h_{t-1}) ** 2)`` of the last layer's output before dropout, within
+            each window. Logged as ``tar_loss``. Default 0 (off).
     """
 
     batch_size: int = 32
@@ -284,6 +320,9 @@ class TrainConfig:
     sample_prime: str = ""
     loss_normalization: Literal["token", "sequence"] = "token"
     max_consecutive_skips: int = 20
+    # AWD-LSTM activation regularizers (issue #19), off by default.
+    ar: float = 0.0
+    tar: float = 0.0
 
 
 @dataclass

@@ -42,6 +42,7 @@ def validate(config: Config) -> None:
     _validate_train(config)
     _validate_checkpoint_and_distribute(config)
     _validate_logging(config)
+    _validate_regularizers(config)
 
 
 def _validate_data(config: Config) -> None:
@@ -104,7 +105,6 @@ def _validate_optimizer(config: Config) -> None:
     _require(0 < o.beta_2 < 1, "optimizer.beta_2", f"must be in (0, 1), got {o.beta_2}")
     _require(o.epsilon > 0, "optimizer.epsilon", f"must be positive, got {o.epsilon}")
     _require(o.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {o.weight_decay}")
-    _require(o.weight_decay == 0 or o.name == "adamw", "optimizer.weight_decay", "only optimizer.name 'adamw' has decoupled weight decay")
     _require(s.decay_rate > 0, "optimizer.schedule.decay_rate", f"must be positive, got {s.decay_rate}")
     _require(s.decay_steps >= 1, "optimizer.schedule.decay_steps", f"must be at least 1, got {s.decay_steps}")
     _require(s.decay_start_epoch >= 0, "optimizer.schedule.decay_start_epoch", f"must be >= 0, got {s.decay_start_epoch}")
@@ -167,6 +167,17 @@ def _validate_logging(config: Config) -> None:
     _require(lg.profile_steps == [] or (len(lg.profile_steps) == 2 and 1 <= lg.profile_steps[0] <= lg.profile_steps[1]),
              "logging.profile_steps", f"expected [first, last] with 1 <= first <= last, got {lg.profile_steps}")
     _require(lg.histograms_every >= 0, "logging.histograms_every", f"must be >= 0, got {lg.histograms_every}")
+
+
+def _validate_regularizers(config: Config) -> None:
+    """The AWD-LSTM regularizers of issue #19 (``optimizer.weight_decay`` is checked with the optimizer)."""
+    m, t = config.model, config.train
+    for key in ("weight_drop", "embedding_dropout", "dropout_input", "dropout_hidden", "dropout_output"):
+        rate = getattr(m, key)
+        _require(0 <= rate < 1, f"model.{key}", f"must be in [0, 1), got {rate}")
+    for key in ("ar", "tar"):
+        value = getattr(t, key)
+        _require(math.isfinite(value) and value >= 0, f"train.{key}", f"must be a finite number >= 0, got {value}")
 
 
 

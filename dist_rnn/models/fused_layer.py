@@ -9,7 +9,7 @@ Every such layer has the call contract of
 the final states are ``[h, c]`` for a two-state cell and ``[h]`` otherwise,
 each ``(batch, units)``. ``initial_state`` is a list of tensors in that
 order, or ``None`` for zeros. Recurrent dropout is that of
-:mod:`dist_rnn.models.dropout`.
+:mod:`dist_rnn.models.dropout`, weight drop that of :mod:`dist_rnn.models.awd_dropout`.
 
 Why these are not ``keras.layers.RNN(cell)``: a per-step cell pays for the
 input matmul at every step and lets autodiff differentiate a ``while_loop``
@@ -29,6 +29,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from dist_rnn.models.awd_dropout import dropped_weight
 from dist_rnn.models.dropout import call_dropout_mask
 from dist_rnn.models.kernels.common import cast, time_major_projection
 
@@ -52,6 +53,9 @@ class FusedRecurrentLayer(keras.layers.Layer):
             draws its own recurrent-dropout mask.
         return_sequences: Return all outputs (default) or only the last one.
         return_state: Also return the final states (default).
+        weight_drop: DropConnect rate of ``recurrent_kernel``, one mask per
+            call (``model.weight_drop``).
+        weight_drop_salt: Folded into the call's ``seed`` for the weight-drop mask.
         **kwargs: Base ``keras.layers.Layer`` arguments (``name``, ``dtype``...).
     """
 
@@ -70,6 +74,8 @@ class FusedRecurrentLayer(keras.layers.Layer):
         dropout_salt=0,
         return_sequences=True,
         return_state=True,
+        weight_drop=0.0,
+        weight_drop_salt=0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -84,6 +90,10 @@ class FusedRecurrentLayer(keras.layers.Layer):
         self.dropout_salt = int(dropout_salt)
         self.return_sequences = bool(return_sequences)
         self.return_state = bool(return_state)
+        if not 0.0 <= weight_drop < 1.0:
+            raise ValueError(f"weight_drop must be in [0, 1), got {weight_drop!r}")
+        self.weight_drop = float(weight_drop)
+        self.weight_drop_salt = int(weight_drop_salt)
         self.input_spec = keras.layers.InputSpec(ndim=3)
 
     @property
@@ -154,6 +164,7 @@ class FusedRecurrentLayer(keras.layers.Layer):
                                   self.dropout_salt, rows)
         proj = time_major_projection(x, cast(tf.convert_to_tensor(self.kernel), cdt))
         rkernel = cast(tf.convert_to_tensor(self.recurrent_kernel), cdt)
+        rkernel = dropped_weight(rkernel, self.weight_drop, training, seed, self.weight_drop_salt)
         h_seq, *finals = self._recur(proj, states, rkernel, mask)
         output = tf.transpose(h_seq, [1, 0, 2]) if self.return_sequences else finals[0]
         return [output] + list(finals) if self.return_state else output
@@ -178,6 +189,8 @@ class FusedRecurrentLayer(keras.layers.Layer):
                 "dropout_salt": self.dropout_salt,
                 "return_sequences": self.return_sequences,
                 "return_state": self.return_state,
+                "weight_drop": self.weight_drop,
+                "weight_drop_salt": self.weight_drop_salt,
             }
         )
         return config

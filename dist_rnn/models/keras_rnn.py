@@ -8,14 +8,20 @@ replace only that fallback by the recurrences of
 :mod:`dist_rnn.models.kernels.plain`: the input projection of all timesteps
 in one matmul, a lean time-major loop and a hand-written backward pass.
 Recurrent dropout is that of :mod:`dist_rnn.models.dropout` (one stateless
-mask per call on the ``h`` fed to the recurrent matmul).
+mask per call on the ``h`` fed to the recurrent matmul). Weight drop
+(:mod:`dist_rnn.models.awd_dropout`) replaces the recurrent kernel by its
+dropped copy for the duration of one call, so whichever path runs (cuDNN,
+the fused recurrence, Keras' generic cell) uses the dropped matrix.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import keras
 import tensorflow as tf
 
+from dist_rnn.models.awd_dropout import dropped_weight
 from dist_rnn.models.dropout import call_dropout_mask
 from dist_rnn.models.kernels.common import cast, time_major_projection
 from dist_rnn.models.kernels.plain import gru, lstm
@@ -38,12 +44,19 @@ class _FusedFallback:
     Args:
         dropout_salt: Folded into the call's ``seed`` so that each layer draws
             its own recurrent-dropout mask.
+        weight_drop: DropConnect rate of the recurrent kernel, one mask per
+            call (``model.weight_drop``); does not change the kernel choice.
+        weight_drop_salt: Folded into the call's ``seed`` for the weight-drop mask.
         *args, **kwargs: Those of ``keras.layers.LSTM``/``GRU``.
     """
 
-    def __init__(self, *args, dropout_salt=0, **kwargs):
+    def __init__(self, *args, dropout_salt=0, weight_drop=0.0, weight_drop_salt=0, **kwargs):
         super().__init__(*args, **kwargs)
         self.dropout_salt = int(dropout_salt)
+        if not 0.0 <= weight_drop < 1.0:
+            raise ValueError(f"weight_drop must be in [0, 1), got {weight_drop!r}")
+        self.weight_drop = float(weight_drop)
+        self.weight_drop_salt = int(weight_drop_salt)
 
     def runs_cudnn(self) -> bool:
         """Whether Keras' cuDNN path runs (with ``use_cudnn=True``: is required) in this process."""
@@ -83,6 +96,33 @@ class _FusedFallback:
                 configuration only Keras' generic cell runs (its masks would
                 come from a stateful generator, not from ``seed``).
         """
+        with self._weight_dropped(training, seed):
+            return self._call(sequences, initial_state, mask, training, seed, rows)
+
+    @contextlib.contextmanager
+    def _weight_dropped(self, training, seed):
+        """The cell's ``recurrent_kernel`` is its weight-dropped copy inside the block (when the call drops).
+
+        The attribute is swapped past Keras' attribute tracking
+        (``object.__setattr__``), so the variable stays the layer's weight and
+        receives the gradient through the mask; it is restored even when the
+        call raises.
+        """
+        cell = self.cell
+        variable = cell.recurrent_kernel
+        if not self.weight_drop or seed is None or training is None or training is False:
+            yield
+            return
+        # In the compute dtype, as Keras reads the variable inside the layer (cuDNN takes it as given).
+        kernel = cast(tf.convert_to_tensor(variable), tf.as_dtype(cell.compute_dtype))
+        dropped = dropped_weight(kernel, self.weight_drop, training, seed, self.weight_drop_salt)
+        object.__setattr__(cell, "recurrent_kernel", dropped)
+        try:
+            yield
+        finally:
+            object.__setattr__(cell, "recurrent_kernel", variable)
+
+    def _call(self, sequences, initial_state, mask, training, seed, rows):
         if not self._fused_eligible(mask):
             if seed is not None and self.cell.recurrent_dropout and training is not False and not self.runs_cudnn():
                 raise ValueError(f"{self.name}: seeded recurrent dropout needs the fused recurrence, "
@@ -107,8 +147,9 @@ class _FusedFallback:
         return cast(tf.convert_to_tensor(variable), dtype)
 
     def get_config(self):
-        """Keras' config plus ``dropout_salt``."""
-        return {**super().get_config(), "dropout_salt": self.dropout_salt}
+        """Keras' config plus ``dropout_salt`` and the weight drop."""
+        return {**super().get_config(), "dropout_salt": self.dropout_salt, "weight_drop": self.weight_drop,
+                "weight_drop_salt": self.weight_drop_salt}
 
 
 @keras.saving.register_keras_serializable(package="dist_rnn")

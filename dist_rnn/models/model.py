@@ -8,7 +8,9 @@ statelessly over the global batch from a seed passed with each call, and each
 replica keeps the rows it owns: a step's dropout depends only on (run seed,
 step, dropout site, row), not on how rows are spread over replicas. Runs are
 reproducible, resumable bit for bit, and equal across replica counts, and no
-random-generator variable has to be mirrored or checkpointed.
+random-generator variable has to be mirrored or checkpointed. The AWD-LSTM
+regularizers (weight drop, embedding dropout, locked dropout) follow the same
+scheme (``dist_rnn.models.awd_dropout``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import tensorflow as tf
 
 from dist_rnn.config import TWO_STATE_CELLS, ModelConfig
 from dist_rnn.errors import UserError
+from dist_rnn.models.awd_dropout import LOCKED_DROPOUT_SALT, WEIGHT_DROP_SALT, LockedDropout, embedding_dropout
 from dist_rnn.models.layers import RECURRENT_LAYERS
 
 FUSED_CELLS = ("lstm", "gru")
@@ -338,11 +341,13 @@ def recurrent_layer(config: ModelConfig, index: int, seed: int = 0, allow_cudnn:
         return cls(config.hidden_size, activation="tanh", recurrent_activation="sigmoid", use_bias=True,
                    unroll=False, recurrent_dropout=config.recurrent_dropout,
                    use_cudnn=USE_CUDNN[config.cudnn] if allow_cudnn else False, seed=seed + 1000 + index,
-                   dropout_salt=RECURRENT_DROPOUT_SALT + index, **init, **extra, **common)
+                   dropout_salt=RECURRENT_DROPOUT_SALT + index, weight_drop=config.weight_drop,
+                   weight_drop_salt=WEIGHT_DROP_SALT + index, **init, **extra, **common)
     if config.initializer == "unit_scaling" and config.cell == "ln_gru":
         init["gate_beta_initializer"] = keras.initializers.Constant(GRU_GATE_BIAS)
     return cls(config.hidden_size, recurrent_dropout=config.recurrent_dropout,
-               dropout_salt=RECURRENT_DROPOUT_SALT + index, **init, **common)
+               dropout_salt=RECURRENT_DROPOUT_SALT + index, weight_drop=config.weight_drop,
+               weight_drop_salt=WEIGHT_DROP_SALT + index, **init, **common)
 
 
 @keras.saving.register_keras_serializable(package="dist_rnn")
@@ -381,6 +386,11 @@ class LanguageModel(keras.Model):
             setattr(self, f"recurrent_{i}", layer)
         self.dropouts = [StatelessDropout(config.dropout, salt=i, name=f"dropout_{i}")
                          for i in range(config.num_layers + 1)]
+        # Locked dropout: site 0 on the embedding output, site i after layer i - 1.
+        locked_rates = ([config.dropout_input] + [config.dropout_hidden] * (config.num_layers - 1)
+                        + [config.dropout_output])
+        self.locked_dropouts = [LockedDropout(rate, salt=LOCKED_DROPOUT_SALT + i, name=f"locked_dropout_{i}")
+                                for i, rate in enumerate(locked_rates)]
         self.projection = OutputProjection(vocab_size, self.embedding if config.tie_embeddings else None,
                                            kernel_initializer=weight_initializer(config, seed, "projection/kernel",
                                                                                 fan_in=config.hidden_size),
@@ -397,7 +407,7 @@ class LanguageModel(keras.Model):
         return tuple(tf.zeros([batch_size, self.model_config.hidden_size], tf.float32)
                      for _ in range(self.num_state_tensors))
 
-    def call(self, tokens, states=None, training=False, seed=None, rows=None):
+    def call(self, tokens, states=None, training=False, seed=None, rows=None, return_activations=False):
         """Runs the model over a window of tokens.
 
         Args:
@@ -409,24 +419,34 @@ class LanguageModel(keras.Model):
             rows: int ``[2]``: first global row of ``tokens`` and the global
                 batch rows, so dropout masks do not depend on the replica
                 layout (None: ``tokens`` is the whole batch).
+            return_activations: Also return the last layer's output before
+                and after its dropout (for AR/TAR, ``dist_rnn.training.regularization``).
 
         Returns:
             ``(logits, states)``: float32 ``[batch, time, vocab]`` logits and the
-            flat tuple of final states, in float32.
+            flat tuple of final states, in float32. With
+            ``return_activations``: ``(logits, states, (raw, dropped))``, the
+            last layer's ``[batch, time, hidden]`` output before and after
+            dropout, in the compute dtype.
         """
         if states is None:
             states = self.initial_state(tf.shape(tokens)[0])
         x = self.embedding(tokens)
+        x = embedding_dropout(x, tokens, self.vocab_size, self.model_config.embedding_dropout, training, seed)
         x = self.dropouts[0](x, seed=seed, rows=rows, training=training)
+        x = self.locked_dropouts[0](x, seed=seed, rows=rows, training=training)
         new_states, pos = [], 0
         for i, layer in enumerate(self.recurrent_layers):
             n = self.state_counts[i]
             layer_states = [tf.cast(s, self.compute_dtype) for s in states[pos:pos + n]]
             pos += n
             outputs = layer(x, initial_state=layer_states, training=training, seed=seed, rows=rows)
-            x = outputs[0]
+            x = raw = outputs[0]
             new_states.extend(tf.cast(s, tf.float32) for s in outputs[1:])
             x = self.dropouts[i + 1](x, seed=seed, rows=rows, training=training)
+            x = self.locked_dropouts[i + 1](x, seed=seed, rows=rows, training=training)
+        if return_activations:
+            return self.projection(x), tuple(new_states), (raw, x)
         return self.projection(x), tuple(new_states)
 
     def get_config(self):

@@ -23,6 +23,7 @@ from dist_rnn.summaries import MetricsLogger
 from dist_rnn.training.checkpoints import Checkpointer, TrainingState, run_fingerprint
 from dist_rnn.training.gradients import DynamicLossScale
 from dist_rnn.training.optimizers import build_optimizer
+from dist_rnn.training.regularization import ActivationPenalties
 from dist_rnn.training.steps import StepFunctions
 from dist_rnn.training.trainer import Trainer
 
@@ -77,8 +78,11 @@ def build_trainer(config: Config, run_dir: RunDirectory | str | Path, *, backend
         loss_scale = DynamicLossScale(t.loss_scale) if t.precision == "mixed_float16" else None
     state = TrainingState([(t.batch_size, config.model.hidden_size)] * model.num_state_tensors,
                           run_fingerprint(config, corpus.vocab.tokens))
+    # adamw decays by itself (decoupled); every other optimizer gets AWD's L2 in the gradient path.
+    l2_decay = config.optimizer.weight_decay if config.optimizer.name != "adamw" else 0.0
     steps = StepFunctions(model, optimizer, backend, t.batch_size, t.num_steps, config.optimizer.clip_norm,
-                          loss_scale, t.jit_compile, t.loss_normalization)
+                          loss_scale, t.jit_compile, t.loss_normalization,
+                          penalties=ActivationPenalties(t.ar, t.tar), weight_decay=l2_decay)
     objects = dict(model=model, optimizer=optimizer, training_state=state)
     if loss_scale is not None:
         objects["loss_scale"] = loss_scale

@@ -2,7 +2,9 @@
 
 Each step runs per replica on that replica's rows and carried state, and
 returns the replica's new state. The training step follows the gradient path
-of :mod:`dist_rnn.training.gradients`.
+of :mod:`dist_rnn.training.gradients`, with the regularizers of
+:mod:`dist_rnn.training.regularization` (AR/TAR in the objective, L2 weight
+decay after the clip).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from dist_rnn.training import gradients
+from dist_rnn.training.regularization import ActivationPenalties, add_weight_decay
 from dist_rnn.distribution import Backend
 
 
@@ -68,10 +71,15 @@ class StepFunctions:
         loss_normalization: ``train.loss_normalization`` (see
             :func:`loss_denominator`); it sets the objective that is
             differentiated, never the returned loss sum.
+        penalties: AR/TAR added to the objective (not to the returned loss
+            sum); their values of the last step are in :attr:`last_penalties`.
+        weight_decay: L2 decay added to the clipped gradient (0: off; not
+            for ``adamw``, whose optimizer decays by itself).
     """
 
     def __init__(self, model, optimizer, backend: Backend, global_batch: int, num_steps: int,
-                 clip_norm: float, loss_scale=None, jit_compile: bool = False, loss_normalization: str = "token"):
+                 clip_norm: float, loss_scale=None, jit_compile: bool = False, loss_normalization: str = "token",
+                 penalties: ActivationPenalties = ActivationPenalties(), weight_decay: float = 0.0):
         self.model = model
         self.optimizer = optimizer
         self.backend = backend
@@ -80,34 +88,48 @@ class StepFunctions:
         self.clip_norm = clip_norm
         self.loss_scale = loss_scale
         self.variables = list(model.trainable_variables)
+        self.penalties = penalties
+        self.weight_decay = weight_decay
+        #: ``{"ar_loss": float tensor, "tar_loss": ...}`` of the last training step (active penalties only).
+        self.last_penalties: dict = {}
         self._forward_backward = tf.function(self._forward_backward_impl, jit_compile=jit_compile)
-        self.train_step = tf.function(self._train_step)
+        self._compiled_train_step = tf.function(self._train_step)
         self.eval_step = tf.function(self._eval_step)
 
     def _forward_backward_impl(self, inputs, targets, states, seed, rows, scale):
+        penalty_terms = {}
         with tf.GradientTape() as tape:
-            logits, new_states = self.model(inputs, states, training=True, seed=seed, rows=rows)
+            if self.penalties.active:
+                logits, new_states, (raw, dropped) = self.model(inputs, states, training=True, seed=seed, rows=rows,
+                                                                return_activations=True)
+                penalty_terms = self.penalties.terms(raw, dropped, self.global_batch)
+            else:
+                logits, new_states = self.model(inputs, states, training=True, seed=seed, rows=rows)
             loss_sum = token_loss_sum(targets, logits)
             # Loss of this replica's rows as a share of the global objective
             # (the denominator is global, not per replica): the all-reduced
             # SUM of these gradients is the gradient of the global objective.
-            objective = loss_sum / self.denominator * scale
+            if penalty_terms:
+                objective = (loss_sum / self.denominator + tf.add_n(list(penalty_terms.values()))) * scale
+            else:
+                objective = loss_sum / self.denominator * scale
         grads = tape.gradient(objective, self.variables)
-        return loss_sum, new_states, gradients.densify(grads)
+        return loss_sum, new_states, gradients.densify(grads), penalty_terms
 
     def _replica_train(self, inputs, targets, states, seed):
         local_rows = tf.shape(inputs)[0]
         rows = tf.stack([self.backend.replica_id() * local_rows, tf.constant(self.global_batch, tf.int32)])
         scale = self.loss_scale.scale.read_value() if self.loss_scale is not None else tf.constant(1.0)
-        loss_sum, new_states, grads = self._forward_backward(inputs, targets, states, seed, rows, scale)
+        loss_sum, new_states, grads, penalty_terms = self._forward_backward(inputs, targets, states, seed, rows, scale)
         grads = self.backend.all_reduce_sum(grads)
         if self.loss_scale is not None:
             grads = [g / scale for g in grads]
         finite = gradients.all_finite(grads)
         grad_norm = gradients.global_norm(grads)
         grads = gradients.clip_by_global_norm(grads, self.clip_norm, grad_norm)
+        grads = add_weight_decay(grads, self.variables, self.weight_decay)
         self.backend.apply_if_finite(self._apply, grads, finite, self._after_apply)
-        return loss_sum, new_states, grad_norm, finite
+        return loss_sum, new_states, grad_norm, finite, penalty_terms
 
     def _apply(self, grads):
         self.optimizer.apply(grads, self.variables)
@@ -116,10 +138,21 @@ class StepFunctions:
         if self.loss_scale is not None:
             self.loss_scale.update(finite)
 
+    def train_step(self, inputs, targets, states, seed):
+        """One optimizer step; returns (global loss sum, per-replica new states, grad norm, finite flag).
+
+        The global AR/TAR values of the step go to :attr:`last_penalties`.
+        """
+        loss_sum, states, grad_norm, finite, self.last_penalties = self._compiled_train_step(
+            inputs, targets, states, seed)
+        return loss_sum, states, grad_norm, finite
+
     def _train_step(self, inputs, targets, states, seed):
-        """Returns (global loss sum, per-replica new states, grad norm, finite flag)."""
-        loss_sum, states, grad_norm, finite = self.backend.run(self._replica_train, (inputs, targets, states, seed))
-        return self.backend.reduce_sum(loss_sum), states, self.backend.first(grad_norm), self.backend.first(finite)
+        loss_sum, states, grad_norm, finite, penalty_terms = self.backend.run(
+            self._replica_train, (inputs, targets, states, seed))
+        penalties = {name: self.backend.reduce_sum(value) for name, value in penalty_terms.items()}
+        return (self.backend.reduce_sum(loss_sum), states, self.backend.first(grad_norm),
+                self.backend.first(finite), penalties)
 
     def _replica_eval(self, inputs, targets, weights, states):
         logits, new_states = self.model(inputs, states, training=False)

@@ -346,6 +346,7 @@ class Trainer:
             values["skipped_steps"] = int(self.loss_scale.skipped_steps.read_value())
         elif skips.total:
             values["skipped_steps"] = skips.total
+        values.update({name: float(value) for name, value in self.steps.last_penalties.items()})  # AR/TAR
         values.update(peak_memory())
         self.metrics.train(pos.step, values)
         window.restart(pos.step)
