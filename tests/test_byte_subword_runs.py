@@ -14,11 +14,15 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from dist_rnn.data.corpora import split_points
+
+# Keras' own model.save(...) under NumPy 2 (keras/src/backend/tensorflow/core.py, not our code).
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
 SPLIT = [0.8, 0.1, 0.1]
 PRIME = "ROMEO: Café"
@@ -86,7 +90,7 @@ def split_text(corpus_file, level: str, split: str) -> bytes:
     return part if level == "byte" else part.encode("utf-8")
 
 
-def test_run_directory_holds_the_tokenizer_and_training_resumed(run):
+def test_run_directory_holds_the_tokenizer_and_training_resumed(run, corpus_file):
     files = {p.name for p in run["dir"].iterdir()}
     assert {"vocab.json", "data.json", "config.yaml", "checkpoints", "metrics.jsonl"} <= files
     record = json.loads((run["dir"] / "vocab.json").read_text(encoding="utf-8"))
@@ -97,6 +101,11 @@ def test_run_directory_holds_the_tokenizer_and_training_resumed(run):
     assert steps == [2, 4, 6]  # the resumed run logged 6 only: it continued from the checkpoint of step 4
     assert "resumed from" in run["resumed"]["err"] + run["resumed"]["out"] + (run["dir"] / "train.log").read_text()
     assert "sample:" in (run["dir"] / "train.log").read_text()
+    # No data.cache_dir: the run prepared its corpus under $DIST_RNN_CACHE, which tests/conftest.py points
+    # at a temporary folder for the session (not the user's ~/.cache/dist-rnn).
+    prepared = [json.loads(m.read_text())["data"] for m in
+                (Path(os.environ["DIST_RNN_CACHE"]) / "prepared").glob("*/manifest.json")]
+    assert any(d["path"] == str(corpus_file) and d["level"] == run["level"] for d in prepared), prepared
 
 
 def test_eval_reports_bits_per_byte(run, corpus_file):
