@@ -64,6 +64,10 @@ class Tokenizer:
         """Number of ids (the model's vocabulary size)."""
         raise NotImplementedError
 
+    def __len__(self) -> int:
+        """:attr:`size`, as ``len`` of a :class:`~dist_rnn.data.vocab.Vocabulary`."""
+        return self.size
+
     def encode(self, text: str) -> np.ndarray:
         """Returns the int32 ids of ``text``."""
         raise NotImplementedError
