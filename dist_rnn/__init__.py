@@ -11,7 +11,7 @@ first use, so ``import dist_rnn`` and the CLI start without TensorFlow):
   ``multi_worker``, ``horovod``).
 * Model: :func:`build_model`, :class:`LanguageModel` and
   :data:`RECURRENT_LAYERS` (``model.cell`` name to its Keras layer class).
-* Inference: :func:`load_model_for_inference` (a run's model and vocabulary
+* Inference: :func:`load_model_for_inference` (a run's model and tokenizer
   from one of its checkpoints), :func:`export_run` and :class:`ExportedModel`
   (a SavedModel export and its loader), :class:`Sampler` (temperature,
   top-k, top-p sampling).

@@ -61,7 +61,7 @@ def resolve_train_config(config_paths: list[str], overrides: list[str],
 def check_same_data(rd: RunDirectory, config: Config, corpus, action: str) -> None:
     """Refuses data whose text differs from the data the run was trained on, wherever it is read from.
 
-    The prepared tokenizer's vocabulary must equal the run's ``vocab.json``.
+    The prepared tokenizer must equal the run's (``vocab.json``, by :attr:`Tokenizer.identity`).
     The run's ``data.json`` holds the identity of its prepared tokens
     (:attr:`~dist_rnn.data.prepared.PreparedCorpus.data_sha256`); a record
     written before prepared corpora (the SHA-256 of the splits' text) is
@@ -90,8 +90,8 @@ def check_same_data(rd: RunDirectory, config: Config, corpus, action: str) -> No
         raise UserError(f"cannot {action} {rd.path}: the data read from {source[0]} {source[1]} is not the data "
                         f"this run was trained on (SHA-256 {corpus.data_sha256[:12]}... != "
                         f"{str(record.get('sha256'))[:12]}... in {rd.data_file}); {hint}")
-    saved_vocab = rd.load_vocab()
-    if saved_vocab is not None and saved_vocab != corpus.vocab:
+    saved = rd.load_tokenizer()
+    if saved is not None and (saved.kind, saved.identity) != (corpus.tokenizer.kind, corpus.tokenizer.identity):
         raise UserError(f"cannot {action} {rd.path}: the data read from {source[0]} {source[1]} gives another "
                         f"vocabulary than {rd.vocab_file}; {hint}")
 
@@ -181,7 +181,7 @@ def train(config_paths: list[str], overrides: list[str], run_dir: str | None) ->
         # Steps after the resumed checkpoint (logged by a job that then lost a worker) are trained again.
         rewind_run_output(rd.path, int(trainer.state.step))
         save_config(config, rd.config_file)
-        corpus.vocab.save(rd.vocab_file)
+        rd.save_tokenizer(corpus.tokenizer)
         write_data_record(rd, corpus)
         rd.kernels_file.write_text("\n".join(k.line() for k in trainer.kernels) + "\n", encoding="utf-8")
         setup_logging(True, rd.log_file)
@@ -234,8 +234,8 @@ def evaluate(run_dir: str, split: str, checkpoint: str = "latest", overrides: li
     rd = RunDirectory(run_dir)
     config = inference_config(rd, overrides, "eval")
     config.distribute.backend, config.distribute.cpu_devices = "none", 0
-    vocab = rd.load_vocab()
-    if vocab is None:
+    tokenizer = rd.load_tokenizer()
+    if tokenizer is None:
         raise UserError(f"{rd.path} has no vocab.json")
     import_tensorflow()
     from dist_rnn.training.checkpoints import accepted_fingerprints, check_fingerprint, find_checkpoint
@@ -247,7 +247,7 @@ def evaluate(run_dir: str, split: str, checkpoint: str = "latest", overrides: li
     path = find_checkpoint(rd.path, checkpoint)
     # vocab.json against the checkpoint first, as generate does: a vocab.json of another run is named as
     # such, not as data that differs from it.
-    check_fingerprint(path, accepted_fingerprints(config, vocab.tokens))
+    check_fingerprint(path, accepted_fingerprints(config, tokenizer.identity))
     setup_logging(True)
     setup_tensorflow(config, precision="float32")
     corpus = load_corpus(config.data)
@@ -256,7 +256,7 @@ def evaluate(run_dir: str, split: str, checkpoint: str = "latest", overrides: li
     if checkpoint == "latest":
         path = trainer.restore()  # the newest that loads, with checkpoint.fallback
     else:
-        trainer.checkpointer.restore(path, accepted_fingerprints(config, vocab.tokens), trainer.state)
+        trainer.checkpointer.restore(path, accepted_fingerprints(config, tokenizer.identity), trainer.state)
     result = trainer.evaluate(split).as_dict()
     result["step"] = int(trainer.state.step)
     result["checkpoint"] = path
@@ -290,21 +290,22 @@ def generate(run_dir: str, prime: str, length: int, temperature: float, top_k: i
         from dist_rnn.export import ExportedModel
 
         exported = ExportedModel(model_dir)
-        sampler, vocab = exported.sampler(), exported.vocab
+        sampler, tokenizer = exported.sampler(), exported.tokenizer
     else:
-        model, vocab, _, _ = load_model_for_inference(run_dir, checkpoint or "latest", overrides)
-        sampler = Sampler(model_step_fn(model), vocab)
+        model, tokenizer, _, _ = load_model_for_inference(run_dir, checkpoint or "latest", overrides)
+        sampler = Sampler(model_step_fn(model), tokenizer)
 
     def warn(message: str) -> None:
         print(f"warning: {message}", file=sys.stderr)
 
-    on_tokens = None
+    streamer = None
     if num_samples == 1:
         stream.write(prime)
-        on_tokens = _streamer(stream, vocab.level, prime)
-    ids = sampler.generate(prime, length, temperature, top_k, top_p, seed, num_samples, on_tokens, warn)
-    texts = [vocab.decode(row) for row in ids]
+        streamer = _Streamer(stream, tokenizer.text_stream(prime))
+    ids = sampler.generate(prime, length, temperature, top_k, top_p, seed, num_samples, streamer, warn)
+    texts = [tokenizer.decode(row) for row in ids]
     if num_samples == 1:
+        streamer.finish(texts[0])
         stream.write("\n")
     else:
         for i, text in enumerate(texts):
@@ -330,22 +331,24 @@ def export(run_dir: str, out_dir: str, checkpoint: str = "latest") -> dict:
     return export_run(run_dir, out_dir, checkpoint)
 
 
-def _streamer(stream, level: str, prime: str):
-    state = {"at_line_start": prime == "" or prime.endswith("\n")}
+class _Streamer:
+    """Writes the text of the single sample's new ids as they come (``text_stream``: :meth:`Tokenizer.text_stream`)."""
 
-    def on_tokens(tokens: list[str]) -> None:
-        token = tokens[0]
-        if level == "char":
-            stream.write("\ufffd" if token == "<unk>" else token)
-        elif token == "<eos>":
-            stream.write("\n")
-            state["at_line_start"] = True
-        else:
-            stream.write(token if state["at_line_start"] else " " + token)
-            state["at_line_start"] = False
-        stream.flush()
+    def __init__(self, stream, text_stream):
+        self.stream, self.text_stream, self.written = stream, text_stream, []
 
-    return on_tokens
+    def __call__(self, ids: list[int]) -> None:
+        text = self.text_stream(ids[0])
+        if text:
+            self.written.append(text)
+            self.stream.write(text)
+            self.stream.flush()
+
+    def finish(self, text: str) -> None:
+        """Writes what the stream held back of the whole decoded ``text`` (an incomplete UTF-8 character)."""
+        written = "".join(self.written)
+        if text.startswith(written):
+            self.stream.write(text[len(written):])
 
 
 def print_json_line(result: dict) -> None:

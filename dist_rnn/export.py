@@ -2,10 +2,11 @@
 
 ``dist-rnn export --run-dir RUN --out DIR`` writes::
 
-    DIR/saved_model/   TensorFlow SavedModel with two signatures and the vocabulary as an asset
-                       (saved_model/assets/vocab.json)
+    DIR/saved_model/   TensorFlow SavedModel with two signatures and the tokenizer as assets
+                       (saved_model/assets/vocab.json, and spm.model for subwords)
     DIR/model.keras    the Keras model (loading it needs dist_rnn installed: custom classes)
-    DIR/vocab.json     the vocabulary (same file as the asset)
+    DIR/vocab.json     the tokenizer, as the run's vocab.json (same file as the asset)
+    DIR/spm.model      a subword run's SentencePiece model (same file as the asset)
     DIR/export.json    what was exported: level, sizes, source checkpoint, versions
 
 Signatures of the SavedModel (all token ids int32, all other tensors float32):
@@ -25,8 +26,10 @@ recurrence, same weights), even when exporting on a GPU machine: a traced
 only. One export serves on CPU and GPU.
 
 :class:`ExportedModel` loads an export with ``tf.saved_model.load`` only (it
-never imports :mod:`dist_rnn.models.model`) and plugs into
-:class:`dist_rnn.generation.Sampler`.
+never imports :mod:`dist_rnn.models.model`), reads the tokenizer from the
+export's files and turns text into text (:meth:`ExportedModel.generate`);
+the signatures take token ids (the tokenizers run in Python: SentencePiece
+has no TensorFlow op without ``tensorflow_text``).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ import tensorflow as tf
 
 from dist_rnn import __version__
 from dist_rnn.errors import UserError, first_line
-from dist_rnn.data.vocab import Vocabulary
+from dist_rnn.data.tokenizers import SPM_FILE, Tokenizer, load_tokenizer
 
 EXPORT_FORMAT = "dist-rnn-export"
 EXPORT_FORMAT_VERSION = 1
@@ -51,7 +54,7 @@ KERAS_FILE = "model.keras"
 VOCAB_FILE = "vocab.json"
 INFO_FILE = "export.json"
 # What an export consists of: the only entries replaced when re-exporting into a previous export.
-EXPORT_ENTRIES = (SAVED_MODEL_DIR, KERAS_FILE, VOCAB_FILE, INFO_FILE)
+EXPORT_ENTRIES = (SAVED_MODEL_DIR, KERAS_FILE, VOCAB_FILE, SPM_FILE, INFO_FILE)
 
 
 def is_export(path: str | Path) -> bool:
@@ -73,12 +76,13 @@ def _check_out_dir(out: Path) -> None:
 
 
 class _ServingModule(tf.Module):
-    """The tf.Module saved as the SavedModel: the model, the vocabulary asset and the signatures."""
+    """The tf.Module saved as the SavedModel: the model, the tokenizer's files as assets and the signatures."""
 
-    def __init__(self, model, vocab_file: Path):
+    def __init__(self, model, tokenizer_files: list[Path]):
         super().__init__(name="dist_rnn_export")
         self.model = model
-        self.vocabulary = tf.saved_model.Asset(str(vocab_file))
+        self.vocabulary = tf.saved_model.Asset(str(tokenizer_files[0]))  # vocab.json
+        self.tokenizer_files = [tf.saved_model.Asset(str(path)) for path in tokenizer_files[1:]]  # spm.model
         hidden = model.model_config.hidden_size
         tokens = tf.TensorSpec([None, None], tf.int32, name="tokens")
         states = [tf.TensorSpec([None, hidden], tf.float32, name=f"state_{i}")
@@ -125,20 +129,20 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "late
 
     out = Path(out_dir)
     _check_out_dir(out)
-    model, vocab, config, checkpoint = load_model_for_inference(str(run_dir), checkpoint, command="export",
-                                                                allow_cudnn=False)
+    model, tokenizer, config, checkpoint = load_model_for_inference(str(run_dir), checkpoint, command="export",
+                                                                    allow_cudnn=False)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
     except OSError as e:
         raise UserError(f"cannot write the export to {out}: {e.strerror or e}") from None
     try:
-        vocab.save(staging / VOCAB_FILE)
-        module = _ServingModule(model, staging / VOCAB_FILE)
+        files = tokenizer.save(staging, record_name=VOCAB_FILE)
+        module = _ServingModule(model, [staging / name for name in files])
         tf.saved_model.save(module, str(staging / SAVED_MODEL_DIR),
                             signatures={"serve": module.serve, "step": module.step.get_concrete_function()})
         model.save(str(staging / KERAS_FILE))
-        info = _export_info(model, vocab, config, run_dir, checkpoint)
+        info = _export_info(model, tokenizer, config, run_dir, checkpoint)
         (staging / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         _move_into(staging, out)
     except OSError as e:
@@ -148,7 +152,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "late
     return {**info, "path": str(out)}
 
 
-def _export_info(model, vocab, config, run_dir: str | Path, checkpoint: str) -> dict:
+def _export_info(model, tokenizer: Tokenizer, config, run_dir: str | Path, checkpoint: str) -> dict:
     """The contents of ``export.json``: what was exported, from where, with which versions."""
     from dataclasses import asdict
 
@@ -160,8 +164,8 @@ def _export_info(model, vocab, config, run_dir: str | Path, checkpoint: str) -> 
     return {
         "format": EXPORT_FORMAT,
         "format_version": EXPORT_FORMAT_VERSION,
-        "level": vocab.level,
-        "vocab_size": len(vocab),
+        "level": tokenizer.kind,
+        "vocab_size": tokenizer.size,
         "num_state_tensors": model.num_state_tensors,
         "hidden_size": config.model.hidden_size,
         "model": asdict(config.model),
@@ -181,7 +185,10 @@ def _export_info(model, vocab, config, run_dir: str | Path, checkpoint: str) -> 
 
 
 def _move_into(staging: Path, out: Path) -> None:
-    """Replaces the export entries of ``out`` with those of ``staging`` (other files in ``out`` stay)."""
+    """Replaces the export entries of ``out`` with those of ``staging`` (other files in ``out`` stay).
+
+    An entry the new export lacks (``spm.model`` of a previous subword export) is removed.
+    """
     out.mkdir(parents=True, exist_ok=True)
     for name in EXPORT_ENTRIES:  # export.json last: a folder without it is no export
         target = out / name
@@ -189,7 +196,8 @@ def _move_into(staging: Path, out: Path) -> None:
             shutil.rmtree(target)
         elif target.exists():
             target.unlink()
-        (staging / name).rename(target)
+        if (staging / name).exists():
+            (staging / name).rename(target)
 
 
 class ExportedModel:
@@ -201,7 +209,7 @@ class ExportedModel:
     Attributes:
         path: The export folder.
         info: Contents of ``export.json``.
-        vocab: The vocabulary.
+        tokenizer: The run's tokenizer (read from the export's files).
         num_state_tensors: Length of the flat state.
         hidden_size: Width of each state tensor.
 
@@ -220,7 +228,7 @@ class ExportedModel:
         vocab_file = self.path / VOCAB_FILE
         if not vocab_file.is_file():  # fall back to the copy inside the SavedModel
             vocab_file = self.path / SAVED_MODEL_DIR / "assets" / VOCAB_FILE
-        self.vocab = Vocabulary.load(vocab_file)
+        self.tokenizer = load_tokenizer(vocab_file)
         try:
             self._loaded = tf.saved_model.load(str(self.path / SAVED_MODEL_DIR))
         except (OSError, ValueError, tf.errors.OpError) as e:
@@ -235,14 +243,14 @@ class ExportedModel:
         self.hidden_size = int(inputs["state_0"].shape[-1]) if self.num_state_tensors else 0
         self._state_names = [f"state_{i}" for i in range(self.num_state_tensors)]
         vocab_size = self._serve.structured_outputs["logits"].shape[-1]
-        if vocab_size is not None and vocab_size != len(self.vocab):
+        if vocab_size is not None and vocab_size != self.tokenizer.size:
             raise UserError(f"{self.path}: the model has {vocab_size} outputs but the vocabulary "
-                            f"{len(self.vocab)} tokens")
+                            f"{self.tokenizer.size} tokens")
 
     @property
     def level(self) -> str:
-        """``char`` or ``word``."""
-        return self.vocab.level
+        """The tokenizer kind: ``char``, ``byte``, ``word`` or ``subword``."""
+        return self.tokenizer.kind
 
     def initial_state(self, batch_size: int) -> tuple:
         """Zero state: a tuple of float32 ``[batch_size, hidden_size]`` tensors."""
@@ -275,4 +283,19 @@ class ExportedModel:
         """A :class:`~dist_rnn.generation.Sampler` on this export."""
         from dist_rnn.generation import Sampler
 
-        return Sampler(self.step_fn, self.vocab)
+        return Sampler(self.step_fn, self.tokenizer)
+
+    def generate(self, prime: str = "", length: int = 200, **sampling) -> list[str]:
+        """Text in, text out: continuations of ``prime`` (the prime excluded).
+
+        Args:
+            prime: The text to continue.
+            length: Tokens to generate.
+            **sampling: ``temperature``, ``top_k``, ``top_p``, ``seed``,
+                ``num_samples`` of :meth:`~dist_rnn.generation.Sampler.generate`.
+
+        Returns:
+            One text per sample.
+        """
+        ids = self.sampler().generate(prime, length, **sampling)
+        return [self.tokenizer.decode(row) for row in ids]

@@ -8,7 +8,8 @@ import numpy as np
 import tensorflow as tf
 
 from dist_rnn.errors import UserError
-from dist_rnn.data.vocab import EOS, Vocabulary, tokenize
+from dist_rnn.data.tokenizers import Tokenizer, as_tokenizer
+from dist_rnn.data.vocab import Vocabulary
 
 
 def check_sampling_args(temperature: float, top_k: int, top_p: float, length: int, num_samples: int = 1) -> None:
@@ -77,29 +78,29 @@ class Sampler:
     Args:
         step_fn: Runs the model on ``[batch, time]`` int32 tokens and a state
             tuple (None for zeros), returning float32 logits and the new state.
-        vocab: The vocabulary.
+        tokenizer: The run's tokenizer (a char/word :class:`~dist_rnn.data.vocab.Vocabulary` is taken as one).
     """
 
-    def __init__(self, step_fn: Callable, vocab: Vocabulary):
+    def __init__(self, step_fn: Callable, tokenizer: Tokenizer | Vocabulary):
         self.step_fn = step_fn
-        self.vocab = vocab
+        self.tokenizer = as_tokenizer(tokenizer)
 
     def prime_ids(self, prime: str, warn: Callable[[str], None] | None = None) -> list[int]:
         """Encodes the prime; unknown tokens become ``<unk>`` with a warning."""
-        tokens = tokenize(prime, self.vocab.level) if prime else []
-        if not tokens:
-            # No prime: start as after a line break (or <unk> if the corpus has none).
-            start = "\n" if self.vocab.level == "char" else EOS
-            return [int(self.vocab.encode([start])[0])]
-        unknown = self.vocab.unknown(tokens)
+        ids = [int(i) for i in self.tokenizer.encode(prime)] if prime else []
+        if not ids:
+            # No prime (or only spaces at word level): start as after a line break (<eos> at word level;
+            # <unk> if the corpus has no line break).
+            return [int(self.tokenizer.encode("\n")[0])]
+        unknown = self.tokenizer.unknown(prime)
         if unknown and warn is not None:
             shown = ", ".join(repr(t) for t in unknown[:5])
             warn(f"prime has {len(unknown)} token(s) outside the vocabulary, mapped to <unk>: {shown}")
-        return [int(i) for i in self.vocab.encode(tokens)]
+        return ids
 
     def generate(self, prime: str = "", length: int = 200, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, num_samples: int = 1,
-                 on_tokens: Callable[[list[str]], None] | None = None,
+                 on_tokens: Callable[[list[int]], None] | None = None,
                  warn: Callable[[str], None] | None = None) -> list[list[int]]:
         """Samples ``num_samples`` continuations in one batch.
 
@@ -112,8 +113,8 @@ class Sampler:
             top_p: Nucleus filter (1: off).
             seed: Seed; the same seed gives the same text.
             num_samples: Continuations generated in one batch.
-            on_tokens: Called with the decoded new token of every sample as
-                soon as it is produced (streaming).
+            on_tokens: Called with the new token id of every sample as soon
+                as it is produced (streaming; :meth:`Tokenizer.text_stream` turns them into text).
             warn: Called with a warning about unknown prime tokens.
 
         Returns:
@@ -130,7 +131,7 @@ class Sampler:
             for row, token in zip(out, nxt):
                 row.append(int(token))
             if on_tokens is not None:
-                on_tokens([self.vocab.tokens[int(t)] for t in nxt])
+                on_tokens([int(t) for t in nxt])
             logits, states = self.step_fn(tf.constant(nxt[:, None], tf.int32), states)
         return out
 

@@ -2,7 +2,7 @@
 
 A run is read, never written: its saved config (with ``--set`` overrides of
 where its data lives, :data:`~dist_rnn.config.DATA_LOCATION_KEYS`), its
-vocabulary and one checkpoint, restored through
+tokenizer (``vocab.json``, and ``spm.model`` for subwords) and one checkpoint, restored through
 :meth:`dist_rnn.training.checkpoints.Checkpointer.restore`, the code that
 resumes training, with the same fingerprint check and one-line errors.
 """
@@ -51,15 +51,15 @@ def load_model_for_inference(run_dir: str, checkpoint: str = "latest", overrides
         allow_cudnn: False keeps ``lstm``/``gru`` off cuDNN even on a GPU (for a portable export).
 
     Returns:
-        ``(model, vocab, config, checkpoint_path)``.
+        ``(model, tokenizer, config, checkpoint_path)``.
 
     Raises:
         UserError: No such checkpoint, one of another run, or unreadable.
     """
     rd = RunDirectory(run_dir)
     config = inference_config(rd, overrides, command)
-    vocab = rd.load_vocab()
-    if vocab is None:
+    tokenizer = rd.load_tokenizer()
+    if tokenizer is None:
         raise UserError(f"{rd.path} has no vocab.json")
     import_tensorflow()
 
@@ -71,8 +71,8 @@ def load_model_for_inference(run_dir: str, checkpoint: str = "latest", overrides
     if config.model.cudnn == "require":
         # Same weights; sampling and export must also work where cuDNN cannot run.
         config.model.cudnn = "auto"
-    model = build_model(config.model, len(vocab), config.train.seed, allow_cudnn=allow_cudnn)
+    model = build_model(config.model, tokenizer.size, config.train.seed, allow_cudnn=allow_cudnn)
     # Only the model: the checkpoint's optimizer and training state are left unread.
     checkpointer = Checkpointer(rd.checkpoints, config.checkpoint.keep, model=model)
-    checkpointer.restore(path, accepted_fingerprints(config, vocab.tokens))
-    return model, vocab, config, path
+    checkpointer.restore(path, accepted_fingerprints(config, tokenizer.identity))
+    return model, tokenizer, config, path

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from dist_rnn.config import Config, config_from_dict, yaml_load
 from dist_rnn.errors import UserError
-from dist_rnn.data.vocab import Vocabulary
+from dist_rnn.data.tokenizers import Tokenizer, load_tokenizer
 
 import yaml
 
@@ -14,8 +14,9 @@ import yaml
 class RunDirectory:
     """Paths inside a run directory.
 
-    Layout: ``config.yaml`` (resolved config), ``vocab.json``, ``data.json``
-    (SHA-256 of the training data's text), ``kernels.txt``, ``metrics.jsonl``,
+    Layout: ``config.yaml`` (resolved config), ``vocab.json`` (the tokenizer:
+    its kind, and the tokens of a char/word vocabulary), ``spm.model`` (a
+    subword run's SentencePiece model), ``data.json`` (identity of the prepared data), ``kernels.txt``, ``metrics.jsonl``,
     ``train.log``, ``report.png`` (``dist-rnn report``), ``checkpoints/``
     (rolling checkpoints), ``best/`` (the best checkpoint by validation loss),
     and TensorBoard event folders ``train/``, ``valid/``, ``test/`` (the
@@ -63,9 +64,17 @@ class RunDirectory:
             raise UserError(f"{self.config_file}: invalid YAML") from None
         return config_from_dict(data)
 
-    def load_vocab(self) -> Vocabulary | None:
-        """Reads the saved vocabulary, or None if there is none yet."""
-        return Vocabulary.load(self.vocab_file) if self.vocab_file.is_file() else None
+    def load_tokenizer(self) -> Tokenizer | None:
+        """Reads the saved tokenizer (``vocab.json`` and the files it names), or None if there is none yet.
+
+        Raises:
+            UserError: If ``vocab.json`` is damaged or a file it names is missing.
+        """
+        return load_tokenizer(self.vocab_file) if self.vocab_file.is_file() else None
+
+    def save_tokenizer(self, tokenizer: Tokenizer) -> None:
+        """Writes the run's tokenizer as ``vocab.json`` (and ``spm.model`` for subwords)."""
+        tokenizer.save(self.path, record_name=self.vocab_file.name)
 
     def ensure(self) -> None:
         """Creates the folder."""

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -19,6 +20,24 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 GPU_OPT_IN = "DIST_RNN_TEST_GPU"
 if os.environ.get(GPU_OPT_IN) != "1":
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_cache(tmp_path_factory) -> Iterator[Path]:
+    """$DIST_RNN_CACHE for the whole session (and the subprocesses tests start): a temporary folder.
+
+    Runs without ``data.cache_dir`` (every ``dist-rnn train`` of the tests)
+    write their prepared token files under the cache; they must not fill or
+    reuse the user's ``~/.cache/dist-rnn``.
+    """
+    folder = tmp_path_factory.mktemp("dist-rnn-cache")
+    previous = os.environ.get("DIST_RNN_CACHE")
+    os.environ["DIST_RNN_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("DIST_RNN_CACHE", None)
+    else:
+        os.environ["DIST_RNN_CACHE"] = previous
 
 
 def pytest_configure(config):

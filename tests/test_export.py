@@ -68,7 +68,7 @@ def reference(exported):
     from dist_rnn.inference import load_model_for_inference
 
     model, vocab, config, checkpoint = load_model_for_inference(str(exported["run"]))
-    ids = vocab.encode_text(TEXT)
+    ids = vocab.encode(TEXT)
     tokens = np.stack([ids[:40], ids[5:45]]).astype(np.int32)
     return {"model": model, "vocab": vocab, "config": config, "checkpoint": checkpoint, "tokens": tokens}
 
@@ -85,7 +85,7 @@ def test_export_layout_and_description(exported, reference):
     assert (out / "saved_model" / "assets" / "vocab.json").read_text(encoding="utf-8") == run_vocab
     assert info["format"] == "dist-rnn-export"
     assert info["level"] == "char"
-    assert info["vocab_size"] == len(reference["vocab"])
+    assert info["vocab_size"] == reference["vocab"].size
     assert info["num_state_tensors"] == 4  # two LSTM layers, h and c each
     assert info["hidden_size"] == 16
     assert info["step"] == 5
@@ -121,7 +121,7 @@ FRESH_PROCESS = textwrap.dedent("""
     ids = exported.sampler().generate(prime, **sample_args)
     training_code = sorted(m for m in ("dist_rnn.models.model", "dist_rnn.training.trainer", "dist_rnn.models", "dist_rnn.app")
                            if m in sys.modules)
-    print(json.dumps({"logits": logits.tolist(), "ids": ids, "texts": [exported.vocab.decode(r) for r in ids],
+    print(json.dumps({"logits": logits.tolist(), "ids": ids, "texts": [exported.tokenizer.decode(r) for r in ids],
                       "training_code": training_code}))
 """)
 
@@ -154,7 +154,7 @@ def test_step_token_by_token_equals_serve(exported, reference):
     assert (model.num_state_tensors, model.hidden_size) == (4, 16)
     tokens = reference["tokens"]
     whole = model.logits(tokens)
-    assert whole.shape == (2, len(reference["vocab"]))
+    assert whole.shape == (2, reference["vocab"].size)
 
     states = None
     for t in range(tokens.shape[1]):
@@ -177,7 +177,7 @@ def test_step_token_by_token_equals_serve(exported, reference):
 
     # Sampler step function: logits with a time axis of 1.
     logits, _ = model.step_fn(tokens[:, :3], None)
-    assert logits.shape == (2, 1, len(reference["vocab"]))
+    assert logits.shape == (2, 1, reference["vocab"].size)
 
 
 def test_keras_file_reloads_with_the_same_logits(exported, reference):

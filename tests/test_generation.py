@@ -209,13 +209,13 @@ def test_prime_warms_up_and_only_last_token_conditions():
 
 def test_sampling_with_strong_logits_batch_of_samples():
     model = FakeModel(strength=60.0)
-    streamed: list[list[str]] = []
+    streamed: list[list[int]] = []
     ids = Sampler(model, VOCAB).generate(prime="c", length=5, temperature=1.0, seed=3, num_samples=3,
                                          on_tokens=streamed.append)
     assert ids == [[4, 0, 1, 2, 3]] * 3
     assert model.calls[0][0].tolist() == [[3], [3], [3]]
     assert model.returned[-1][1].tolist() == [3 + 4 + 0 + 1 + 2 + 3] * 3
-    assert streamed == [["d"] * 3, [UNK] * 3, ["a"] * 3, ["b"] * 3, ["c"] * 3]
+    assert streamed == [[4] * 3, [0] * 3, [1] * 3, [2] * 3, [3] * 3]  # the new ids, as they come
 
 
 def test_same_seed_same_text_different_seed_differs():

@@ -225,7 +225,7 @@ def test_an_export_made_with_a_gpu_visible_serves_on_cpu(shakespeare_slice, tmp_
     # Loaded and run on the CPU (no GPU faked): same logits as the checkpoint's model.
     exported = ExportedModel(out)
     model = load_model_for_inference(str(run))[0]
-    tokens = np.array([exported.vocab.encode_text("ROMEO: what say")], np.int32)
+    tokens = np.array([exported.tokenizer.encode("ROMEO: what say")], np.int32)
     expected = model(tf.constant(tokens))[0][:, -1, :].numpy()
     np.testing.assert_allclose(exported.logits(tokens), expected, rtol=1e-5, atol=1e-5)
     logits, states = exported.step(tokens)

@@ -177,3 +177,33 @@ def test_load_errors(tmp_path):
     (tmp_path / "tokenizer.json").write_text('{"kind": "klingon"}', encoding="utf-8")
     with pytest.raises(UserError, match="not a dist-rnn tokenizer"):
         load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("level", ["byte", "subword", "char", "word"])
+def test_text_stream_writes_each_character_once_complete(level, subword_text):
+    """Generation streams ids one at a time: multi-byte characters (UTF-8 bytes, byte-fallback pieces)
+    come out whole, and the pieces joined are the decoded text."""
+    text = "Café – naïve ✓ 𝄞 漢字\nthe end ✓"
+    if level == "subword":
+        tok = fit_tokenizer(data("subword", vocab_size=400), [subword_text[:40_000]])
+    elif level == "byte":
+        tok = ByteTokenizer()
+    else:
+        tok = fit_tokenizer(data(level), [text])
+    ids = tok.encode(text)
+    push = tok.text_stream("prime\n")
+    pieces = [push(i) for i in ids]
+    assert "".join(pieces) == tok.decode(ids)
+    assert "\ufffd" not in "".join(pieces)
+    if level in ("byte", "subword"):
+        assert tok.decode(ids) == text
+        assert "".join(pieces) == text
+        assert len(ids) > len(text)  # several ids per character somewhere (bytes, byte-fallback pieces)
+        assert "𝄞" in pieces or any(p.endswith("𝄞") or p.startswith("𝄞") for p in pieces)
+
+
+def test_word_text_stream_spaces_words_after_the_prime():
+    tok = fit_tokenizer(data("word"), ["a b\nc\n"])
+    ids = tok.encode("a b\nc")
+    assert "".join(map(tok.text_stream("x"), ids)) == " a b\nc"  # continues the prime's line
+    assert "".join(map(tok.text_stream("x\n"), ids)) == "a b\nc"

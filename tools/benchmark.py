@@ -31,9 +31,21 @@ tokens/s = batch x bptt / step time, and the worker's peak memory.
 Outputs in ``--out``: ``results.jsonl`` (one line per row, every repeat),
 ``results.md`` (machine, command, table, ratios, targets) and ``results.png``.
 
+Two corpus measurements of issue #17 run instead with ``--prepare`` or
+``--corpus-memory``; every option after either goes to that measurement
+(``--prepare --help``)::
+
+    --prepare        prepare throughput (MB/s) per tokenizer on synthetic Zipfian text,
+                     against the targets (bench/prepare_throughput.py)
+    --corpus-memory  peak RSS and time to the first step of ``dist-rnn train`` on
+                     prepared corpora of growing size, against the list-based reading of
+                     earlier versions (bench/corpus_memory.py)
+
 Usage::
 
     python tools/benchmark.py --out bench                  # the full comparison
+    python tools/benchmark.py --prepare --mb 20            # prepare MB/s per tokenizer
+    python tools/benchmark.py --corpus-memory --sizes-mb 10,100
     python tools/benchmark.py --quick --out /tmp/bench     # seconds: smoke configuration
     python tools/benchmark.py --cells lstm --hidden 512 --batch 64 --jit on --systems loop,step,torch
 """
@@ -101,6 +113,11 @@ def parse_args(argv=None):
     p.add_argument("--out", default="benchmark-results", help="output folder")
     p.add_argument("--quick", action="store_true",
                    help="tiny smoke configuration (1 x 16-unit lstm, batch 4, bptt 8, 2 x 2 steps, one device)")
+    p.add_argument("--prepare", nargs=argparse.REMAINDER, metavar="ARGS",
+                   help="measure prepare throughput per tokenizer instead (ARGS: see --prepare --help)")
+    p.add_argument("--corpus-memory", nargs=argparse.REMAINDER, metavar="ARGS",
+                   help="measure train's peak RSS and time to step 1 by corpus size instead "
+                        "(ARGS: see --corpus-memory --help)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
@@ -141,6 +158,14 @@ def _time_all_groups(rows: list[dict], args, machine: dict, command: str, jsonl:
 def main(argv=None) -> int:
     """Runs the benchmark (or, with the internal ``--worker SPEC``, one row's worker process)."""
     args = parse_args(argv)
+    if args.prepare is not None:
+        from bench.prepare_throughput import main as prepare_main
+
+        return 0 if prepare_main(args.prepare) else 1
+    if args.corpus_memory is not None:
+        from bench.corpus_memory import main as corpus_memory_main
+
+        return 0 if corpus_memory_main(args.corpus_memory) else 1
     if args.worker:
         from bench.worker import worker_main
 

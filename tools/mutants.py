@@ -141,6 +141,11 @@ CATALOGUE: tuple[Mutant, ...] = (
            "logits, states = self.step_fn(tf.constant(nxt[:, None], tf.int32), states)",
            "logits, states = self.step_fn(tf.constant(nxt[:, None], tf.int32), None)",
            ("tests/test_generation.py::test_greedy_follows_the_model_and_threads_state",)),
+    Mutant("stream-splits-utf8", "streamed generation writes a multi-byte character's bytes before it is complete",
+           "dist_rnn/data/tokenizers.py",
+           "and len(pending) < 4:",
+           "and len(pending) < 1:",
+           ("tests/test_tokenizers.py::test_text_stream_writes_each_character_once_complete",)),
     # ---- distribution row ownership
     Mutant("rows-interleaved", "replica r gets rows r, r+n, ... instead of its contiguous block",
            "dist_rnn/distribution.py",

@@ -61,8 +61,8 @@ class DataConfig:
         subword_model: SentencePiece algorithm, ``unigram`` or ``bpe``.
         subword_sample_chars: The subword model is trained on the first this
             many characters of the training split.
-        cache_dir: Download cache; default ``$DIST_RNN_CACHE`` or
-            ``~/.cache/dist-rnn``.
+        cache_dir: Download and prepared-data cache (``prepared/`` in it);
+            default ``$DIST_RNN_CACHE`` or ``~/.cache/dist-rnn``.
         random_offset: Start each training epoch at a seeded random offset in
             ``[0, num_steps)`` so truncation boundaries move between epochs.
         train_on_whole_text: Train on the whole text of a one-stream corpus

@@ -36,6 +36,13 @@ class EncodedCorpus:
         """Returns the ids of ``train``, ``valid`` or ``test``."""
         return {"train": self.train, "valid": self.valid, "test": self.test}[name]
 
+    @property
+    def tokenizer(self):
+        """The vocabulary as a :class:`~dist_rnn.data.tokenizers.Tokenizer` (what the trainer uses)."""
+        from dist_rnn.data.tokenizers import VocabularyTokenizer
+
+        return VocabularyTokenizer(self.vocab)
+
     def bits_per_byte(self, split: str, nats_per_token: float) -> None:
         """None: this in-memory corpus does not keep its text's byte counts (a prepared corpus does)."""
         return None

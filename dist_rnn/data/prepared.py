@@ -26,7 +26,7 @@ class PreparedCorpus:
 
     Built by :meth:`open`. The trainer consumes it like an
     :class:`~dist_rnn.data.encoding.EncodedCorpus`: ``train``/``valid``/``test``,
-    ``split(name)``, ``vocab`` and ``data_sha256``.
+    ``split(name)``, ``tokenizer`` and ``data_sha256``.
 
     Attributes:
         folder: The prepared folder.
@@ -118,8 +118,8 @@ class PreparedCorpus:
 
     @property
     def vocab(self):
-        """What the trainer, sampler and ``RUN_DIR/vocab.json`` use: the
-        :class:`~dist_rnn.data.vocab.Vocabulary` of a char or word tokenizer, else the tokenizer itself."""
+        """The :class:`~dist_rnn.data.vocab.Vocabulary` of a char or word tokenizer, else the tokenizer itself
+        (the trainer, sampler and ``RUN_DIR/vocab.json`` use :attr:`tokenizer`)."""
         return getattr(self.tokenizer, "vocab", self.tokenizer)
 
     def _file(self, split: str) -> Path:

@@ -21,17 +21,20 @@ for words, a newline or a space for subwords).
 
 The folder format: ``tokenizer.json`` (``kind``, and for char/word the token
 list in the layout of ``vocab.json``, so :meth:`Vocabulary.load` reads it)
-plus ``spm.model`` for subwords.
+plus ``spm.model`` for subwords. A run directory and an export hold the same
+record as ``vocab.json`` (``spm.model`` beside it), so sampling from either
+needs nothing else.
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
 import io
 import itertools
 import json
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -61,6 +64,10 @@ class Tokenizer:
         """Number of ids (the model's vocabulary size)."""
         raise NotImplementedError
 
+    def __len__(self) -> int:
+        """:attr:`size`, as ``len`` of a :class:`~dist_rnn.data.vocab.Vocabulary`."""
+        return self.size
+
     def encode(self, text: str) -> np.ndarray:
         """Returns the int32 ids of ``text``."""
         raise NotImplementedError
@@ -83,13 +90,54 @@ class Tokenizer:
             if piece:
                 yield self.encode(piece)
 
-    def save(self, folder: Path) -> list[str]:
-        """Writes the tokenizer into ``folder``; returns the file names written."""
+    @property
+    def identity(self) -> list[str]:
+        """What names this tokenizer's ids: compared by checkpoint fingerprints and the run's data check.
+
+        Char/word: the token list (as in ``vocab.json``, so fingerprints of
+        earlier runs still match); byte: the 256 byte tokens; subword: the
+        pieces and the SHA-256 of the SentencePiece model.
+        """
+        return [self.token_of(i) for i in range(self.size)]
+
+    def unknown(self, text: str) -> list[str]:
+        """The distinct tokens of ``text`` outside the vocabulary (encoded as ``<unk>``), in order."""
+        return []
+
+    def text_stream(self, prime: str = "") -> Callable[[int], str]:
+        """A decoder of ids produced one at a time (generation): each call returns the new text.
+
+        The texts returned, joined, equal ``decode`` of all ids (up to a
+        multi-byte character still incomplete at the end). A character made of
+        several ids (UTF-8 bytes, byte-fallback pieces) is returned once complete.
+
+        Args:
+            prime: The text the ids continue (word level starts a word with a
+                space unless it follows a line break).
+        """
+        pending: list[int] = []
+
+        def push(token_id: int) -> str:
+            pending.append(int(token_id))
+            text = self.decode(pending)
+            if text.endswith("\ufffd") and len(pending) < 4:  # maybe an incomplete UTF-8 character
+                return ""
+            pending.clear()
+            return text
+
+        return push
+
+    def save(self, folder: Path, record_name: str = TOKENIZER_FILE) -> list[str]:
+        """Writes the tokenizer into ``folder``: the JSON record as ``record_name`` and the files it names.
+
+        Returns:
+            The file names written.
+        """
         raise NotImplementedError
 
-    def _write_json(self, folder: Path, record: dict) -> None:
+    def _write_json(self, folder: Path, record: dict, record_name: str) -> None:
         text = json.dumps({"kind": self.kind, "level": self.kind, **record}, ensure_ascii=False)
-        (Path(folder) / TOKENIZER_FILE).write_text(text, encoding="utf-8")
+        (Path(folder) / record_name).write_text(text, encoding="utf-8")
 
 
 class VocabularyTokenizer(Tokenizer):
@@ -145,9 +193,32 @@ class VocabularyTokenizer(Tokenizer):
     def token_of(self, token_id: int) -> str:
         return self.vocab.tokens[int(token_id)]
 
-    def save(self, folder: Path) -> list[str]:
-        self._write_json(folder, {"tokens": self.vocab.tokens})
-        return [TOKENIZER_FILE]
+    @property
+    def identity(self) -> list[str]:
+        return self.vocab.tokens
+
+    def unknown(self, text: str) -> list[str]:
+        return self.vocab.unknown(list(text) if self.kind == "char" else word_tokens(text))
+
+    def text_stream(self, prime: str = ""):
+        if self.kind == "char":
+            return lambda token_id: self.vocab.decode([token_id])
+        at_line_start = [prime == "" or prime.endswith("\n")]
+
+        def push(token_id: int) -> str:
+            token = self.vocab.tokens[int(token_id)]
+            if token == EOS:
+                at_line_start[0] = True
+                return "\n"
+            text = token if at_line_start[0] else " " + token
+            at_line_start[0] = False
+            return text
+
+        return push
+
+    def save(self, folder: Path, record_name: str = TOKENIZER_FILE) -> list[str]:
+        self._write_json(folder, {"tokens": self.vocab.tokens}, record_name)
+        return [record_name]
 
     def _char_table(self) -> np.ndarray:
         """Code point -> id over all of Unicode (4.4 MB), unknown characters -> ``<unk>``."""
@@ -187,9 +258,9 @@ class ByteTokenizer(Tokenizer):
         b = int(token_id)
         return chr(b) if 32 <= b < 127 else f"<0x{b:02X}>"
 
-    def save(self, folder: Path) -> list[str]:
-        self._write_json(folder, {})
-        return [TOKENIZER_FILE]
+    def save(self, folder: Path, record_name: str = TOKENIZER_FILE) -> list[str]:
+        self._write_json(folder, {}, record_name)
+        return [record_name]
 
 
 class SubwordTokenizer(Tokenizer):
@@ -231,10 +302,14 @@ class SubwordTokenizer(Tokenizer):
     def token_of(self, token_id: int) -> str:
         return self._sp.id_to_piece(int(token_id))
 
-    def save(self, folder: Path) -> list[str]:
+    @property
+    def identity(self) -> list[str]:
+        return super().identity + ["sha256:" + hashlib.sha256(self.model_proto).hexdigest()]
+
+    def save(self, folder: Path, record_name: str = TOKENIZER_FILE) -> list[str]:
         (Path(folder) / SPM_FILE).write_bytes(self.model_proto)
-        self._write_json(folder, {"model": SPM_FILE, "subword_model": self.model_type})
-        return [TOKENIZER_FILE, SPM_FILE]
+        self._write_json(folder, {"model": SPM_FILE, "subword_model": self.model_type}, record_name)
+        return [record_name, SPM_FILE]
 
 
 def word_tokens(text: str) -> list[str]:
@@ -496,3 +571,10 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
 def tokenizer_from_vocabulary(vocab: Vocabulary) -> Tokenizer:
     """Wraps a run's saved :class:`Vocabulary` (char or word) as a tokenizer with the same ids."""
     return VocabularyTokenizer(vocab)
+
+
+def as_tokenizer(tokenizer_or_vocab: Tokenizer | Vocabulary) -> Tokenizer:
+    """A tokenizer as is, a char/word :class:`Vocabulary` wrapped as one (same ids)."""
+    if isinstance(tokenizer_or_vocab, Vocabulary):
+        return VocabularyTokenizer(tokenizer_or_vocab)
+    return tokenizer_or_vocab

@@ -71,13 +71,13 @@ def build_trainer(config: Config, run_dir: RunDirectory | str | Path, *, backend
                             jit_compile=t.jit_compile, precision=precision)
     check_cudnn_requirement(config.model, kernels)
     with backend.scope():
-        model = build_model(config.model, len(corpus.vocab), t.seed,
+        model = build_model(config.model, corpus.tokenizer.size, t.seed,
                             allow_cudnn=not cudnn_excluded_by(t.jit_compile, precision))
         optimizer = build_optimizer(config.optimizer)
         optimizer.build(model.trainable_variables)
         loss_scale = DynamicLossScale(t.loss_scale) if t.precision == "mixed_float16" else None
     state = TrainingState([(t.batch_size, config.model.hidden_size)] * model.num_state_tensors,
-                          run_fingerprint(config, corpus.vocab.tokens))
+                          run_fingerprint(config, corpus.tokenizer.identity))
     # adamw decays by itself (decoupled); every other optimizer gets AWD's L2 in the gradient path.
     l2_decay = config.optimizer.weight_decay if config.optimizer.name != "adamw" else 0.0
     steps = StepFunctions(model, optimizer, backend, t.batch_size, t.num_steps, config.optimizer.clip_norm,

@@ -177,7 +177,7 @@ class Trainer:
     def restore(self) -> str | None:
         """Restores the newest checkpoint, if any; returns its path."""
         path = self.checkpointer.restore_latest(self.config.checkpoint.fallback,
-                                                accepted_fingerprints(self.config, self.corpus.vocab.tokens), self.state)
+                                                accepted_fingerprints(self.config, self.corpus.tokenizer.identity), self.state)
         self.backend.after_variables_ready(self.model.variables + self.optimizer.variables)
         return path
 
@@ -197,7 +197,7 @@ class Trainer:
             f"batch           global {t.batch_size} x {t.num_steps} steps = {tokens_per_step} tokens/step, "
             f"{t.batch_size // b.num_replicas} rows per replica",
             f"model           {c.model.num_layers} x {c.model.cell} {c.model.hidden_size}, embedding "
-            f"{c.model.embedding_size}, vocab {len(self.corpus.vocab)} ({c.data.level}), "
+            f"{c.model.embedding_size}, vocab {self.corpus.tokenizer.size} ({c.data.level}), "
             f"{self.parameter_count:,} parameters",
             f"data            {c.data.corpus}: train {len(self.corpus.train):,} / valid {len(self.corpus.valid):,} / "
             f"test {len(self.corpus.test):,} tokens; {self.train_batches.batches_in_epoch()} steps per epoch",
@@ -482,11 +482,11 @@ class Trainer:
             raise UserError(f"the {split} split of this corpus is empty")
         batches = self.eval_batches[split]
         return evaluate_split(split, batches, self.steps, self.backend, self._zero_states(batches.batch_size),
-                              self.corpus.vocab.level, self.corpus.bits_per_byte)
+                              self.corpus.tokenizer.kind, self.corpus.bits_per_byte)
 
     def sample(self, prime: str, length: int, seed: int = 0, temperature: float = 0.8) -> str:
         """Generates a text sample from the current weights."""
         if self._sampler is None:
-            self._sampler = Sampler(model_step_fn(self.model), self.corpus.vocab)
+            self._sampler = Sampler(model_step_fn(self.model), self.corpus.tokenizer)
         ids = self._sampler.generate(prime, length, temperature=temperature, seed=seed)[0]
-        return self.corpus.vocab.decode(ids)
+        return self.corpus.tokenizer.decode(ids)

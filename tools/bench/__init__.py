@@ -39,7 +39,9 @@ Adding a measurement (a new system, e.g. a compiled recurrence or an output laye
 3. Ratios against the dist-rnn loop appear in ``results.md`` by themselves; a
    target with a goal goes in ``report._comparator_targets``.
 
-A measurement that is not tokens per training step (corpus preparation
-throughput, say) also needs its own figure in ``runner.summarize`` and its own
-table in ``report``: today every row is summarized as ``batch x bptt`` tokens per step.
+A measurement that is not tokens per training step does not go through the
+workers: ``prepare_throughput`` (``--prepare``: prepare MB/s per tokenizer) and
+``corpus_memory`` (``--corpus-memory``: train's peak RSS and time to step 1 by
+corpus size) each have a ``main(argv)`` that ``tools/benchmark.py`` calls
+with the options given after its flag.
 """

@@ -8,10 +8,13 @@ time, which is what a loaded machine distorts least), the CPU seconds of
 fitting the tokenizer (for subwords, training SentencePiece on the sample: a
 fixed cost) and MB/s without it, and the wall seconds of each pass.
 
-Usage::
+Ends with a Markdown table of MB/s per tokenizer against the targets of
+:data:`TARGETS_MB_S` and the machine's load.
 
-    python tools/bench_prepare.py --mb 50
-    python tools/bench_prepare.py --mb 2 --levels char,byte   # a quick check
+Usage (through the benchmark's entry point)::
+
+    python tools/benchmark.py --prepare --mb 50
+    python tools/benchmark.py --prepare --mb 2 --levels char,byte   # a quick check
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import platform
 import re
 import sys
 import tempfile
@@ -27,12 +32,14 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for dist_rnn
 
 from dist_rnn.config import DataConfig  # noqa: E402
 from dist_rnn.data import prepare  # noqa: E402
 
 LEVELS = ("byte", "char", "word", "subword")
+# Prepare throughput goals of issue #17 on the 2-core development machine (SentencePiece alone encodes ~10 MB/s).
+TARGETS_MB_S = {"byte": 50.0, "char": 50.0, "word": 10.0, "subword": 5.0}
 _PASS_LINE = re.compile(r"^(\w+): .* MB, ([\d.]+) MB/s, ([\d.]+) s$")
 
 
@@ -117,7 +124,7 @@ def measure(path: Path, level: str, cache: Path, vocab_size: int, sample_chars: 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Runs the benchmark; prints and returns one result per tokenizer."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="tools/benchmark.py --prepare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--mb", type=float, default=50.0, help="size of the synthetic text in MB")
     parser.add_argument("--levels", default=",".join(LEVELS), help="comma-separated tokenizers")
     parser.add_argument("--vocab-size", type=int, default=8000, help="subword pieces")
@@ -138,7 +145,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
             result = min(runs, key=lambda r: r["cpu_seconds"])
             print(json.dumps(result), flush=True)
             results.append(result)
+    print()
+    given = argv if argv is not None else sys.argv[1:]
+    print(markdown_table(results, " ".join(["python tools/benchmark.py --prepare", *given])))
     return results
+
+
+def markdown_table(results: list[dict], command: str) -> str:
+    """The results as a Markdown table against :data:`TARGETS_MB_S`, with the machine, load and command."""
+    lines = [f"machine: {platform.node()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f} "
+             f"(1-minute average at the end), python {platform.python_version()}", f"command: `{command}`", "",
+             "| tokenizer | MB | wall s | MB/s (wall) | MB/s (CPU) | MB/s (CPU, without fitting) | target MB/s | met |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        target = TARGETS_MB_S.get(r["level"])
+        met = "" if target is None else ("yes" if r["mb_per_cpu_s"] >= target else "no")
+        lines.append(f"| {r['level']} | {r['mb']} | {r['seconds']} | {r['mb_per_s']} | {r['mb_per_cpu_s']} | "
+                     f"{r['mb_per_cpu_s_without_fit']} | {target if target is not None else ''} | {met} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ epoch) on the same text, extracted with ``git archive`` to a temporary
 folder. It is skipped above ``--today-max-mb`` (default 100): at about 13
 bytes per character it would need ~13 GB at 1 GB.
 
-Usage:
-    python tools/bench_corpus_memory.py [--sizes-mb 10,100,1000] [--work DIR] [--today-max-mb 100]
+Usage (through the benchmark's entry point):
+    python tools/benchmark.py --corpus-memory [--sizes-mb 10,100,1000] [--work DIR] [--today-max-mb 100]
 
 Prints one line per run while it goes and a Markdown table at the end
 (``--json FILE`` also writes the rows).
@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 TODAY_COMMIT = "0f4b454"
@@ -149,15 +149,16 @@ def first_step(code: Path, config: dict, run_dir: Path, timeout: float) -> dict:
     return {"first_step_s": seconds, "peak_rss_mb": usage.ru_maxrss / 1024}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Runs the measurement; prints the rows and a Markdown table, and returns the rows."""
+    parser = argparse.ArgumentParser(prog="tools/benchmark.py --corpus-memory", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes-mb", default="10,100,1000", help="corpus sizes in MB of text (default 10,100,1000)")
     parser.add_argument("--work", help="folder for corpora and runs (default: a temporary folder, removed)")
     parser.add_argument("--today-max-mb", type=int, default=100, help="largest size run with today's code")
     parser.add_argument("--repeats", type=int, default=1, help="runs per cell; the table shows the minimum time")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for step 1")
     parser.add_argument("--json", help="also write the rows to this file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes_mb.split(",")]
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-corpus-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -199,6 +200,7 @@ def main() -> None:
                   f"time to step 1 {r['first_step_s'] / base['first_step_s']:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+    return rows
 
 
 if __name__ == "__main__":
