@@ -8,6 +8,8 @@ the TensorFlow headers.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -159,8 +161,8 @@ def test_missing_compiler_falls_back_to_graph_with_one_warning_and_a_report_line
         assert not report.compiled
         assert report.line() == ("layer 0  lstm  9 units  kernel: dist-rnn fused recurrence (no GPU visible; "
                                  f"compiled op unavailable: no C++ compiler ({tmp_path / 'no-such-g++'} not found))")
-        with __import__("warnings").catch_warnings():
-            __import__("warnings").simplefilter("error")  # warned once: no second warning
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # warned once: no second warning
             assert not compiled.uses_compiled("lstm")
         monkeypatch.setenv(compiled.SWITCH_ENV, "off")
         want = _layer_step(layer, x, seed)
