@@ -171,3 +171,18 @@ def test_missing_compiler_falls_back_to_graph_with_one_warning_and_a_report_line
         assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").rglob("*.so"))
     finally:
         compiled.reset()
+
+
+def test_lstm_compiled_op_under_bfloat16_computes_in_float32(compiled_on):
+    # mixed_bfloat16: bfloat16 in and out (gradients too), float32 math inside; so its result is the
+    # float32 result of the bfloat16-rounded inputs, rounded once to bfloat16.
+    tensors, mask, upstream = _lstm_inputs(4, 3, 6, seed=2, dropout=True)
+    bf16 = [tf.cast(t, tf.bfloat16) for t in tensors]
+    mask16 = tf.cast(mask, tf.bfloat16)
+    outputs, grads = _run_tensors(compiled.lstm, bf16, mask16, [tf.cast(u, tf.bfloat16) for u in upstream], 6)
+    assert all(o.dtype == tf.bfloat16 for o in outputs) and all(g.dtype == tf.bfloat16 for g in grads)
+    rounded = [tf.cast(t, tf.float32) for t in bf16]
+    want_out, _ = _run(plain.lstm, rounded, tf.cast(mask16, tf.float32), upstream, 6)
+    for got, want in zip(outputs, want_out):
+        # One rounding to bfloat16 (8 significant bits): at most 2^-9 relative; bfloat16 math would be far off.
+        np.testing.assert_allclose(tf.cast(got, tf.float32).numpy(), want, rtol=2.0**-8, atol=1e-6)
