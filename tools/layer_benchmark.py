@@ -6,6 +6,7 @@ layer, as the model builds it off cuDNN, to show where a cell's cost sits::
 
     python tools/layer_benchmark.py                                   # lstm, gru, ln_lstm, ln_gru
     python tools/layer_benchmark.py --cells lstm,ln_lstm --repeats 14 --xla
+    python tools/layer_benchmark.py --cells lstm --compiled          # + the compiled op (#22)
 
 Each call runs the layer over a ``[batch, bptt, units]`` input from given
 initial states, in a ``tf.function`` (``--xla``: compiled with XLA); the
@@ -15,11 +16,16 @@ call per variant, the timed repeats (each ``--calls`` calls) are interleaved
 across all variants, round-robin, so that a load change hits all alike. The
 table gives the median and the best repeat, per call, and each cell's time
 relative to its plain cell (``ln_lstm`` / ``lstm``, ``ln_gru`` / ``gru``).
+``--compiled`` adds a ``<cell> (compiled)`` variant for each cell with a
+compiled op (:mod:`dist_rnn.models.kernels.compiled`), traced with
+``DIST_RNN_COMPILED_KERNELS=on``, and gives its time relative to the graph
+recurrence of the same cell.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -69,12 +75,26 @@ def make_calls(cell: str, units: int, batch: int, bptt: int, xla: bool):
 
 def run(args) -> list[dict]:
     """Times every variant; returns one dict per (cell, pass) with per-call seconds."""
+    from dist_rnn.models.kernels import compiled
+
     variants = []
-    for cell in args.cells:
+    runs = [(cell, "off") for cell in args.cells]
+    if args.compiled:
+        runs += [(cell, "on") for cell in args.cells if cell in compiled.COMPILED_CELLS]
+    switch = os.environ.get(compiled.SWITCH_ENV)
+    for cell, mode in runs:
+        os.environ[compiled.SWITCH_ENV] = mode  # read while the calls are traced (warm-up)
+        label = f"{cell} (compiled)" if mode == "on" else cell
+        if mode == "on" and not compiled.uses_compiled(cell):
+            raise SystemExit(f"error: the compiled op is unavailable: {compiled.unavailable_reason()}")
         fwd, both = make_calls(cell, args.units, args.batch, args.bptt, args.xla)
         for name, call in (("forward", fwd), ("forward + backward", both)):
             call()  # warm-up: tracing (and XLA compile)
-            variants.append({"cell": cell, "pass": name, "call": call, "seconds": []})
+            variants.append({"cell": label, "pass": name, "call": call, "seconds": []})
+    if switch is None:
+        os.environ.pop(compiled.SWITCH_ENV, None)
+    else:
+        os.environ[compiled.SWITCH_ENV] = switch
     for r in range(args.repeats):
         order = variants[r % len(variants):] + variants[:r % len(variants)]
         for v in order:
@@ -90,7 +110,7 @@ def table(results: list[dict]) -> str:
     median = {(r["cell"], r["pass"]): statistics.median(r["seconds"]) for r in results}
     lines = ["| cell | pass | ms per call (median) | best | time vs plain cell |", "|---|---|---:|---:|---:|"]
     for r in results:
-        plain = PLAIN.get(r["cell"])
+        plain = PLAIN.get(r["cell"]) or (r["cell"].split(" ")[0] if r["cell"].endswith(" (compiled)") else None)
         ratio = ""
         if plain and (plain, r["pass"]) in median:
             ratio = f"{median[(r['cell'], r['pass'])] / median[(plain, r['pass'])]:.2f}x {plain}"
@@ -111,6 +131,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=8, help="timed repeats per variant (median reported)")
     p.add_argument("--calls", type=int, default=3, help="calls per repeat")
     p.add_argument("--xla", action="store_true", help="compile each call with XLA")
+    p.add_argument("--compiled", action="store_true", help="also time the compiled op of each cell that has one")
     args = p.parse_args(argv)
     args.cells = [c for c in args.cells.split(",") if c]
     unknown = [c for c in args.cells if c not in CELLS]

@@ -24,6 +24,7 @@ import tensorflow as tf
 from dist_rnn.models.awd_dropout import dropped_weight
 from dist_rnn.models.dropout import call_dropout_mask
 from dist_rnn.models.kernels.common import cast, time_major_projection
+from dist_rnn.models.kernels import compiled
 from dist_rnn.models.kernels.plain import gru, lstm
 
 __all__ = ["LSTM", "GRU"]
@@ -170,7 +171,8 @@ class LSTM(_FusedFallback, keras.layers.LSTM):
         bias = self._weight(self.cell.bias, cdt) * scale
         rkernel = self._weight(self.cell.recurrent_kernel, cdt) * scale
         proj = time_major_projection(x, kernel, bias)
-        return lstm(proj, states[0], states[1], rkernel, rmask, units=units)
+        recurrence = compiled.lstm if compiled.uses_compiled("lstm") else lstm
+        return recurrence(proj, states[0], states[1], rkernel, rmask, units=units)
 
 
 @keras.saving.register_keras_serializable(package="dist_rnn")

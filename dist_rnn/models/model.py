@@ -25,6 +25,7 @@ import tensorflow as tf
 from dist_rnn.config import TWO_STATE_CELLS, ModelConfig
 from dist_rnn.errors import UserError
 from dist_rnn.models.awd_dropout import LOCKED_DROPOUT_SALT, WEIGHT_DROP_SALT, LockedDropout, embedding_dropout
+from dist_rnn.models.kernels import compiled
 from dist_rnn.models.layers import RECURRENT_LAYERS
 
 FUSED_CELLS = ("lstm", "gru")
@@ -58,6 +59,9 @@ class LayerKernel:
         fused: Whether the layer runs the fused cuDNN kernel.
         reason: Why it runs dist-rnn's fused recurrence instead (empty when
             it runs cuDNN).
+        compiled: Whether that recurrence is the compiled op
+            (:mod:`dist_rnn.models.kernels.compiled`) rather than the graph loop.
+        compiled_note: Why the compiled op was asked for but does not run ("" otherwise).
     """
 
     index: int
@@ -65,10 +69,18 @@ class LayerKernel:
     units: int
     fused: bool
     reason: str
+    compiled: bool = False
+    compiled_note: str = ""
 
     def line(self) -> str:
         """One line of the kernel report."""
-        kernel = "cuDNN fused" if self.fused else f"dist-rnn fused recurrence ({self.reason})"
+        if self.fused:
+            kernel = "cuDNN fused"
+        elif self.compiled:
+            kernel = f"dist-rnn compiled recurrence ({self.reason})"
+        else:
+            note = f"; compiled op unavailable: {self.compiled_note}" if self.compiled_note else ""
+            kernel = f"dist-rnn fused recurrence ({self.reason}{note})"
         return f"layer {self.index}  {self.cell}  {self.units} units  kernel: {kernel}"
 
 
@@ -120,7 +132,11 @@ def kernel_report(config: ModelConfig, gpu_visible: bool, jit_compile: bool = Fa
             fused, reason = False, "no GPU visible"
         else:
             fused, reason = True, ""
-        report.append(LayerKernel(i, config.cell, config.hidden_size, fused, reason))
+        compiled_op, note = False, ""
+        if not fused and compiled.enabled() and config.cell in compiled.COMPILED_CELLS:
+            compiled_op = compiled.uses_compiled(config.cell)
+            note = "" if compiled_op else compiled.unavailable_reason()
+        report.append(LayerKernel(i, config.cell, config.hidden_size, fused, reason, compiled_op, note))
     return report
 
 

@@ -9,6 +9,8 @@ carries a hand-written backward pass (``tf.custom_gradient``).
   the custom-gradient wrapper.
 - :mod:`.plain`: :func:`~.plain.lstm`, :func:`~.plain.gru`, :func:`~.plain.vanilla`.
 - :mod:`.layer_norm`: :func:`~.layer_norm.ln_lstm`, :func:`~.layer_norm.ln_gru`.
+- :mod:`.compiled`: the same recurrences as compiled C++ ops (``csrc/``, built on
+  first use; so far ``lstm``, opt-in with ``DIST_RNN_COMPILED_KERNELS=on``).
 """
 
 from dist_rnn.models.kernels.common import time_major_projection

@@ -1,0 +1,207 @@
+"""The recurrences as compiled TensorFlow ops (C++ in ``csrc/``), built on first use.
+
+The graph kernels of :mod:`.plain` run a ``tf.while_loop`` of small ops per
+step; the ops here run the whole recurrence, forward and backward, as one C++
+kernel each, with the same inputs, outputs, layouts and semantics (so weights
+and checkpoints are unaffected). Only :func:`lstm` exists so far.
+
+The shared library is compiled against the installed TensorFlow
+(``tf.sysconfig`` compile and link flags) the first time it is needed, into
+a cache folder keyed by the TensorFlow version, the sources, the compiler
+and its flags; a build writes a temporary file and renames it, so concurrent
+processes never load a half-written library. When the compiler is missing or
+the build or load fails, :func:`unavailable_reason` says why, a one-time
+warning is issued and the callers keep the graph recurrence.
+
+Environment switches (read at the first use in a process):
+
+- ``DIST_RNN_COMPILED_KERNELS``: ``on`` uses the compiled ops where they
+  exist; ``off`` (the default for now) always runs the graph recurrence.
+- ``DIST_RNN_CXX``: the C++ compiler (default ``c++`` on the ``PATH``).
+- ``DIST_RNN_KERNEL_CACHE``: the cache folder (default
+  ``$XDG_CACHE_HOME/dist_rnn/kernels``, else ``~/.cache/dist_rnn/kernels``).
+
+Numerics: the ops compute in float32 (float64 for float64 inputs); under a
+mixed-precision policy the inputs are cast to float32 and the outputs back to
+the compute dtype, so the math inside is float32 as the issue asks (the
+graph kernels compute in the compute dtype instead).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import tensorflow as tf
+
+from dist_rnn.models.kernels.common import cast, with_custom_gradient
+
+SWITCH_ENV = "DIST_RNN_COMPILED_KERNELS"
+COMPILER_ENV = "DIST_RNN_CXX"
+CACHE_ENV = "DIST_RNN_KERNEL_CACHE"
+SOURCE_DIR = Path(__file__).parent / "csrc"
+LIBRARY_NAME = "dist_rnn_ops.so"
+#: Cells with a compiled op.
+COMPILED_CELLS = ("lstm",)
+_BUILD_TIMEOUT_SECONDS = 1800
+
+_lock = threading.Lock()
+_state: dict = {}  # "library" (module or None), "reason" (str), "warned" (bool)
+
+
+def enabled() -> bool:
+    """Whether ``DIST_RNN_COMPILED_KERNELS`` asks for the compiled ops (``on``)."""
+    return os.environ.get(SWITCH_ENV, "off").strip().lower() in ("on", "1", "true", "yes")
+
+
+def compiler() -> str:
+    """The C++ compiler the build uses (``DIST_RNN_CXX``, else ``c++`` on the ``PATH``)."""
+    return os.environ.get(COMPILER_ENV) or shutil.which("c++") or shutil.which("g++") or "c++"
+
+
+def cache_dir() -> Path:
+    """The folder holding the built libraries (``DIST_RNN_KERNEL_CACHE`` or the user cache)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "dist_rnn" / "kernels"
+
+
+def _sources() -> list[Path]:
+    return sorted(SOURCE_DIR.glob("*.cc"))
+
+
+def _flag_sets() -> list[list[str]]:
+    """Optimization flags to try, fastest first (the portable set if the first fails to build)."""
+    native = ["-O2", "-march=native"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        # Eigen's AVX512-FP16 packets do not compile with g++ 12; the rest of -march=native does.
+        native.append("-mno-avx512fp16")
+    return [native, ["-O2"]]
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def library_path(opt_flags: list[str]) -> Path:
+    """Where the library built with ``opt_flags`` lives: keyed by TF version, sources, compiler, flags, CPU."""
+    digest = hashlib.sha256()
+    for src in _sources():
+        digest.update(src.name.encode() + b"\0" + src.read_bytes() + b"\0")
+    for part in [compiler(), *opt_flags, *tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags(),
+                 _cpu_model()]:
+        digest.update(part.encode() + b"\0")
+    return cache_dir() / f"tf{tf.__version__}-{digest.hexdigest()[:16]}" / LIBRARY_NAME
+
+
+def _build(target: Path, opt_flags: list[str]) -> None:
+    """Compiles the sources into ``target`` (temporary file, then rename). Raises RuntimeError/OSError."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=target.parent)
+    os.close(fd)
+    cmd = [compiler(), "-shared", "-fPIC", "-w", *opt_flags, *tf.sysconfig.get_compile_flags(),
+           *map(str, _sources()), "-o", tmp, *tf.sysconfig.get_link_flags()]
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=_BUILD_TIMEOUT_SECONDS)
+        if result.returncode != 0:
+            first_error = next((ln for ln in result.stderr.splitlines() if "error" in ln), result.stderr[-300:])
+            raise RuntimeError(f"{cmd[0]} failed: {first_error.strip()}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load():
+    """Builds (if not cached) and loads the library; returns (module or None, reason)."""
+    if shutil.which(compiler()) is None:
+        return None, f"no C++ compiler ({compiler()} not found)"
+    errors = []
+    for opt_flags in _flag_sets():
+        path = library_path(opt_flags)
+        try:
+            if not path.exists():
+                _build(path, opt_flags)
+            return tf.load_op_library(str(path)), ""
+        except (OSError, RuntimeError, subprocess.SubprocessError, tf.errors.OpError) as e:
+            errors.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    return None, "build failed: " + errors[0]
+
+
+def library():
+    """The loaded op library, building it on first use; None when unavailable (see :func:`unavailable_reason`)."""
+    with _lock:
+        if "library" not in _state:
+            _state["library"], _state["reason"] = _load()
+        if _state["library"] is None and not _state.get("warned"):
+            _state["warned"] = True
+            warnings.warn(f"dist-rnn: compiled recurrence unavailable ({_state['reason']}); "
+                          "using the graph recurrence", RuntimeWarning, stacklevel=3)
+        return _state["library"]
+
+
+def unavailable_reason() -> str:
+    """Why the compiled ops cannot run ("" when they can; builds the library on first use)."""
+    library()
+    return _state["reason"]
+
+
+def uses_compiled(cell: str) -> bool:
+    """Whether layers of ``cell`` run the compiled op: switched on, an op exists, and it built."""
+    return enabled() and cell in COMPILED_CELLS and library() is not None
+
+
+def reset() -> None:
+    """Forgets the loaded library and the warning (tests switch compilers within one process)."""
+    with _lock:
+        _state.clear()
+
+
+def _mask_arg(mask, dtype):
+    # The ops take an empty tensor for "no recurrent dropout".
+    return tf.zeros([0, 0], dtype) if mask is None else mask
+
+
+def _lstm_forward(proj, h0, c0, rkernel, mask, units):
+    del units
+    return tuple(library().dist_rnn_lstm_forward(proj, h0, c0, rkernel, _mask_arg(mask, proj.dtype)))
+
+
+def _lstm_backward(d_outputs, inputs, mask, saved, units):
+    del units
+    d_h_seq, d_h_last, d_c_last = d_outputs
+    proj, h0, c0, rkernel = inputs
+    h_seq, _, _, c_seq, gates = saved
+    return tuple(library().dist_rnn_lstm_backward(d_h_seq, d_h_last, d_c_last, h0, c0, rkernel,
+                                                  _mask_arg(mask, proj.dtype), h_seq, c_seq, gates))
+
+
+def lstm(proj, h0, c0, rkernel, mask, units):
+    """:func:`~.plain.lstm` as the compiled op (same arguments, results and gradients).
+
+    Call only when :func:`uses_compiled` is true for ``"lstm"``.
+
+    Returns:
+        ``h_seq, h_T, c_T`` in the dtype of ``proj``.
+    """
+    dtype = proj.dtype
+    math = tf.float64 if dtype == tf.float64 else tf.float32
+    tensors = [cast(t, math) for t in (proj, h0, c0, rkernel)]
+    m = None if mask is None else cast(mask, math)
+    outputs = with_custom_gradient(_lstm_forward, _lstm_backward, tensors, m, 3, units=units)
+    return tuple(cast(o, dtype) for o in outputs)
+

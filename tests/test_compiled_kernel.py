@@ -1,0 +1,196 @@
+"""The compiled recurrence ops (dist_rnn.models.kernels.compiled) against the graph kernels.
+
+The library is built at most once per test session, into pytest's cache
+folder (``.pytest_cache/d/dist_rnn_kernels``; the library's name there is keyed
+by the sources, so a changed op is rebuilt): about a minute of CPU time, mostly
+the TensorFlow headers.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from dist_rnn.config import ModelConfig
+from dist_rnn.models.kernels import compiled, plain
+from dist_rnn.models.keras_rnn import LSTM
+from dist_rnn.models.model import kernel_report
+
+# (steps, batch, units): odd batches, units not a multiple of 8, a length-1 sequence.
+SIZES = [(1, 3, 5), (6, 5, 13), (4, 1, 9), (3, 7, 17)]
+
+
+@pytest.fixture(scope="session")
+def compiled_cache(pytestconfig):
+    """Builds the library (unless cached) into pytest's cache; yields the cache folder."""
+    cache = pytestconfig.cache.mkdir("dist_rnn_kernels")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(compiled.CACHE_ENV, str(cache))
+        mp.delenv(compiled.COMPILER_ENV, raising=False)
+        compiled.reset()
+        if compiled.library() is None:
+            pytest.fail(f"the compiled ops did not build: {compiled.unavailable_reason()}")
+        yield cache
+    compiled.reset()
+
+
+@pytest.fixture
+def compiled_on(compiled_cache, monkeypatch):
+    """The compiled ops switched on, from the session cache (no rebuild)."""
+    monkeypatch.setenv(compiled.CACHE_ENV, str(compiled_cache))
+    monkeypatch.setenv(compiled.SWITCH_ENV, "on")
+    monkeypatch.delenv(compiled.COMPILER_ENV, raising=False)
+    compiled.reset()
+    yield
+    compiled.reset()
+
+
+def _relative_close(actual, expected, name, rtol=1e-5):
+    """Max |actual - expected| within rtol of max |expected| (elementwise rtol fails near zero)."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape, name
+    scale = max(float(np.max(np.abs(expected))), 1e-30) if expected.size else 1.0
+    err = float(np.max(np.abs(actual - expected))) if expected.size else 0.0
+    assert err <= rtol * scale, f"{name}: max error {err:.3g} > {rtol} x {scale:.3g}"
+
+
+def _lstm_inputs(steps, batch, units, seed, dropout):
+    rng = np.random.default_rng(seed)
+    f32 = lambda *shape: tf.constant(rng.normal(size=shape).astype(np.float32))  # noqa: E731
+    proj, h0, c0 = f32(steps, batch, 4 * units), f32(batch, units), f32(batch, units)
+    rkernel = tf.constant((rng.normal(size=(units, 4 * units)) / np.sqrt(units)).astype(np.float32))
+    mask = None
+    if dropout:
+        keep = rng.uniform(size=(batch, units)) >= 0.3
+        mask = tf.constant(np.where(keep, 1 / 0.7, 0.0).astype(np.float32))
+    upstream = [f32(steps, batch, units), f32(batch, units), f32(batch, units)]
+    return [proj, h0, c0, rkernel], mask, upstream
+
+
+def _run(recurrence, tensors, mask, upstream, units):
+    with tf.GradientTape() as tape:
+        tape.watch(tensors)
+        outputs = recurrence(*tensors, mask, units=units)
+        loss = sum(tf.reduce_sum(o * u) for o, u in zip(outputs, upstream))
+    return [o.numpy() for o in outputs], [g.numpy() for g in tape.gradient(loss, tensors)]
+
+
+@pytest.mark.parametrize("dropout", [False, True], ids=["no_mask", "dropout_mask"])
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: "T{}_B{}_U{}".format(*s))
+def test_lstm_forward_and_gradients_equal_graph_kernel(compiled_on, size, dropout):
+    steps, batch, units = size
+    tensors, mask, upstream = _lstm_inputs(steps, batch, units, seed=sum(size) + dropout, dropout=dropout)
+    want_out, want_grads = _run(plain.lstm, tensors, mask, upstream, units)
+    got_out, got_grads = _run(compiled.lstm, tensors, mask, upstream, units)
+    for name, got, want in zip(["h_seq", "h_T", "c_T"], got_out, want_out):
+        _relative_close(got, want, name)
+    for name, got, want in zip(["d_proj", "d_h0", "d_c0", "d_rkernel"], got_grads, want_grads):
+        _relative_close(got, want, name)
+    # The mask matters: without it the compiled result differs (the test can see a dropped mask).
+    if dropout:
+        unmasked, _ = _run(compiled.lstm, tensors, None, upstream, units)
+        assert np.max(np.abs(unmasked[0] - got_out[0])) > 1e-3
+
+
+def test_lstm_compiled_op_inside_tf_function_and_float64(compiled_on):
+    tensors, mask, upstream = _lstm_inputs(5, 3, 7, seed=1, dropout=True)
+    as64 = [tf.cast(t, tf.float64) for t in tensors]
+    mask64 = tf.cast(mask, tf.float64)
+    up64 = [tf.cast(u, tf.float64) for u in upstream]
+    want_out, want_grads = _run(plain.lstm, as64, mask64, up64, 7)
+    got_out, got_grads = tf.function(lambda: _run_tensors(compiled.lstm, as64, mask64, up64, 7))()
+    assert got_out[0].dtype == tf.float64
+    for got, want in zip(list(got_out) + list(got_grads), want_out + want_grads):
+        _relative_close(got.numpy(), want, "float64", rtol=1e-12)
+
+
+def _run_tensors(recurrence, tensors, mask, upstream, units):
+    with tf.GradientTape() as tape:
+        tape.watch(tensors)
+        outputs = recurrence(*tensors, mask, units=units)
+        loss = sum(tf.reduce_sum(o * u) for o, u in zip(outputs, upstream))
+    return outputs, tape.gradient(loss, tensors)
+
+
+def _layer_step(layer, x, seed):
+    """Outputs and weight gradients of ``layer`` on ``x`` with recurrent dropout active."""
+    with tf.GradientTape() as tape:
+        out, h, c = layer(x, training=True, seed=seed)
+        loss = tf.reduce_sum(out * tf.range(1.0, 1.0 + out.shape[-1])) + tf.reduce_sum(h * c)
+    return [out.numpy(), h.numpy(), c.numpy()] + [g.numpy() for g in tape.gradient(loss, layer.trainable_variables)]
+
+
+def test_lstm_layer_runs_compiled_op_with_same_results_and_kernel_report_says_so(compiled_on, monkeypatch):
+    layer = LSTM(11, recurrent_dropout=0.25, return_sequences=True, return_state=True)
+    x = tf.random.stateless_normal([5, 4, 6], seed=[3, 4])
+    seed = tf.constant([7, 8], tf.int64)
+    layer(x)  # build
+    calls = []
+    real_lstm = compiled.lstm
+    monkeypatch.setattr(compiled, "lstm", lambda *a, **k: calls.append(1) or real_lstm(*a, **k))
+    got = _layer_step(layer, x, seed)
+    assert calls, "the layer did not run the compiled op"
+    monkeypatch.setenv(compiled.SWITCH_ENV, "off")
+    want = _layer_step(layer, x, seed)
+    assert len(calls) == 1
+    for i, (g, w) in enumerate(zip(got, want)):
+        _relative_close(g, w, f"layer result {i}")
+    monkeypatch.setenv(compiled.SWITCH_ENV, "on")
+    lines = [k.line() for k in kernel_report(ModelConfig(cell="lstm", num_layers=2, hidden_size=11), False)]
+    assert lines == [f"layer {i}  lstm  11 units  kernel: dist-rnn compiled recurrence (no GPU visible)"
+                     for i in range(2)]
+    gru_line = kernel_report(ModelConfig(cell="gru", num_layers=1, hidden_size=11), False)[0].line()
+    assert gru_line.endswith("kernel: dist-rnn fused recurrence (no GPU visible)")  # no compiled gru yet
+
+
+
+@pytest.mark.parametrize("broken", ["missing", "failing"])
+def test_compiler_missing_or_failing_falls_back_to_graph_with_one_warning_and_a_report_line(
+        broken, tmp_path, monkeypatch):
+    # "failing": a compiler that exits 1 (/bin/false): both flag sets fail, no library is left behind.
+    cxx = str(tmp_path / "no-such-g++") if broken == "missing" else "/bin/false"
+    reason = f"no C++ compiler ({cxx} not found)" if broken == "missing" else "build failed: /bin/false failed: "
+    monkeypatch.setenv(compiled.SWITCH_ENV, "on")
+    monkeypatch.setenv(compiled.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(compiled.COMPILER_ENV, cxx)
+    compiled.reset()
+    try:
+        layer = LSTM(9, recurrent_dropout=0.25, return_sequences=True, return_state=True)
+        x = tf.random.stateless_normal([3, 4, 5], seed=[1, 2])
+        seed = tf.constant([5, 6], tf.int64)
+        with pytest.warns(RuntimeWarning, match="compiled recurrence unavailable"):
+            got = _layer_step(layer, x, seed)
+        assert compiled.unavailable_reason() == reason
+        report = kernel_report(ModelConfig(cell="lstm", num_layers=1, hidden_size=9), False)[0]
+        assert not report.compiled
+        assert report.line() == ("layer 0  lstm  9 units  kernel: dist-rnn fused recurrence (no GPU visible; "
+                                 f"compiled op unavailable: {reason})")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # warned once: no second warning
+            assert not compiled.uses_compiled("lstm")
+        monkeypatch.setenv(compiled.SWITCH_ENV, "off")
+        want = _layer_step(layer, x, seed)
+        for i, (g, w) in enumerate(zip(got, want)):
+            np.testing.assert_array_equal(g, w, err_msg=f"result {i}")  # the very same graph path
+        leftovers = list((tmp_path / "cache").rglob("*")) if (tmp_path / "cache").exists() else []
+        assert not [p for p in leftovers if p.is_file()]
+    finally:
+        compiled.reset()
+
+
+def test_lstm_compiled_op_under_bfloat16_computes_in_float32(compiled_on):
+    # mixed_bfloat16: bfloat16 in and out (gradients too), float32 math inside; so its result is the
+    # float32 result of the bfloat16-rounded inputs, rounded once to bfloat16.
+    tensors, mask, upstream = _lstm_inputs(4, 3, 6, seed=2, dropout=True)
+    bf16 = [tf.cast(t, tf.bfloat16) for t in tensors]
+    mask16 = tf.cast(mask, tf.bfloat16)
+    outputs, grads = _run_tensors(compiled.lstm, bf16, mask16, [tf.cast(u, tf.bfloat16) for u in upstream], 6)
+    assert all(o.dtype == tf.bfloat16 for o in outputs) and all(g.dtype == tf.bfloat16 for g in grads)
+    rounded = [tf.cast(t, tf.float32) for t in bf16]
+    want_out, _ = _run(plain.lstm, rounded, tf.cast(mask16, tf.float32), upstream, 6)
+    for got, want in zip(outputs, want_out):
+        # One rounding to bfloat16 (8 significant bits): at most 2^-9 relative; bfloat16 math would be far off.
+        np.testing.assert_allclose(tf.cast(got, tf.float32).numpy(), want, rtol=2.0**-8, atol=1e-6)
