@@ -78,7 +78,7 @@ def build_trainer(config: Config, run_dir: RunDirectory | str | Path, *, backend
     state = TrainingState([(t.batch_size, config.model.hidden_size)] * model.num_state_tensors,
                           run_fingerprint(config, corpus.vocab.tokens))
     steps = StepFunctions(model, optimizer, backend, t.batch_size, t.num_steps, config.optimizer.clip_norm,
-                          loss_scale, t.jit_compile, t.loss_normalization)
+                          loss_scale, t.jit_compile, t.loss_normalization, t.accumulate_steps)
     objects = dict(model=model, optimizer=optimizer, training_state=state)
     if loss_scale is not None:
         objects["loss_scale"] = loss_scale

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from dist_rnn.training import gradients
+from dist_rnn.training import accumulation, gradients
 from dist_rnn.distribution import Backend
 
 
@@ -71,7 +71,8 @@ class StepFunctions:
     """
 
     def __init__(self, model, optimizer, backend: Backend, global_batch: int, num_steps: int,
-                 clip_norm: float, loss_scale=None, jit_compile: bool = False, loss_normalization: str = "token"):
+                 clip_norm: float, loss_scale=None, jit_compile: bool = False, loss_normalization: str = "token",
+                 accumulate_steps: int = 1):
         self.model = model
         self.optimizer = optimizer
         self.backend = backend
@@ -79,6 +80,7 @@ class StepFunctions:
         self.denominator = loss_denominator(loss_normalization, global_batch, num_steps)
         self.clip_norm = clip_norm
         self.loss_scale = loss_scale
+        self.accumulate_steps = accumulate_steps
         self.variables = list(model.trainable_variables)
         self._forward_backward = tf.function(self._forward_backward_impl, jit_compile=jit_compile)
         self.train_step = tf.function(self._train_step)
@@ -99,7 +101,11 @@ class StepFunctions:
         local_rows = tf.shape(inputs)[0]
         rows = tf.stack([self.backend.replica_id() * local_rows, tf.constant(self.global_batch, tf.int32)])
         scale = self.loss_scale.scale.read_value() if self.loss_scale is not None else tf.constant(1.0)
-        loss_sum, new_states, grads = self._forward_backward(inputs, targets, states, seed, rows, scale)
+        if self.accumulate_steps == 1:
+            loss_sum, new_states, grads = self._forward_backward(inputs, targets, states, seed, rows, scale)
+        else:
+            loss_sum, new_states, grads = accumulation.accumulate(
+                self._forward_backward, self.accumulate_steps, inputs, targets, states, seed, rows, scale)
         grads = self.backend.all_reduce_sum(grads)
         if self.loss_scale is not None:
             grads = [g / scale for g in grads]
