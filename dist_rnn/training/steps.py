@@ -68,11 +68,16 @@ class StepFunctions:
         loss_normalization: ``train.loss_normalization`` (see
             :func:`loss_denominator`); it sets the objective that is
             differentiated, never the returned loss sum.
+        accumulate_steps: ``train.accumulate_steps``: row blocks per replica
+            processed in sequence, gradients summed before the all-reduce
+            (see :mod:`dist_rnn.training.accumulation`).
+        weight_average: A :class:`~dist_rnn.training.averaging.WeightAverage`
+            updated after every applied step, or None.
     """
 
     def __init__(self, model, optimizer, backend: Backend, global_batch: int, num_steps: int,
                  clip_norm: float, loss_scale=None, jit_compile: bool = False, loss_normalization: str = "token",
-                 accumulate_steps: int = 1):
+                 accumulate_steps: int = 1, weight_average=None):
         self.model = model
         self.optimizer = optimizer
         self.backend = backend
@@ -81,6 +86,7 @@ class StepFunctions:
         self.clip_norm = clip_norm
         self.loss_scale = loss_scale
         self.accumulate_steps = accumulate_steps
+        self.weight_average = weight_average
         self.variables = list(model.trainable_variables)
         self._forward_backward = tf.function(self._forward_backward_impl, jit_compile=jit_compile)
         self.train_step = tf.function(self._train_step)
@@ -121,6 +127,8 @@ class StepFunctions:
     def _after_apply(self, finite):
         if self.loss_scale is not None:
             self.loss_scale.update(finite)
+        if self.weight_average is not None:
+            self.weight_average.update(finite)
 
     def _train_step(self, inputs, targets, states, seed):
         """Returns (global loss sum, per-replica new states, grad norm, finite flag)."""
