@@ -29,7 +29,8 @@ def test_accumulated_steps_equal_one_block_on_one_device_and_two_replicas(shakes
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     checked = [line for line in proc.stdout.splitlines() if line.startswith("checked: ")]
     assert checked == [f"checked: {name} equals one device k=1 over {STEPS} steps"
-                       for name in ("one device k=2", "one device k=4", "mirrored k=1", "mirrored k=2")], proc.stdout
+                       for name in ("one device k=2", "one device k=4", "mirrored k=1", "mirrored k=2",
+                                    "mirrored k=2 with EMA")], proc.stdout
 
 
 def _tiny_args(data, *sets) -> list[str]:
@@ -64,15 +65,19 @@ def _replica_values(variable) -> list[np.ndarray]:
     return [np.asarray(v) for v in getattr(inner, "values", (inner,))]
 
 
-def _run_steps(data: Path, backend, accumulate_steps: int, run_dir: Path):
-    """Trains STEPS steps from fresh weights; returns (per-step (loss, norm), weights, gathered state)."""
+def _run_steps(data: Path, backend, accumulate_steps: int, run_dir: Path, ema_decay: float = 0.0):
+    """Trains STEPS steps from fresh weights; returns (per-step (loss, norm), weights, gathered state).
+
+    With ``ema_decay`` the weights include the moving average's.
+    """
     import tensorflow as tf
 
     from conftest import tiny_config
     from dist_rnn.training.factory import build_trainer
 
     # Clip 0.05 is below every step's gradient norm: the clip scales each update.
-    config = tiny_config(data, optimizer={"name": "sgd", "learning_rate": 1.0, "clip_norm": 0.05},
+    config = tiny_config(data, optimizer={"name": "sgd", "learning_rate": 1.0, "clip_norm": 0.05,
+                                          "ema_decay": ema_decay},
                          model={"dropout": 0.3, "recurrent_dropout": 0.2},
                          train={"batch_size": 8, "accumulate_steps": accumulate_steps})
     tf.keras.utils.set_random_seed(config.train.seed)
@@ -90,6 +95,11 @@ def _run_steps(data: Path, backend, accumulate_steps: int, run_dir: Path):
         copies = _replica_values(v)
         assert all(np.array_equal(copies[0], c) for c in copies), v.path  # replicas agree exactly
         weights[v.path] = copies[0]
+    average = trainer.recipe.average
+    for i, v in enumerate(average.averages if average is not None else []):
+        copies = _replica_values(v)
+        assert all(np.array_equal(copies[0], c) for c in copies), v.name
+        weights[f"average_{i}"] = copies[0]
     return results, weights, [np.asarray(s) for s in backend.gather(states)]
 
 
@@ -126,6 +136,11 @@ def main(data: str) -> None:
         for name, backend, k in (("one device k=2", one, 2), ("one device k=4", one, 4),
                                  ("mirrored k=1", mirrored, 1), ("mirrored k=2", mirrored, 2)):
             _assert_same(reference, _run_steps(Path(data), backend, k, Path(tmp) / name.replace(" ", "_")), name)
+        # The average is updated once per step from the reduced update, on every replica alike.
+        reference = _run_steps(Path(data), one, 1, Path(tmp) / "ema_ref", ema_decay=0.5)
+        assert len(reference[1]) == 2 * len(list(k for k in reference[1] if not k.startswith("average_")))
+        _assert_same(reference, _run_steps(Path(data), mirrored, 2, Path(tmp) / "ema", ema_decay=0.5),
+                     "mirrored k=2 with EMA")
 
 
 if __name__ == "__main__":
