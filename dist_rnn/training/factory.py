@@ -22,11 +22,9 @@ from dist_rnn.run_dir import RunDirectory
 from dist_rnn.summaries import MetricsLogger
 from dist_rnn.training.checkpoints import Checkpointer, TrainingState, run_fingerprint
 from dist_rnn.training.gradients import DynamicLossScale
-from dist_rnn.training.averaging import build_weight_average
 from dist_rnn.training.optimizers import build_optimizer
-from dist_rnn.training.recipe import TrainingRecipe
+from dist_rnn.training.recipe import build_recipe
 from dist_rnn.training.steps import StepFunctions
-from dist_rnn.training.stopping import EvaluationHistory, history_needed
 from dist_rnn.training.trainer import Trainer
 
 
@@ -78,16 +76,14 @@ def build_trainer(config: Config, run_dir: RunDirectory | str | Path, *, backend
         optimizer = build_optimizer(config.optimizer)
         optimizer.build(model.trainable_variables)
         loss_scale = DynamicLossScale(t.loss_scale) if t.precision == "mixed_float16" else None
-        average = build_weight_average(config, model.trainable_variables)
-    recipe = TrainingRecipe(EvaluationHistory(config) if history_needed(config) else None, average)
+        recipe = build_recipe(config, model.trainable_variables)
     state = TrainingState([(t.batch_size, config.model.hidden_size)] * model.num_state_tensors,
                           run_fingerprint(config, corpus.vocab.tokens))
     steps = StepFunctions(model, optimizer, backend, t.batch_size, t.num_steps, config.optimizer.clip_norm,
-                          loss_scale, t.jit_compile, t.loss_normalization, t.accumulate_steps, average)
-    objects = dict(model=model, optimizer=optimizer, training_state=state)
+                          loss_scale, t.jit_compile, t.loss_normalization, t.accumulate_steps, recipe.average)
+    objects = dict(model=model, optimizer=optimizer, training_state=state, **recipe.checkpoint_objects())
     if loss_scale is not None:
         objects["loss_scale"] = loss_scale
-    objects.update(recipe.checkpoint_objects())
     checkpointer = Checkpointer(rd.checkpoints, config.checkpoint.keep, rd.best, **objects)
     return Trainer(config, rd, backend, corpus, model=model, optimizer=optimizer, loss_scale=loss_scale,
                    steps=steps, state=state, checkpointer=checkpointer, train_batches=train_batches,

@@ -12,10 +12,10 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from dist_rnn.config import OptimizerConfig
-from dist_rnn.training.averaging import WeightAverage
+from dist_rnn.config import Config, OptimizerConfig
+from dist_rnn.training.averaging import WeightAverage, build_weight_average
 from dist_rnn.training.schedules import learning_rate_at
-from dist_rnn.training.stopping import EvaluationHistory
+from dist_rnn.training.stopping import EvaluationHistory, history_needed
 
 log = logging.getLogger("dist_rnn")
 
@@ -71,3 +71,12 @@ class TrainingRecipe:
         if self.average is not None:
             objects["weight_average"] = self.average
         return objects
+
+
+def build_recipe(config: Config, variables: list) -> TrainingRecipe:
+    """The run's recipe: a validation history when a decision reads it, an average when the run averages.
+
+    Call inside the strategy scope (the average's variables are mirrored like the model's).
+    """
+    history = EvaluationHistory(config) if history_needed(config) else None
+    return TrainingRecipe(history, build_weight_average(config, variables))
