@@ -8,11 +8,14 @@ continues from bitwise.
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tensorflow as tf
+import yaml
 
 from conftest import SHAKESPEARE, assert_one_line_error, run_cli
 from test_stopping import SCRIPT, assert_bitwise_equal, latest_weights, scripted_validation  # noqa: F401
@@ -100,6 +103,28 @@ def test_ema_is_the_hand_average_of_the_steps(data, tmp_path, capsys):
     assert_weights_close(model_weights(run, "latest"), expected)
     assert not np.allclose(model_weights(run, "latest")[0], raws[-1][0])  # not the raw weights
     assert_weights_close(model_weights(run, "latest", raw=True), raws[-1])
+
+
+def eval_loss(capsys, run: Path) -> float:
+    code, out, err = run_cli(["eval", "--run-dir", run, "--split", "valid"], capsys)
+    assert code == 0, err
+    return json.loads(out.strip().splitlines()[-1])["loss"]
+
+
+def test_evaluation_reads_the_average(data, tmp_path, capsys):
+    run = tmp_path / "ema"
+    train(capsys, run, *settings(data, 4, "optimizer.ema_decay=0.5"))
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    final_valid = [r["loss"] for r in logged if r["split"] == "valid" and r["step"] == 4][-1]
+    averaged = eval_loss(capsys, run)
+    assert averaged == pytest.approx(final_valid, rel=1e-6)
+    # The same checkpoint read as a run without averaging gives its raw weights' loss: another number.
+    raw_run = Path(shutil.copytree(run, tmp_path / "raw"))
+    saved = yaml.safe_load((raw_run / "config.yaml").read_text())
+    saved["optimizer"]["ema_decay"] = 0.0
+    (raw_run / "config.yaml").write_text(yaml.safe_dump(saved))
+    raw = eval_loss(capsys, raw_run)
+    assert abs(raw - averaged) > 1e-4, (raw, averaged)
 
 
 def test_ntasgd_averages_from_the_switch(data, tmp_path, capsys, scripted_validation):
