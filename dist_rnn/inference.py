@@ -64,6 +64,7 @@ def load_model_for_inference(run_dir: str, checkpoint: str = "latest", overrides
     import_tensorflow()
 
     from dist_rnn.models.model import build_model
+    from dist_rnn.training.averaging import load_averaged_weights
     from dist_rnn.training.checkpoints import Checkpointer, accepted_fingerprints, find_checkpoint
 
     path = find_checkpoint(rd.path, checkpoint)
@@ -75,4 +76,5 @@ def load_model_for_inference(run_dir: str, checkpoint: str = "latest", overrides
     # Only the model: the checkpoint's optimizer and training state are left unread.
     checkpointer = Checkpointer(rd.checkpoints, config.checkpoint.keep, model=model)
     checkpointer.restore(path, accepted_fingerprints(config, tokenizer.identity))
+    load_averaged_weights(config, model, path)  # averaged runs are sampled and exported with their average
     return model, tokenizer, config, path

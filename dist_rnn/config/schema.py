@@ -183,7 +183,9 @@ class ScheduleConfig:
             decay_rate ** max(epoch - decay_start_epoch, 0)`` with epochs
             counted from 1, the PTB recipe); ``cosine`` (linear warmup over
             ``warmup_steps`` then cosine to ``min_learning_rate`` at
-            ``total_steps``).
+            ``total_steps``); ``plateau`` (``lr * factor ** n`` after the
+            ``n``-th run of ``patience`` evaluations in a row without a new
+            lowest validation loss; the count is saved in checkpoints).
         decay_rate: Multiplicative decay factor.
         decay_steps: Steps per decay period (``exponential``).
         staircase: Decay in discrete jumps (``exponential``).
@@ -195,9 +197,12 @@ class ScheduleConfig:
             of ``train.max_epochs`` epochs if that ends first). A run shorter
             than ``warmup_steps`` just ends during the warmup.
         min_learning_rate: Cosine floor.
+        factor: Multiplier of the rate at each ``plateau`` decay, in (0, 1).
+        patience: Evaluations in a row without a new lowest validation loss
+            before a ``plateau`` decay (the count restarts after each decay).
     """
 
-    name: Literal["constant", "exponential", "epoch", "cosine"] = "constant"
+    name: Literal["constant", "exponential", "epoch", "cosine", "plateau"] = "constant"
     decay_rate: float = 0.1
     decay_steps: int = 1000
     staircase: bool = True
@@ -205,6 +210,9 @@ class ScheduleConfig:
     warmup_steps: int = 0
     total_steps: Optional[int] = None
     min_learning_rate: float = 0.0
+    # Plateau decay (issue #19).
+    factor: float = 0.1
+    patience: int = 1
 
 
 @dataclass
@@ -212,7 +220,12 @@ class OptimizerConfig:
     """Optimizer, clipping and schedule.
 
     Attributes:
-        name: ``sgd``, ``adam``, ``adamw``, ``rmsprop`` or ``adagrad``.
+        name: ``sgd``, ``adam``, ``adamw``, ``rmsprop``, ``adagrad`` or
+            ``ntasgd`` (non-monotonically triggered averaged SGD, Merity et
+            al. 2017: plain SGD until an evaluation's validation loss is above
+            the lowest of the evaluations before the last ``nonmono``, then
+            SGD whose evaluated, best-checkpointed, sampled and exported
+            weights are the average of every iterate since the switch).
         learning_rate: Base learning rate.
         momentum: Momentum (``sgd``, ``rmsprop``).
         beta_1: Adam/AdamW first-moment decay.
@@ -228,9 +241,16 @@ class OptimizerConfig:
         scale_lr_with_replicas: Multiply the learning rate by the replica count
             (linear scaling rule), ramped up over ``schedule.warmup_steps``.
         schedule: Learning-rate schedule.
+        nonmono: ``ntasgd``: how many of the latest evaluations the switch
+            test leaves out of the minimum it compares with.
+        ema_decay: Keep an exponential moving average of the weights
+            (``avg = ema_decay * avg + (1 - ema_decay) * weights`` after every
+            applied step, starting from the initial weights) and evaluate,
+            checkpoint as best, sample and export it; 0 (default) is off. The
+            raw weights stay in the checkpoints for resume. Not with ``ntasgd``.
     """
 
-    name: Literal["sgd", "adam", "adamw", "rmsprop", "adagrad"] = "adam"
+    name: Literal["sgd", "adam", "adamw", "rmsprop", "adagrad", "ntasgd"] = "adam"
     learning_rate: float = 0.002
     momentum: float = 0.0
     beta_1: float = 0.9
@@ -240,6 +260,9 @@ class OptimizerConfig:
     clip_norm: float = 5.0
     scale_lr_with_replicas: bool = False
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    # Weight averaging (issue #19).
+    nonmono: int = 5
+    ema_decay: float = 0.0
 
 
 @dataclass
@@ -257,6 +280,24 @@ class LossScaleConfig:
     growth_interval: int = 2000
     backoff: float = 0.5
     max_scale: float = 2.0**24
+
+
+@dataclass
+class EarlyStoppingConfig:
+    """Stop training when the validation loss stops improving.
+
+    Attributes:
+        patience: Stop after this many evaluations in a row whose validation
+            loss is not below the lowest so far by more than ``min_delta``
+            (0: off). The count is saved in checkpoints, so a resumed run
+            continues it. The run then ends as at its last step (checkpoint,
+            final evaluation).
+        min_delta: The improvement (nats) a validation loss must make on the
+            lowest so far to restart the count.
+    """
+
+    patience: int = 0
+    min_delta: float = 0.0
 
 
 @dataclass
@@ -302,6 +343,13 @@ class TrainConfig:
         tar: Temporal activation regularization: adds ``tar * mean((h_t -
             h_{t-1}) ** 2)`` of the last layer's output before dropout, within
             each window. Logged as ``tar_loss``. Default 0 (off).
+        accumulate_steps: Process each replica's rows as this many row blocks
+            in sequence (each with its own rows' carried state), summing their
+            gradients before the one all-reduce, clip and apply of the step:
+            the same update as without accumulation (up to float32 summation
+            order) with a k-th of the activation memory. Must divide the rows
+            per replica (``batch_size`` / replicas).
+        early_stopping: Stop on a validation plateau (off by default).
     """
 
     batch_size: int = 32
@@ -323,6 +371,9 @@ class TrainConfig:
     # AWD-LSTM activation regularizers (issue #19), off by default.
     ar: float = 0.0
     tar: float = 0.0
+    # Accumulation and early stopping (issue #19).
+    accumulate_steps: int = 1
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
 
 @dataclass

@@ -43,6 +43,7 @@ def validate(config: Config) -> None:
     _validate_checkpoint_and_distribute(config)
     _validate_logging(config)
     _validate_regularizers(config)
+    _validate_training_recipe(config)
 
 
 def _validate_data(config: Config) -> None:
@@ -181,6 +182,25 @@ def _validate_regularizers(config: Config) -> None:
 
 
 
+def _validate_training_recipe(config: Config) -> None:
+    """Accumulation, early stopping, plateau decay and weight averaging (issue #19)."""
+    t, o, s = config.train, config.optimizer, config.optimizer.schedule
+    _require(t.accumulate_steps >= 1, "train.accumulate_steps", f"must be at least 1, got {t.accumulate_steps}")
+    _require(t.batch_size % t.accumulate_steps == 0, "train.accumulate_steps",
+             f"{t.accumulate_steps} does not divide the rows per replica ({t.batch_size})")
+    _require(t.early_stopping.patience >= 0, "train.early_stopping.patience",
+             f"must be >= 0 (0 turns early stopping off), got {t.early_stopping.patience}")
+    _require(t.early_stopping.min_delta >= 0, "train.early_stopping.min_delta",
+             f"must be >= 0, got {t.early_stopping.min_delta}")
+    _require(0 < s.factor < 1, "optimizer.schedule.factor", f"must be in (0, 1), got {s.factor}")
+    _require(s.patience >= 1, "optimizer.schedule.patience", f"must be at least 1, got {s.patience}")
+    _require(o.nonmono >= 1, "optimizer.nonmono", f"must be at least 1, got {o.nonmono}")
+    _require(0 <= o.ema_decay < 1, "optimizer.ema_decay", f"must be in [0, 1) (0 turns it off), got {o.ema_decay}")
+    _require(o.name != "ntasgd" or o.ema_decay == 0, "optimizer.ema_decay",
+             "optimizer.name 'ntasgd' averages the weights itself; set one of them")
+    _require(o.name != "ntasgd" or o.momentum == 0, "optimizer.momentum",
+             f"optimizer.name 'ntasgd' is plain SGD (NT-ASGD with a non-SGD optimizer is not defined), got {o.momentum}")
+
 
 def check_divisible(config: Config, num_replicas: int) -> None:
     """Checks that the global batches split evenly over the replicas.
@@ -195,4 +215,8 @@ def check_divisible(config: Config, num_replicas: int) -> None:
     eval_batch = t.eval_batch_size or t.batch_size
     _require(eval_batch % num_replicas == 0, "train.eval_batch_size",
              f"evaluation batch {eval_batch} does not divide by the {num_replicas} replicas")
+    per_replica = t.batch_size // num_replicas
+    _require(per_replica % t.accumulate_steps == 0, "train.accumulate_steps",
+             f"{t.accumulate_steps} does not divide the {per_replica} rows per replica "
+             f"(train.batch_size {t.batch_size} over {num_replicas} replicas)")
 

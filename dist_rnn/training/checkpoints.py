@@ -37,6 +37,9 @@ log = logging.getLogger("dist_rnn")
 # Checkpointed objects a checkpoint may lack: the loss scale exists only under
 # mixed_float16, so a checkpoint saved in another precision has none.
 OPTIONAL_OBJECTS = ("loss_scale",)
+# The training recipe's objects (issue #19) exist only when their keys are on:
+# a resume that turns one on starts it fresh.
+OPTIONAL_OBJECTS += ("evaluation_history", "weight_average")
 BEST_RECORD = "best.json"  # beside the best checkpoint: its step, loss, perplexity and file name
 # Top-level entries tf.train.Checkpoint writes itself, beside the saved objects.
 _CHECKPOINT_BOOKKEEPING = ("save_counter", "_CHECKPOINTABLE_OBJECT_GRAPH")

@@ -23,6 +23,7 @@ from dist_rnn.summaries import MetricsLogger
 from dist_rnn.training.checkpoints import Checkpointer, TrainingState, run_fingerprint
 from dist_rnn.training.gradients import DynamicLossScale
 from dist_rnn.training.optimizers import build_optimizer
+from dist_rnn.training.recipe import build_recipe
 from dist_rnn.training.regularization import ActivationPenalties
 from dist_rnn.training.steps import StepFunctions
 from dist_rnn.training.trainer import Trainer
@@ -76,17 +77,19 @@ def build_trainer(config: Config, run_dir: RunDirectory | str | Path, *, backend
         optimizer = build_optimizer(config.optimizer)
         optimizer.build(model.trainable_variables)
         loss_scale = DynamicLossScale(t.loss_scale) if t.precision == "mixed_float16" else None
+        recipe = build_recipe(config, model.trainable_variables)
     state = TrainingState([(t.batch_size, config.model.hidden_size)] * model.num_state_tensors,
                           run_fingerprint(config, corpus.tokenizer.identity))
     # adamw decays by itself (decoupled); every other optimizer gets AWD's L2 in the gradient path.
     l2_decay = config.optimizer.weight_decay if config.optimizer.name != "adamw" else 0.0
     steps = StepFunctions(model, optimizer, backend, t.batch_size, t.num_steps, config.optimizer.clip_norm,
                           loss_scale, t.jit_compile, t.loss_normalization,
-                          penalties=ActivationPenalties(t.ar, t.tar), weight_decay=l2_decay)
-    objects = dict(model=model, optimizer=optimizer, training_state=state)
+                          penalties=ActivationPenalties(t.ar, t.tar), weight_decay=l2_decay,
+                          accumulate_steps=t.accumulate_steps, weight_average=recipe.average)
+    objects = dict(model=model, optimizer=optimizer, training_state=state, **recipe.checkpoint_objects())
     if loss_scale is not None:
         objects["loss_scale"] = loss_scale
     checkpointer = Checkpointer(rd.checkpoints, config.checkpoint.keep, rd.best, **objects)
     return Trainer(config, rd, backend, corpus, model=model, optimizer=optimizer, loss_scale=loss_scale,
                    steps=steps, state=state, checkpointer=checkpointer, train_batches=train_batches,
-                   eval_batches=eval_batches, kernels=kernels, metrics=metrics)
+                   eval_batches=eval_batches, kernels=kernels, metrics=metrics, recipe=recipe)

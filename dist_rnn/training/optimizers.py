@@ -47,7 +47,7 @@ def applying_reduced_gradients(optimizer: keras.optimizers.Optimizer) -> keras.o
 
 def _create(config: OptimizerConfig) -> keras.optimizers.Optimizer:
     lr = config.learning_rate
-    if config.name == "sgd":
+    if config.name in ("sgd", "ntasgd"):  # ntasgd: plain SGD; the averaging is dist_rnn.training.averaging's
         return keras.optimizers.SGD(learning_rate=lr, momentum=config.momentum)
     if config.name == "adam":
         return keras.optimizers.Adam(learning_rate=lr, beta_1=config.beta_1, beta_2=config.beta_2,

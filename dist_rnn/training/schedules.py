@@ -13,7 +13,7 @@ from dist_rnn.config import OptimizerConfig
 
 
 def learning_rate_at(config: OptimizerConfig, step: int, epoch: int, max_steps: int | None = None,
-                     num_replicas: int = 1) -> float:
+                     num_replicas: int = 1, plateau_decays: int = 0) -> float:
     """Returns the learning rate of optimizer step ``step`` (0-based) in ``epoch`` (1-based).
 
     Args:
@@ -24,6 +24,8 @@ def learning_rate_at(config: OptimizerConfig, step: int, epoch: int, max_steps: 
             steps of ``train.max_epochs`` epochs if fewer): the cosine horizon
             unless ``schedule.total_steps`` is set.
         num_replicas: Replica count, for ``scale_lr_with_replicas``.
+        plateau_decays: Decays of the ``plateau`` schedule so far (see
+            :func:`dist_rnn.training.stopping.plateau_decays`).
 
     Returns:
         The learning rate.
@@ -46,6 +48,8 @@ def learning_rate_at(config: OptimizerConfig, step: int, epoch: int, max_steps: 
         else:
             progress = min(1.0, (step - s.warmup_steps) / max(1, total - s.warmup_steps))
             lr = s.min_learning_rate + (lr - s.min_learning_rate) * 0.5 * (1 + math.cos(math.pi * progress))
+    elif s.name == "plateau":
+        lr = lr * s.factor ** plateau_decays
     if config.scale_lr_with_replicas and num_replicas > 1:
         ramp = 1.0 if not s.warmup_steps else min(1.0, (step + 1) / s.warmup_steps)
         lr = lr * (1 + (num_replicas - 1) * ramp)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from dist_rnn.training import gradients
+from dist_rnn.training import accumulation, gradients
 from dist_rnn.training.regularization import ActivationPenalties, add_weight_decay
 from dist_rnn.distribution import Backend
 
@@ -75,11 +75,17 @@ class StepFunctions:
             sum); their values of the last step are in :attr:`last_penalties`.
         weight_decay: L2 decay added to the clipped gradient (0: off; not
             for ``adamw``, whose optimizer decays by itself).
+        accumulate_steps: ``train.accumulate_steps``: row blocks per replica
+            processed in sequence, gradients summed before the all-reduce
+            (see :mod:`dist_rnn.training.accumulation`).
+        weight_average: A :class:`~dist_rnn.training.averaging.WeightAverage`
+            updated after every applied step, or None.
     """
 
     def __init__(self, model, optimizer, backend: Backend, global_batch: int, num_steps: int,
                  clip_norm: float, loss_scale=None, jit_compile: bool = False, loss_normalization: str = "token",
-                 penalties: ActivationPenalties = ActivationPenalties(), weight_decay: float = 0.0):
+                 penalties: ActivationPenalties = ActivationPenalties(), weight_decay: float = 0.0,
+                 accumulate_steps: int = 1, weight_average=None):
         self.model = model
         self.optimizer = optimizer
         self.backend = backend
@@ -87,6 +93,8 @@ class StepFunctions:
         self.denominator = loss_denominator(loss_normalization, global_batch, num_steps)
         self.clip_norm = clip_norm
         self.loss_scale = loss_scale
+        self.accumulate_steps = accumulate_steps
+        self.weight_average = weight_average
         self.variables = list(model.trainable_variables)
         self.penalties = penalties
         self.weight_decay = weight_decay
@@ -120,7 +128,12 @@ class StepFunctions:
         local_rows = tf.shape(inputs)[0]
         rows = tf.stack([self.backend.replica_id() * local_rows, tf.constant(self.global_batch, tf.int32)])
         scale = self.loss_scale.scale.read_value() if self.loss_scale is not None else tf.constant(1.0)
-        loss_sum, new_states, grads, penalty_terms = self._forward_backward(inputs, targets, states, seed, rows, scale)
+        if self.accumulate_steps == 1:
+            loss_sum, new_states, grads, penalty_terms = self._forward_backward(
+                inputs, targets, states, seed, rows, scale)
+        else:
+            loss_sum, new_states, grads, penalty_terms = accumulation.accumulate(
+                self._forward_backward, self.accumulate_steps, inputs, targets, states, seed, rows, scale)
         grads = self.backend.all_reduce_sum(grads)
         if self.loss_scale is not None:
             grads = [g / scale for g in grads]
@@ -137,6 +150,8 @@ class StepFunctions:
     def _after_apply(self, finite):
         if self.loss_scale is not None:
             self.loss_scale.update(finite)
+        if self.weight_average is not None:
+            self.weight_average.update(finite)
 
     def train_step(self, inputs, targets, states, seed):
         """One optimizer step; returns (global loss sum, per-replica new states, grad norm, finite flag).

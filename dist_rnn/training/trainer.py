@@ -33,7 +33,7 @@ from dist_rnn.training.checkpoints import Checkpointer, TrainingState, accepted_
 from dist_rnn.training.evaluation import EvalResult, evaluate_split
 from dist_rnn.training.gradients import DynamicLossScale
 from dist_rnn.training.preemption import StopRequest
-from dist_rnn.training.schedules import learning_rate_at
+from dist_rnn.training.recipe import TrainingRecipe
 from dist_rnn.training.steps import StepFunctions, token_losses
 
 log = logging.getLogger("dist_rnn")
@@ -146,6 +146,7 @@ class Trainer:
         eval_batches: The evaluation windows by split (non-empty splits only).
         kernels: Which recurrent kernel each layer runs.
         metrics: Where log points go; :meth:`train` needs it, :meth:`evaluate` does not.
+        recipe: Early stopping, plateau decay and averaged weights (none by default).
     """
 
     def __init__(self, config: Config, run_dir: RunDirectory, backend: Backend,
@@ -153,7 +154,7 @@ class Trainer:
                  model: keras.Model, optimizer: keras.optimizers.Optimizer, loss_scale: DynamicLossScale | None,
                  steps: StepFunctions, state: TrainingState, checkpointer: Checkpointer,
                  train_batches: StreamBatcher, eval_batches: dict[str, EvalBatcher], kernels: list[LayerKernel],
-                 metrics: MetricsLogger | None = None):
+                 metrics: MetricsLogger | None = None, recipe: TrainingRecipe | None = None):
         self.config = config
         self.run_dir = run_dir
         self.backend = backend
@@ -168,6 +169,7 @@ class Trainer:
         self.eval_batches = eval_batches
         self.kernels = kernels
         self.metrics = metrics
+        self.recipe = recipe or TrainingRecipe()
         self.stopped_by: str | None = None
         self._sampler: Sampler | None = None  # built once: its tf.functions trace on the first sample only
         self._profiling = False
@@ -294,6 +296,7 @@ class Trainer:
             if due(t.eval_every, pos.step) and not last:
                 self._evaluate_and_log(pos, states)
                 window.restart_clock()
+                last = self.recipe.stop_due()  # early stopping ends the run here as at its last step
             due_by_time = check_stop and not last and self._time_to_save()
             if (due_by_time or due(c.checkpoint.every_steps, pos.step)) and not last:
                 self._mean_loss(window.losses, pos.step)
@@ -307,7 +310,7 @@ class Trainer:
                      skips: SkippedSteps):
         """One optimizer step on one batch; advances ``pos``. Returns the new state, learning rate and gradient norm."""
         c, t = self.config, self.config.train
-        lr = learning_rate_at(c.optimizer, pos.step, pos.epoch, total, self.backend.num_replicas)
+        lr = self.recipe.learning_rate(c.optimizer, pos.step, pos.epoch, total, self.backend.num_replicas)
         self.optimizer.learning_rate.assign(lr)
         x, y = self.backend.shard((inputs, targets))
         seed = tf.constant([t.seed, pos.step], tf.int64)
@@ -354,6 +357,8 @@ class Trainer:
     def _final_evaluation(self, pos: Position, states) -> dict:
         """Evaluates valid (saving the best checkpoint and a sample) and test after the last step."""
         valid = self._evaluate_and_log(pos, states)
+        if self.recipe.history is not None:  # the latest checkpoint holds this evaluation too, for a resume
+            self.save(pos, states)
         test = None
         if "test" in self.eval_batches:
             test = self.evaluate("test")
@@ -448,6 +453,7 @@ class Trainer:
             return None
         result = self.evaluate("valid")
         self.metrics.evaluation(pos.step, "valid", result.metrics())
+        self.recipe.after_evaluation(pos.step, result.loss)
         self.save_best(pos, states, result)
         if self.config.train.sample_length and self.backend.is_chief:
             text = self.sample(self.config.train.sample_prime, self.config.train.sample_length, seed=0)
@@ -468,7 +474,8 @@ class Trainer:
         better = math.isfinite(result.loss) and (best is None or result.loss < best["loss"])
         if not (self.backend.is_chief and better):
             return None
-        path = self.checkpointer.save_best(pos.step, {"loss": result.loss, "perplexity": perplexity(result.loss)})
+        path = self.recipe.with_average(self.checkpointer.save_best, pos.step,
+                                        {"loss": result.loss, "perplexity": perplexity(result.loss)})
         log.info(f"new best validation perplexity {perplexity(result.loss):.3f}: {path}")
         return path
 
@@ -481,12 +488,13 @@ class Trainer:
         if split not in self.eval_batches:
             raise UserError(f"the {split} split of this corpus is empty")
         batches = self.eval_batches[split]
-        return evaluate_split(split, batches, self.steps, self.backend, self._zero_states(batches.batch_size),
-                              self.corpus.tokenizer.kind, self.corpus.bits_per_byte)
+        return self.recipe.with_average(evaluate_split, split, batches, self.steps, self.backend,
+                                        self._zero_states(batches.batch_size), self.corpus.tokenizer.kind,
+                                        self.corpus.bits_per_byte)
 
     def sample(self, prime: str, length: int, seed: int = 0, temperature: float = 0.8) -> str:
         """Generates a text sample from the current weights."""
         if self._sampler is None:
             self._sampler = Sampler(model_step_fn(self.model), self.corpus.tokenizer)
-        ids = self._sampler.generate(prime, length, temperature=temperature, seed=seed)[0]
+        ids = self.recipe.with_average(self._sampler.generate, prime, length, temperature=temperature, seed=seed)[0]
         return self.corpus.tokenizer.decode(ids)
