@@ -338,9 +338,11 @@ SCRIPT = textwrap.dedent("""
 
     out, data, model = sys.argv[1], sys.argv[2], sys.argv[3]
     base = ["--set", "data={corpus: file, path: %s, split: [0.9, 0.1, 0.0]}" % data, "--set", model,
-            "--set", "optimizer={name: adam, learning_rate: 0.01, clip_norm: 0.25, weight_decay: 0.001}",
+            "--set", "optimizer={name: adam, learning_rate: 0.01, clip_norm: 0.25, weight_decay: 0.001, ema_decay: 0.9, "
+                         "schedule: {name: plateau, factor: 0.5, patience: 1}}",
             "--set", "train={batch_size: 4, num_steps: 12, max_steps: 6, max_epochs: null, log_every: 2, "
-                     "sample_length: 0, eval_every: 3, ar: 2.0, tar: 1.0, deterministic: true}",
+                     "sample_length: 0, eval_every: 3, ar: 2.0, tar: 1.0, deterministic: true, accumulate_steps: 2, "
+                     "early_stopping: {patience: 3, min_delta: 0.0}}",
             "--set", "checkpoint.every_steps=0", "--set", "logging={progress: off, tensorboard: false}"]
     def train(name, *extra):
         assert main(["train", "--run-dir", "%s/%s" % (out, name), *base, *extra]) == 0, name
@@ -358,12 +360,21 @@ def _saved(run_dir) -> dict:
             if n.endswith("VARIABLE_VALUE") and not n.startswith("save_counter")}
 
 
+def _numbers(tree) -> list[float]:
+    """Every number in a parsed JSON value, in order."""
+    if isinstance(tree, dict):
+        return [x for key in sorted(tree) for x in _numbers(tree[key])]
+    if isinstance(tree, list):
+        return [x for item in tree for x in _numbers(item)]
+    return [float(tree)] if isinstance(tree, (int, float)) else []
+
+
 def _records(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.slow
-def test_every_regularizer_on_mirrored_equals_one_device_and_resume_is_bitwise(shakespeare_slice, tmp_path):
+def test_every_recipe_option_on_mirrored_equals_one_device_and_resume_is_bitwise(shakespeare_slice, tmp_path):
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path), str(shakespeare_slice), ALL_ON],
                           cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -372,7 +383,14 @@ def test_every_regularizer_on_mirrored_equals_one_device_and_resume_is_bitwise(s
     assert full.keys() == resumed.keys()
     for name in full:
         assert np.array_equal(full[name], resumed[name]), name
+    # The validation history is a JSON string of losses: equal to float32 reduction order, not bitwise.
+    history = "evaluation_history/record_json/.ATTRIBUTES/VARIABLE_VALUE"
+    one, two = (json.loads(run.pop(history)) for run in (full, mirrored))
+    assert np.allclose(np.array(_numbers(one)), np.array(_numbers(two)), rtol=1e-5), (one, two)
+    assert len(_numbers(one)) >= 2
     assert_close_variables(full, mirrored, TOLERANCE)  # Adam: its slots make > 20 compared variables
+    # The recipe's other options were live: EMA weights and the validation history are checkpointed.
+    assert any(n.startswith("weight_average/") for n in full)  # (the history was popped above: it exists)
     # AR/TAR are logged beside the loss, on training records only, and agree across layouts.
     train_full = [r for r in _records(tmp_path / "full") if r["split"] == "train"]
     train_mirrored = [r for r in _records(tmp_path / "mirrored") if r["split"] == "train"]

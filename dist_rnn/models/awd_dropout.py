@@ -134,8 +134,11 @@ class LockedDropout(keras.layers.Layer):
         """
         if not training or not _drops(self.rate, training, seed):
             return inputs
-        shape = tf.shape(inputs)
-        mask = recurrent_dropout_mask(self.rate, shape[2], shape[0], inputs.dtype, seed, self.salt, rows)
+        # Static sizes where known, so that a one-row mask keeps its row count
+        # (broadcasting against it would make the row count unknown).
+        rows_here = inputs.shape[0] if inputs.shape[0] is not None else tf.shape(inputs)[0]
+        features = inputs.shape[2] if inputs.shape[2] is not None else tf.shape(inputs)[2]
+        mask = recurrent_dropout_mask(self.rate, features, rows_here, inputs.dtype, seed, self.salt, rows)
         return inputs * mask[:, tf.newaxis, :]
 
     def get_config(self):

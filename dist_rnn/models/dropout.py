@@ -45,6 +45,10 @@ def recurrent_dropout_mask(rate, units, batch, dtype, seed, salt, rows=None):
     else:
         uniform = tf.random.stateless_uniform(tf.stack([rows[1], units]), seed=layer_seed)
         keep = uniform[rows[0]:rows[0] + batch] >= rate
+    # The slice loses the static row count; keep it where it is known, or a
+    # one-row mask would broadcast the activations to an unknown row count
+    # (and the recurrent loops refuse a carried state whose shape changes).
+    keep = tf.ensure_shape(keep, [tf.get_static_value(batch), tf.get_static_value(units)])
     return tf.cast(keep, dtype) * tf.cast(1.0 / (1.0 - rate), dtype)
 
 

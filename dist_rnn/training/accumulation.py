@@ -43,7 +43,9 @@ def accumulate(forward_backward: Callable, blocks: int, inputs, targets, states,
         loss sums, gradients and penalty terms summed over the blocks, the new
         states concatenated in row order.
     """
-    block_rows = tf.shape(inputs)[0] // blocks
+    # A static block size where the rows are known keeps the blocks' shapes
+    # static, as the recurrent kernels' loops need for the carried state.
+    block_rows = inputs.shape[0] // blocks if inputs.shape[0] is not None else tf.shape(inputs)[0] // blocks
     loss_sum, grads, new_states, penalty_terms = None, None, [], {}
     for index in range(blocks):
         block = block_slices((inputs, targets, states), index, block_rows)
