@@ -89,8 +89,11 @@ class ModelConfig:
             layer's recurrent matmul, one mask per sequence drawn from (step
             seed, layer, global row), for every cell; on ``lstm``/``gru`` it
             rules out cuDNN (dist-rnn's fused recurrence runs instead).
-        tie_embeddings: Share the input embedding with the output projection
-            (needs ``embedding_size == hidden_size``).
+        tie_embeddings: Share the input embedding with the output layer (for
+            ``adaptive``: each cluster's rows). When the last layer's width
+            (``projection_size`` or ``hidden_size``) differs from
+            ``embedding_size``, a learned projection to ``embedding_size``
+            comes first.
         cudnn: ``auto`` uses the fused kernel where eligible, ``require`` fails
             before training unless every layer can use it (and builds them with
             Keras' ``use_cudnn=True``), ``off`` forces dist-rnn's fused
@@ -100,6 +103,24 @@ class ModelConfig:
         init_scale: If set, initialize every weight uniformly in
             ``[-init_scale, init_scale]`` (the PTB recipe); else Keras defaults.
             Either way each weight draws its own values, fixed by ``train.seed``.
+        output: The output layer. ``softmax``: full float32 logits.
+            ``sampled``: sampled softmax in training (``num_sampled``
+            candidates per step from a log-uniform (Zipfian) sampler over the
+            frequency-sorted ids, drawn with replacement from the step seed,
+            accidental hits removed), the exact full softmax in evaluation and
+            generation; same weights as ``softmax``. ``adaptive``: adaptive
+            softmax (Grave et al. 2017) with ``cutoffs`` and ``div_value``,
+            exact normalized log-probabilities everywhere.
+        num_sampled: Candidates per training step of ``sampled`` (shared by
+            every token of the global batch); below the vocabulary size.
+        cutoffs: ``adaptive``: increasing ids where the head ends and each tail
+            cluster starts, each below the vocabulary size, e.g.
+            ``[20000, 40000, 200000]``.
+        div_value: ``adaptive``: tail cluster ``i`` (from 1) projects to
+            ``width / div_value ** i`` dimensions (at least 1).
+        projection_size: ``lstm`` only: LSTM with a recurrent projection (Sak
+            et al. 2014); the carried and emitted state ``h`` has this width,
+            the cell state ``hidden_size``. ``null``: none.
     """
 
     cell: Literal["lstm", "gru", "ln_lstm", "ln_gru", "rnn"] = "lstm"
@@ -111,6 +132,11 @@ class ModelConfig:
     tie_embeddings: bool = False
     cudnn: Literal["auto", "require", "off"] = "auto"
     init_scale: Optional[float] = None
+    output: Literal["softmax", "sampled", "adaptive"] = "softmax"
+    num_sampled: int = 8192
+    cutoffs: list[int] = field(default_factory=list)
+    div_value: float = 4.0
+    projection_size: Optional[int] = None
 
 
 @dataclass
@@ -342,7 +368,21 @@ RESUME_INVARIANT_KEYS = (
     "model.cell", "model.num_layers", "model.hidden_size",
     "model.embedding_size", "model.tie_embeddings",
     "train.batch_size", "train.num_steps",
+    "model.output", "model.cutoffs", "model.div_value", "model.projection_size",
 )
+
+# Resume-invariant keys added after runs were written: a run's fingerprint
+# covers them only where they differ from these defaults, so checkpoints of
+# runs without them keep their fingerprint.
+LATER_INVARIANT_DEFAULTS = {"model.output": "softmax", "model.cutoffs": [], "model.div_value": 4.0,
+                            "model.projection_size": None}
+
+
+def resume_invariant_values(config: "Config") -> dict[str, Any]:
+    """The :data:`RESUME_INVARIANT_KEYS` of ``config`` that a checkpoint's fingerprint covers."""
+    flat = flatten(config.to_dict())
+    return {k: flat[k] for k in RESUME_INVARIANT_KEYS
+            if k not in LATER_INVARIANT_DEFAULTS or flat[k] != LATER_INVARIANT_DEFAULTS[k]}
 
 # Keys a resume may change only at an epoch boundary: with
 # ``data.random_offset`` they decide where the current epoch's windows start,
@@ -647,8 +687,7 @@ def validate(config: Config) -> None:
     _require(m.embedding_size >= 1, "model.embedding_size", f"must be positive, got {m.embedding_size}")
     _require(0 <= m.dropout < 1, "model.dropout", f"must be in [0, 1), got {m.dropout}")
     _require(0 <= m.recurrent_dropout < 1, "model.recurrent_dropout", f"must be in [0, 1), got {m.recurrent_dropout}")
-    _require(not m.tie_embeddings or m.embedding_size == m.hidden_size, "model.tie_embeddings",
-             f"needs model.embedding_size == model.hidden_size, got {m.embedding_size} and {m.hidden_size}")
+    _validate_output(m, t)
     _require(m.init_scale is None or m.init_scale > 0, "model.init_scale", f"must be positive, got {m.init_scale}")
     _require(o.learning_rate > 0, "optimizer.learning_rate", f"must be positive, got {o.learning_rate}")
     _require(o.clip_norm >= 0, "optimizer.clip_norm", f"must be >= 0 (0 turns clipping off), got {o.clip_norm}")
@@ -705,6 +744,39 @@ def validate(config: Config) -> None:
     _require(lg.profile_steps == [] or (len(lg.profile_steps) == 2 and 1 <= lg.profile_steps[0] <= lg.profile_steps[1]),
              "logging.profile_steps", f"expected [first, last] with 1 <= first <= last, got {lg.profile_steps}")
     _require(lg.histograms_every >= 0, "logging.histograms_every", f"must be >= 0, got {lg.histograms_every}")
+
+
+def _validate_output(m: ModelConfig, t: TrainConfig) -> None:
+    """Checks the output-layer and projection keys that need no vocabulary (see :func:`check_output_vocab`)."""
+    _require(m.num_sampled >= 1, "model.num_sampled", f"must be at least 1, got {m.num_sampled}")
+    _require(m.div_value >= 1, "model.div_value", f"must be >= 1, got {m.div_value}")
+    _require(all(isinstance(c, int) and not isinstance(c, bool) for c in m.cutoffs), "model.cutoffs",
+             f"expected a list of integers, got {m.cutoffs}")
+    _require(all(0 < a < b for a, b in zip([0] + m.cutoffs, m.cutoffs)), "model.cutoffs",
+             f"must be positive and strictly increasing, got {m.cutoffs}")
+    _require(m.output != "adaptive" or m.cutoffs, "model.cutoffs",
+             "model.output 'adaptive' needs at least one cutoff, e.g. [2000, 10000]")
+    _require(m.output == "adaptive" or not m.cutoffs, "model.cutoffs",
+             f"only model.output 'adaptive' uses cutoffs (model.output is {m.output!r})")
+    _require(m.output != "adaptive" or not t.jit_compile, "model.output",
+             "'adaptive' conflicts with train.jit_compile: true (its clusters have data-dependent sizes, "
+             "which XLA cannot compile); set train.jit_compile to false")
+    _require(m.projection_size is None or m.projection_size >= 1, "model.projection_size",
+             f"must be positive, got {m.projection_size}")
+    _require(m.projection_size is None or m.cell == "lstm", "model.projection_size",
+             f"only model.cell 'lstm' has a projection, got model.cell {m.cell!r}")
+
+
+def check_output_vocab(m: ModelConfig, vocab_size: int) -> None:
+    """Checks the output-layer keys against the vocabulary size, known once the data is read.
+
+    Raises:
+        UserError: Naming ``model.num_sampled`` or ``model.cutoffs``.
+    """
+    _require(m.output != "sampled" or m.num_sampled < vocab_size, "model.num_sampled",
+             f"must be below the vocabulary size ({vocab_size}), got {m.num_sampled}")
+    _require(m.output != "adaptive" or m.cutoffs[-1] < vocab_size, "model.cutoffs",
+             f"must all be below the vocabulary size ({vocab_size}), got {m.cutoffs}")
 
 
 def check_divisible(config: Config, num_replicas: int) -> None:

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import keras
 import tensorflow as tf
 
-from dist_rnn.config import TWO_STATE_CELLS, ModelConfig
+from dist_rnn.config import TWO_STATE_CELLS, ModelConfig, check_output_vocab
 from dist_rnn.errors import UserError
+from dist_rnn.models.outputs import OutputProjection, output_layer  # noqa: F401 (OutputProjection: re-exported)
 
 FUSED_CELLS = ("lstm", "gru")
 #: Recurrent layer ``i`` folds ``RECURRENT_DROPOUT_SALT + i`` into the step seed (the
@@ -102,6 +103,10 @@ def kernel_report(config: ModelConfig, gpu_visible: bool, jit_compile: bool = Fa
     for i in range(config.num_layers):
         if config.cell not in FUSED_CELLS:
             fused, reason = False, "custom cell"
+        elif config.projection_size:
+            from dist_rnn.models.projected_lstm import NO_CUDNN_REASON
+
+            fused, reason = False, NO_CUDNN_REASON
         elif config.cudnn == "off":
             fused, reason = False, "model.cudnn: off"
         elif config.recurrent_dropout > 0:
@@ -166,47 +171,6 @@ class StatelessDropout(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "rate": self.rate, "salt": self.salt}
-
-
-@keras.saving.register_keras_serializable(package="dist_rnn")
-class OutputProjection(keras.layers.Layer):
-    """Projects hidden states to float32 vocabulary logits, optionally tied to the embedding.
-
-    The matmul (the largest of a word model) runs in the compute dtype
-    (bfloat16/float16 under mixed precision); its result is cast to float32
-    before the float32 bias is added, so softmax and loss stay float32.
-
-    Args:
-        vocab_size: Number of output classes.
-        tied_embedding: An Embedding layer whose matrix is reused (transposed).
-        kernel_initializer: Initializer of the untied kernel (the bias starts at zero).
-    """
-
-    def __init__(self, vocab_size: int, tied_embedding=None, kernel_initializer="glorot_uniform", **kwargs):
-        super().__init__(**kwargs)
-        self.vocab_size = vocab_size
-        self.tied_embedding = tied_embedding
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
-
-    def build(self, input_shape):
-        if self.tied_embedding is None:
-            self.kernel = self.add_weight(name="kernel", shape=(input_shape[-1], self.vocab_size),
-                                          initializer=self.kernel_initializer)
-        self.bias = self.add_weight(name="bias", shape=(self.vocab_size,), initializer="zeros", autocast=False)
-
-    def call(self, inputs):
-        cdt = tf.as_dtype(self.compute_dtype)
-        inputs = tf.cast(inputs, cdt)
-        if self.tied_embedding is not None:
-            kernel = tf.cast(self.tied_embedding.embeddings, cdt)
-            logits = tf.matmul(inputs, kernel, transpose_b=True)
-        else:
-            logits = tf.matmul(inputs, tf.cast(self.kernel, cdt))
-        return tf.cast(logits, tf.float32) + tf.cast(self.bias, tf.float32)
-
-    def get_config(self):
-        return {**super().get_config(), "vocab_size": self.vocab_size,
-                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer)}
 
 
 def weight_seed(seed: int, weight: str) -> int:
@@ -280,6 +244,8 @@ def recurrent_layer(config: ModelConfig, index: int, seed: int = 0, allow_cudnn:
     if config.init_scale and config.cell in ("lstm", "gru", "rnn"):
         # The layer-norm cells have no bias; their gains and shifts keep their constant starts.
         init["bias_initializer"] = weight_initializer(config, seed, f"{name}/bias")
+    if config.projection_size:
+        return projected_lstm_layer(config, index, seed, name, init)
     from dist_rnn.models.layers import RECURRENT_LAYERS
 
     cls = RECURRENT_LAYERS[config.cell]
@@ -295,6 +261,24 @@ def recurrent_layer(config: ModelConfig, index: int, seed: int = 0, allow_cudnn:
                    dropout_salt=RECURRENT_DROPOUT_SALT + index, **init, **extra, **common)
     return cls(config.hidden_size, recurrent_dropout=config.recurrent_dropout,
                dropout_salt=RECURRENT_DROPOUT_SALT + index, **init, **common)
+
+
+def projected_lstm_layer(config: ModelConfig, index: int, seed: int, name: str, init: dict):
+    """Layer ``index`` when ``model.projection_size`` is set: a :class:`~dist_rnn.models.projected_lstm.ProjectedLSTM`.
+
+    Args:
+        config: The ``model`` section.
+        index: Layer index.
+        seed: Model seed.
+        name: Layer name.
+        init: Its kernel, recurrent-kernel (and, with ``init_scale``, bias) initializers.
+    """
+    from dist_rnn.models.projected_lstm import ProjectedLSTM
+
+    return ProjectedLSTM(config.hidden_size, config.projection_size, recurrent_dropout=config.recurrent_dropout,
+                         projection_initializer=weight_initializer(config, seed, f"{name}/projection_kernel"),
+                         unit_forget_bias=not config.init_scale, dropout_salt=RECURRENT_DROPOUT_SALT + index,
+                         return_sequences=True, return_state=True, name=name, **init)
 
 
 @keras.saving.register_keras_serializable(package="dist_rnn")
@@ -332,10 +316,13 @@ class LanguageModel(keras.Model):
             setattr(self, f"recurrent_{i}", layer)
         self.dropouts = [StatelessDropout(config.dropout, salt=i, name=f"dropout_{i}")
                          for i in range(config.num_layers + 1)]
-        self.projection = OutputProjection(vocab_size, self.embedding if config.tie_embeddings else None,
-                                           kernel_initializer=weight_initializer(config, seed, "projection/kernel"),
-                                           name="projection")
+        self.projection = output_layer(config, vocab_size, self.embedding if config.tie_embeddings else None,
+                                       weight_initializer(config, seed, "projection/kernel"),
+                                       weight_initializer(config, seed, "projection/tie_projection"))
         self.state_counts = [states_per_layer(config.cell)] * config.num_layers
+        # Width of each flat state tensor: h is projection_size wide in a projected LSTM.
+        h_size = config.projection_size or config.hidden_size
+        self.state_sizes = [h_size, config.hidden_size][:states_per_layer(config.cell)] * config.num_layers
 
     @property
     def num_state_tensors(self) -> int:
@@ -343,11 +330,10 @@ class LanguageModel(keras.Model):
         return sum(self.state_counts)
 
     def initial_state(self, batch_size: int) -> tuple:
-        """Zero state: a flat tuple of float32 ``[batch_size, hidden_size]`` tensors."""
-        return tuple(tf.zeros([batch_size, self.model_config.hidden_size], tf.float32)
-                     for _ in range(self.num_state_tensors))
+        """Zero state: a flat tuple of float32 ``[batch_size, size]`` tensors (sizes: :attr:`state_sizes`)."""
+        return tuple(tf.zeros([batch_size, size], tf.float32) for size in self.state_sizes)
 
-    def call(self, tokens, states=None, training=False, seed=None, rows=None):
+    def call(self, tokens, states=None, training=False, seed=None, rows=None, targets=None, last_only=False):
         """Runs the model over a window of tokens.
 
         Args:
@@ -359,10 +345,18 @@ class LanguageModel(keras.Model):
             rows: int ``[2]``: first global row of ``tokens`` and the global
                 batch rows, so dropout masks do not depend on the replica
                 layout (None: ``tokens`` is the whole batch).
+            targets: int ``[batch, time]`` next tokens: return their per-token
+                loss instead of logits (the output layer's ``token_nll``: in
+                training its training loss, e.g. sampled; else exact, in
+                bounded memory).
+            last_only: Return the logits of the last time step only
+                (``[batch, 1, vocab]``: generation and export need no more).
 
         Returns:
-            ``(logits, states)``: float32 ``[batch, time, vocab]`` logits and the
-            flat tuple of final states, in float32.
+            ``(logits, states)``: float32 ``[batch, time, vocab]`` logits (for
+            ``adaptive``: log-probabilities) and the flat tuple of final
+            states, in float32; with ``targets``, float32 ``[batch, time]``
+            losses (nats) instead of the logits.
         """
         if states is None:
             states = self.initial_state(tf.shape(tokens)[0])
@@ -377,6 +371,10 @@ class LanguageModel(keras.Model):
             x = outputs[0]
             new_states.extend(tf.cast(s, tf.float32) for s in outputs[1:])
             x = self.dropouts[i + 1](x, seed=seed, rows=rows, training=training)
+        if targets is not None:
+            return self.projection.token_nll(x, targets, training=training, seed=seed), tuple(new_states)
+        if last_only:
+            x = x[:, -1:, :]
         return self.projection(x), tuple(new_states)
 
     def get_config(self):
@@ -404,7 +402,11 @@ def build_model(config: ModelConfig, vocab_size: int, seed: int, allow_cudnn: bo
 
     Returns:
         A built :class:`LanguageModel`.
+
+    Raises:
+        UserError: If ``model.num_sampled`` or ``model.cutoffs`` do not fit the vocabulary.
     """
+    check_output_vocab(config, vocab_size)
     model = LanguageModel(vocab_size, config, seed=seed, allow_cudnn=allow_cudnn, name="language_model")
     model(tf.zeros([1, 1], tf.int32), training=False)
     return model

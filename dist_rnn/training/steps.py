@@ -74,8 +74,10 @@ class StepFunctions:
 
     def _forward_backward_impl(self, inputs, targets, states, seed, rows, scale):
         with tf.GradientTape() as tape:
-            logits, new_states = self.model(inputs, states, training=True, seed=seed, rows=rows)
-            loss_sum = token_loss_sum(targets, logits)
+            # The output layer's training loss per token (full softmax: the
+            # cross-entropy of its logits; sampled: from this step's seed).
+            losses, new_states = self.model(inputs, states, training=True, seed=seed, rows=rows, targets=targets)
+            loss_sum = tf.reduce_sum(losses)
             # Loss of this replica's rows as a share of the global objective
             # (the denominator is global, not per replica): the all-reduced
             # SUM of these gradients is the gradient of the global objective.
@@ -110,8 +112,8 @@ class StepFunctions:
         return self.backend.reduce_sum(loss_sum), states, self.backend.first(grad_norm), self.backend.first(finite)
 
     def _replica_eval(self, inputs, targets, weights, states):
-        logits, new_states = self.model(inputs, states, training=False)
-        losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.cast(targets, tf.int32), logits=logits)
+        # Exact per-token losses in row slices of bounded memory (every output layer).
+        losses, new_states = self.model(inputs, states, training=False, targets=targets)
         # Padded targets (weight 0) add nothing.
         return tf.reduce_sum(losses * tf.cast(weights, losses.dtype)), new_states
 
