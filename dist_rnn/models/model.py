@@ -372,7 +372,7 @@ class LanguageModel(keras.Model):
             new_states.extend(tf.cast(s, tf.float32) for s in outputs[1:])
             x = self.dropouts[i + 1](x, seed=seed, rows=rows, training=training)
         if targets is not None:
-            return self.projection.token_nll(x, targets, training=training, seed=seed), tuple(new_states)
+            return self.projection(x, targets=targets, training=training, seed=seed), tuple(new_states)
         if last_only:
             x = x[:, -1:, :]
         return self.projection(x), tuple(new_states)

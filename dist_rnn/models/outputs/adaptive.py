@@ -114,7 +114,25 @@ class AdaptiveSoftmax(keras.layers.Layer):
         rows = self._embedding_rows(self.bounds[i], self.bounds[i + 1])
         return tf.matmul(tf.matmul(small, kernel), rows, transpose_b=True) + bias
 
-    def call(self, inputs):
+    def call(self, inputs, targets=None, training=False, seed=None):
+        """Log-probabilities, or with ``targets`` the per-token loss (see :meth:`token_nll`).
+
+        Computing inside the layer call keeps every weight read in float32
+        (the layer's policy), even under a mixed-precision model.
+
+        Args:
+            inputs: ``[..., D]`` last-layer outputs.
+            targets: None, or int ``[B, T]`` target ids.
+            training, seed: As for :meth:`token_nll`.
+
+        Returns:
+            float32 ``[..., vocab]`` log-probabilities, or float32 ``[B, T]`` losses.
+        """
+        if targets is None:
+            return self.log_probs(inputs)
+        return self.token_nll(inputs, targets, training=training, seed=seed)
+
+    def log_probs(self, inputs):
         """Exact float32 log-probabilities ``[..., vocab]`` of ``inputs`` ``[..., D]`` (sum to 1 over the vocabulary)."""
         shape = tf.shape(inputs)
         hidden = tf.reshape(tf.cast(inputs, tf.float32), [-1, inputs.shape[-1]])
@@ -143,7 +161,7 @@ class AdaptiveSoftmax(keras.layers.Layer):
         return tf.reshape(nll, shape)
 
     def token_nll(self, hidden, targets, training=False, seed=None):
-        """Exact per-token negative log-likelihood (nats) of ``targets``.
+        """Exact per-token negative log-likelihood (nats) of ``targets`` (call it through ``call``).
 
         Args:
             hidden: ``[B, T, D]`` last-layer outputs (after dropout).

@@ -109,7 +109,7 @@ class SampledSoftmax(OutputProjection):
         return hidden
 
     def token_nll(self, hidden, targets, training=False, seed=None):
-        """Per-token negative log-likelihood (nats): sampled in training with a seed, else exact.
+        """Per-token negative log-likelihood (nats): sampled in training with a seed, else exact (call it through ``call``).
 
         Args:
             hidden: ``[B, T, width]`` last-layer outputs (after dropout).

@@ -46,7 +46,25 @@ class OutputProjection(keras.layers.Layer):
                                                   initializer=self.tie_projection_initializer)
         self.bias = self.add_weight(name="bias", shape=(self.vocab_size,), initializer="zeros", autocast=False)
 
-    def call(self, inputs):
+    def call(self, inputs, targets=None, training=False, seed=None):
+        """Logits, or with ``targets`` the per-token loss (see :meth:`token_nll`).
+
+        The loss is computed inside the layer call, so the layer's dtype policy
+        (not the calling model's autocast) decides how its weights are read.
+
+        Args:
+            inputs: ``[..., width]`` last-layer outputs.
+            targets: None, or int ``[B, T]`` target ids.
+            training, seed: As for :meth:`token_nll`.
+
+        Returns:
+            float32 ``[..., vocab]`` logits, or float32 ``[B, T]`` losses.
+        """
+        if targets is None:
+            return self.logits(inputs)
+        return self.token_nll(inputs, targets, training=training, seed=seed)
+
+    def logits(self, inputs):
         """Float32 logits ``[..., vocab]`` of ``inputs`` ``[..., width]``."""
         cdt = tf.as_dtype(self.compute_dtype)
         inputs = tf.cast(inputs, cdt)
@@ -62,10 +80,10 @@ class OutputProjection(keras.layers.Layer):
     def exact_token_nll(self, hidden, targets):
         """Float32 ``[B, T]`` cross-entropies of the full softmax (all logits of ``hidden`` at once)."""
         return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.cast(targets, tf.int32),
-                                                              logits=self(hidden))
+                                                              logits=self.logits(hidden))
 
     def token_nll(self, hidden, targets, training=False, seed=None):
-        """Per-token negative log-likelihood (nats) of ``targets`` under the full softmax.
+        """Per-token negative log-likelihood (nats) of ``targets`` under the full softmax (call it through ``call``).
 
         Args:
             hidden: ``[B, T, width]`` last-layer outputs (after dropout).
