@@ -26,6 +26,7 @@ from dist_rnn.errors import UserError
 from dist_rnn.generation import Sampler, model_step_fn
 from dist_rnn.training.gradients import DynamicLossScale
 from dist_rnn.models.model import build_model, check_cudnn_requirement, cudnn_excluded_by, kernel_report
+from dist_rnn.models.outputs import output_summary
 from dist_rnn.training.optimizers import build_optimizer
 from dist_rnn.training.preemption import StopRequest
 from dist_rnn.run_dir import RunDirectory
@@ -176,7 +177,9 @@ class Trainer:
             f"{t.batch_size // b.num_replicas} rows per replica",
             f"model           {c.model.num_layers} x {c.model.cell} {c.model.hidden_size}, embedding "
             f"{c.model.embedding_size}, vocab {len(self.corpus.vocab)} ({c.data.level}), "
-            f"{self.parameter_count:,} parameters",
+            f"{self.parameter_count:,} parameters"
+            + (f", LSTM projection {c.model.projection_size}" if c.model.projection_size else ""),
+            f"output          {output_summary(c.model, self.model.projection)}",
             f"data            {c.data.corpus}: train {len(self.corpus.train):,} / valid {len(self.corpus.valid):,} / "
             f"test {len(self.corpus.test):,} tokens; {self.train_batches.batches_in_epoch()} steps per epoch",
             f"optimizer       {c.optimizer.name} lr {c.optimizer.learning_rate:g} ({c.optimizer.schedule.name}), "

@@ -18,7 +18,7 @@ from dist_rnn.models.outputs.adaptive import AdaptiveSoftmax
 from dist_rnn.models.outputs.sampled import SampledSoftmax
 from dist_rnn.models.outputs.softmax import OutputProjection
 
-__all__ = ["AdaptiveSoftmax", "OutputProjection", "SampledSoftmax", "output_layer"]
+__all__ = ["AdaptiveSoftmax", "OutputProjection", "SampledSoftmax", "output_layer", "output_summary"]
 
 
 def output_layer(config: ModelConfig, vocab_size: int, tied_embedding, kernel_initializer,
@@ -41,3 +41,20 @@ def output_layer(config: ModelConfig, vocab_size: int, tied_embedding, kernel_in
                                name="projection")
     return OutputProjection(vocab_size, tied_embedding, kernel_initializer, tie_projection_initializer,
                             name="projection")
+
+
+def output_summary(config: ModelConfig, layer) -> str:
+    """One line for the run summary: the output layer, its settings and its parameter count.
+
+    Args:
+        config: The ``model`` section.
+        layer: The built output layer.
+    """
+    if config.output == "sampled":
+        kind = f"sampled softmax, {config.num_sampled} samples per step (exact softmax in evaluation)"
+    elif config.output == "adaptive":
+        kind = f"adaptive softmax, cutoffs {config.cutoffs}, div_value {config.div_value:g}"
+    else:
+        kind = "full softmax"
+    tied = ", tied to the embedding (not counted)" if config.tie_embeddings else ""
+    return f"{kind}, {layer.count_params():,} parameters{tied}"

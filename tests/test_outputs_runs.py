@@ -1,0 +1,107 @@
+"""Sampled and adaptive softmax in real ``dist-rnn train`` runs: learning, mirrored equivalence, bitwise resume, bad values."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import PTB, REPO, assert_one_line_error, run_cli
+from equivalence import ARGS, assert_same_run, data_args, metrics, train
+
+PTB_VALID = PTB / "ptb.valid.txt"
+# Char-level tiny-shakespeare has 60-odd symbols: 20 samples and two tail clusters fit.
+OUTPUTS = {
+    "sampled": ["--set", "model.output=sampled", "--set", "model.num_sampled=20"],
+    "adaptive": ["--set", "model.output=adaptive", "--set", "model.cutoffs=[10, 30]", "--set", "model.div_value=2"],
+}
+DETERMINISTIC = ["--set", "train.deterministic=true"]
+
+
+def ptb_data(tmp_path):
+    if not PTB_VALID.is_file():
+        pytest.skip(f"needs {PTB_VALID} (CI always has ../shared)")
+    return ["--set", f"data={{corpus: file, path: {PTB_VALID}, level: word, split: [0.8, 0.2, 0.0]}}"]
+
+
+def saved(run_dir) -> dict[str, np.ndarray]:
+    prefix = tf.train.latest_checkpoint(str(run_dir / "checkpoints"))
+    reader = tf.train.load_checkpoint(prefix)
+    return {n: reader.get_tensor(n) for n, _ in tf.train.list_variables(prefix)
+            if n.endswith("VARIABLE_VALUE") and not n.startswith("save_counter")}
+
+
+@pytest.mark.parametrize("overrides,key,why", [
+    (["model.output=adaptive", "model.cutoffs=[300, 100]"], "model.cutoffs", "strictly increasing"),
+    (["model.output=adaptive", "model.cutoffs=[300, 9000]"], "model.cutoffs", "below the vocabulary size"),
+    (["model.output=sampled", "model.num_sampled=9000"], "model.num_sampled", "below the vocabulary size"),
+    (["model.cell=gru", "model.projection_size=16"], "model.projection_size", "only model.cell 'lstm'"),
+    (["model.output=softmax", "model.cutoffs=[300]"], "model.cutoffs", "only model.output 'adaptive'"),
+])
+def test_bad_output_values_are_one_line_errors_naming_the_key(tmp_path, capsys, overrides, key, why):
+    run_dir = tmp_path / "run"
+    argv = ["train", "--run-dir", run_dir, *ptb_data(tmp_path), "--set", "train={max_steps: 1, batch_size: 4}"]
+    for o in overrides:
+        argv += ["--set", o]
+    line = assert_one_line_error(*run_cli(argv, capsys))
+    assert f"'{key}'" in line and why in line, line
+    assert not run_dir.exists()  # nothing written
+
+
+@pytest.mark.slow
+def test_sampled_softmax_training_lowers_the_full_softmax_validation_loss_on_ptb(tmp_path, capsys):
+    run_dir = tmp_path / "sampled"
+    code, out, err = run_cli(["train", "--run-dir", run_dir, *ptb_data(tmp_path),
+                              "--set", "model={cell: lstm, num_layers: 1, hidden_size: 64, embedding_size: 64, "
+                                       "output: sampled, num_sampled: 256}",
+                              "--set", "optimizer={name: adam, learning_rate: 0.01, clip_norm: 5.0}",
+                              "--set", "train={batch_size: 16, num_steps: 20, max_steps: 120, max_epochs: null, "
+                                       "eval_every: 40, log_every: 20, sample_length: 0}",
+                              "--set", "checkpoint.every_steps=0", "--set", "logging.progress=off"], capsys)
+    assert code == 0, err[-2000:]
+    assert "sampled softmax, 256 samples per step" in out
+    vocab = len(json.loads((run_dir / "vocab.json").read_text())["tokens"])
+    valid = [m["loss"] for m in metrics(run_dir) if m["split"] == "valid"]
+    train_losses = [m["loss"] for m in metrics(run_dir) if m["split"] == "train"]
+    assert len(valid) == 3, valid
+    # Evaluation is the exact full softmax: it starts near log(V) and falls with training.
+    assert valid[0] < math.log(vocab) - 1.0 and valid[2] < valid[1] < valid[0], (valid, math.log(vocab))
+    # The sampled training loss is not the full softmax loss (256 of the classes).
+    assert train_losses[-1] < valid[-1] - 0.5, (train_losses, valid)
+
+
+@pytest.fixture(scope="module", params=sorted(OUTPUTS))
+def reference(request, shakespeare_slice, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp(request.param) / "single"
+    train(run_dir, shakespeare_slice, *OUTPUTS[request.param], *DETERMINISTIC)
+    return request.param, run_dir
+
+
+@pytest.mark.slow
+def test_mirrored_two_logical_cpus_matches_single_device(reference, shakespeare_slice, tmp_path):
+    output, single = reference
+    run_dir = tmp_path / "mirrored"
+    proc = train(run_dir, shakespeare_slice, *OUTPUTS[output], *DETERMINISTIC,
+                 "--set", "distribute={backend: mirrored, cpu_devices: 2}")
+    assert "mirrored: 2 replica(s)" in proc.stdout
+    assert_same_run(single, run_dir)
+
+
+@pytest.mark.slow
+def test_stop_and_resume_is_bitwise_identical(reference, shakespeare_slice, tmp_path):
+    output, single = reference
+    run_dir = tmp_path / "resumed"
+    train(run_dir, shakespeare_slice, *OUTPUTS[output], *DETERMINISTIC, "--set", "train.max_steps=11")
+    proc = subprocess.run([sys.executable, "-m", "dist_rnn", "train", "--run-dir", str(run_dir),
+                           "--set", "train.max_steps=24"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resumed from" in proc.stdout
+    a, b = saved(single), saved(run_dir)
+    assert a.keys() == b.keys() and any("projection/tail_1" in n for n in a) == (output == "adaptive")
+    for name in a:
+        assert np.array_equal(a[name], b[name]), name
