@@ -105,3 +105,33 @@ def test_stop_and_resume_is_bitwise_identical(reference, shakespeare_slice, tmp_
     assert a.keys() == b.keys() and any("projection/tail_1" in n for n in a) == (output == "adaptive")
     for name in a:
         assert np.array_equal(a[name], b[name]), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("output", ["sampled", "adaptive"])
+def test_export_and_generate_with_a_projected_lstm_and_tied_output(shakespeare_slice, tmp_path, capsys, output):
+    from dist_rnn.app import load_model_for_inference
+    from dist_rnn.export import ExportedModel
+
+    run_dir, out = tmp_path / "run", tmp_path / "export"
+    argv = ["train", "--run-dir", run_dir, *data_args(shakespeare_slice),
+            "--set", "model={cell: lstm, num_layers: 2, hidden_size: 16, embedding_size: 8, projection_size: 6, "
+                     "tie_embeddings: true}",
+            "--set", "train={batch_size: 4, num_steps: 16, max_steps: 4, max_epochs: null, sample_length: 20}",
+            "--set", "checkpoint.every_steps=0", "--set", "logging.progress=off", *OUTPUTS[output]]
+    code, stdout, err = run_cli(argv, capsys)
+    assert code == 0, err[-2000:]
+    assert "projected LSTM" in (run_dir / "kernels.txt").read_text() and "sample:" in stdout
+    code, stdout, err = run_cli(["export", "--run-dir", run_dir, "--out", out], capsys)
+    assert code == 0, err[-2000:]
+    exported = ExportedModel(out)
+    assert exported.state_sizes == [6, 16, 6, 16]
+    model, vocab, _, _ = load_model_for_inference(str(run_dir))
+    tokens = np.array([vocab.encode_text("ROMEO: what")], np.int32)
+    expected, _ = model(tf.constant(tokens), None, training=False)
+    np.testing.assert_allclose(exported.logits(tokens), expected.numpy()[:, -1, :], rtol=1e-5, atol=1e-5)
+    if output == "adaptive":  # exact log-probabilities
+        np.testing.assert_allclose(np.exp(exported.logits(tokens).astype(np.float64)).sum(), 1.0, atol=1e-5)
+    code, stdout, err = run_cli(["generate", "--model", out, "--prime", "ROMEO:", "--length", "30", "--seed", "1"],
+                                capsys)
+    assert code == 0 and len(stdout.strip()) >= 30, err[-2000:]
