@@ -752,7 +752,7 @@ def _validate_output(m: ModelConfig, t: TrainConfig) -> None:
     _require(m.div_value >= 1, "model.div_value", f"must be >= 1, got {m.div_value}")
     _require(all(isinstance(c, int) and not isinstance(c, bool) for c in m.cutoffs), "model.cutoffs",
              f"expected a list of integers, got {m.cutoffs}")
-    _require(all(0 < a < b for a, b in zip([0] + m.cutoffs, m.cutoffs)), "model.cutoffs",
+    _require(all(c > 0 for c in m.cutoffs) and all(a < b for a, b in zip(m.cutoffs, m.cutoffs[1:])), "model.cutoffs",
              f"must be positive and strictly increasing, got {m.cutoffs}")
     _require(m.output != "adaptive" or m.cutoffs, "model.cutoffs",
              "model.output 'adaptive' needs at least one cutoff, e.g. [2000, 10000]")

@@ -179,3 +179,17 @@ def test_values_beyond_the_vocabulary_are_refused_naming_the_key(output, key, va
     extra = {"num_sampled": value} if key == "model.num_sampled" else {"cutoffs": value}
     with pytest.raises(UserError, match=f"config key '{key}'.*vocabulary size \\({vocab}\\)"):
         model(output, vocab=vocab, **extra)
+
+
+@pytest.mark.parametrize("cutoffs,ok", [([10, 30], True), ([5], True), ([30, 10], False), ([10, 10], False),
+                                        ([0, 10], False), ([-5], False)])
+def test_cutoffs_must_be_positive_and_strictly_increasing(cutoffs, ok):
+    from dist_rnn.config import load_config
+    from dist_rnn.errors import UserError
+
+    overrides = ["model.output=adaptive", f"model.cutoffs={cutoffs}"]
+    if ok:
+        assert load_config([], overrides).model.cutoffs == cutoffs
+    else:
+        with pytest.raises(UserError, match="config key 'model.cutoffs': must be positive and strictly increasing"):
+            load_config([], overrides)
