@@ -193,3 +193,18 @@ def test_cutoffs_must_be_positive_and_strictly_increasing(cutoffs, ok):
     else:
         with pytest.raises(UserError, match="config key 'model.cutoffs': must be positive and strictly increasing"):
             load_config([], overrides)
+
+
+def test_fingerprint_covers_the_output_keys_only_away_from_their_defaults():
+    from dist_rnn.config import LATER_INVARIANT_DEFAULTS, RESUME_INVARIANT_KEYS, flatten, load_config
+    from dist_rnn.training.checkpoints import fingerprint, run_fingerprint
+
+    vocab = ["<unk>", "a"]
+    default = load_config([], [])
+    flat = flatten(default.to_dict())
+    before_18 = {k: flat[k] for k in RESUME_INVARIANT_KEYS if k not in LATER_INVARIANT_DEFAULTS}
+    # A run at the defaults keeps the fingerprint its checkpoints were written with before #18.
+    assert run_fingerprint(default, vocab) == fingerprint(before_18, vocab)
+    adaptive = load_config([], ["model.output=adaptive", "model.cutoffs=[1]"])
+    projected = load_config([], ["model.projection_size=8"])
+    assert len({run_fingerprint(c, vocab) for c in (default, adaptive, projected)}) == 3
