@@ -59,7 +59,7 @@ def test_sampled_softmax_training_lowers_the_full_softmax_validation_loss_on_ptb
     code, out, err = run_cli(["train", "--run-dir", run_dir, *ptb_data(tmp_path),
                               "--set", "model={cell: lstm, num_layers: 1, hidden_size: 64, embedding_size: 64, "
                                        "output: sampled, num_sampled: 512}",
-                              "--set", "optimizer={name: adam, learning_rate: 0.01, clip_norm: 5.0}",
+                              "--set", "optimizer={name: adam, learning_rate: 0.002, clip_norm: 1.0}",
                               "--set", "train={batch_size: 16, num_steps: 20, max_steps: 150, max_epochs: null, "
                                        "eval_every: 50, log_every: 25, sample_length: 0}",
                               "--set", "checkpoint.every_steps=0", "--set", "logging.progress=off"], capsys)
@@ -69,9 +69,9 @@ def test_sampled_softmax_training_lowers_the_full_softmax_validation_loss_on_ptb
     valid = [m["loss"] for m in metrics(run_dir) if m["split"] == "valid"]
     train_losses = [m["loss"] for m in metrics(run_dir) if m["split"] == "train"]
     assert len(valid) == 3, valid
-    # Evaluation is the exact full softmax (log(V) for an untrained model); sampled training lowers it.
-    # (Measured: 256 samples, 120 steps gave 7.76, 7.85, 7.18 against log(V) = 8.61: not monotonic.)
-    assert valid[-1] < math.log(vocab) - 1.2 and valid[-1] < valid[0] - 0.3, (valid, math.log(vocab))
+    # Evaluation is the exact full softmax (about log(V) = 8.6 for the untrained model); sampled training
+    # lowers it. Measured: 6.29, 6.14, 6.11 (Adam 0.01 instead gave 7.28, 9.50, 6.12: unstable).
+    assert valid[0] < math.log(vocab) - 1.5 and valid[-1] < valid[0], (valid, math.log(vocab))
     # The sampled training loss is not the full softmax loss (512 of the classes).
     assert train_losses[-1] < valid[-1] - 0.5, (train_losses, valid)
 
