@@ -139,7 +139,7 @@ class Trainer:
             self.optimizer.build(self.model.trainable_variables)
             self.loss_scale = DynamicLossScale(t.loss_scale) if t.precision == "mixed_float16" else None
         self.fingerprint = run_fingerprint(config, corpus.vocab.tokens)
-        self.state = TrainingState([(t.batch_size, config.model.hidden_size)] * self.model.num_state_tensors,
+        self.state = TrainingState([(t.batch_size, size) for size in self.model.state_sizes],
                                    self.fingerprint)
         self.steps = StepFunctions(self.model, self.optimizer, backend, t.batch_size, t.num_steps,
                                    config.optimizer.clip_norm, self.loss_scale, t.jit_compile,
