@@ -56,5 +56,7 @@ def output_summary(config: ModelConfig, layer) -> str:
         kind = f"adaptive softmax, cutoffs {config.cutoffs}, div_value {config.div_value:g}"
     else:
         kind = "full softmax"
-    tied = ", tied to the embedding (not counted)" if config.tie_embeddings else ""
-    return f"{kind}, {layer.count_params():,} parameters{tied}"
+    shared = {id(v) for v in layer.tied_embedding.weights} if layer.tied_embedding is not None else set()
+    count = sum(int(v.numpy().size) for v in layer.weights if id(v) not in shared)
+    tied = " (plus the tied embedding)" if config.tie_embeddings else ""
+    return f"{kind}, {count:,} parameters{tied}"
