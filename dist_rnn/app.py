@@ -12,12 +12,13 @@ import logging
 import sys
 from pathlib import Path
 
-from dist_rnn.config import (DATA_LOCATION_KEYS, EPOCH_INVARIANT_KEYS, RESUME_INVARIANT_KEYS, Config,
+from dist_rnn.config import (EPOCH_INVARIANT_KEYS, RESUME_INVARIANT_KEYS, Config,
                              changed_keys, check_divisible, load_config, resume_invariant_differences,
                              save_config)
 from dist_rnn.errors import UserError
 from dist_rnn.run_dir import RunDirectory
-from dist_rnn.runtime import import_tensorflow
+from dist_rnn.inference import inference_config, load_model_for_inference
+from dist_rnn.runtime import import_tensorflow, setup_tensorflow
 
 log = logging.getLogger("dist_rnn")
 
@@ -60,14 +61,17 @@ def resolve_train_config(config_paths: list[str], overrides: list[str],
 def check_same_data(rd: RunDirectory, config: Config, corpus, action: str) -> None:
     """Refuses data whose text differs from the data the run was trained on, wherever it is read from.
 
-    The run's ``data.json`` holds the SHA-256 of its three splits' text; a run
-    written before that file existed is checked by its vocabulary instead
-    (the vocabulary built from the data read now must equal ``vocab.json``).
+    The prepared tokenizer's vocabulary must equal the run's ``vocab.json``.
+    The run's ``data.json`` holds the identity of its prepared tokens
+    (:attr:`~dist_rnn.data.prepared.PreparedCorpus.data_sha256`); a record
+    written before prepared corpora (the SHA-256 of the splits' text) is
+    checked by its token counts, a run without ``data.json`` by its
+    vocabulary alone.
 
     Args:
         rd: The run directory.
         config: The config the data was read with.
-        corpus: The :class:`~dist_rnn.data.encoding.EncodedCorpus` read now (with the run's vocabulary).
+        corpus: The :class:`~dist_rnn.data.prepared.PreparedCorpus` read now.
         action: ``resume`` or ``evaluate``, for the message.
 
     Raises:
@@ -76,22 +80,25 @@ def check_same_data(rd: RunDirectory, config: Config, corpus, action: str) -> No
     source = _data_source(config)
     hint = f"point {source[0]} at the run's data" + (" or use a new --run-dir" if action == "resume" else "")
     record = _read_data_record(rd)
-    if record is not None:
-        if record.get("sha256") != corpus.data_sha256:
+    if record is not None and record.get("identity") != "prepared":  # written before prepared corpora
+        counts = {"train": len(corpus.train), "valid": len(corpus.valid), "test": len(corpus.test)}
+        if record.get("tokens") != counts:
             raise UserError(f"cannot {action} {rd.path}: the data read from {source[0]} {source[1]} is not the data "
-                            f"this run was trained on (SHA-256 {corpus.data_sha256[:12]}... != "
-                            f"{str(record.get('sha256'))[:12]}... in {rd.data_file}); {hint}")
-        return
-    from dist_rnn.data.encoding import encode_corpus
-
-    if encode_corpus(config.data).vocab != corpus.vocab:
+                            f"this run was trained on (tokens {counts} != {record.get('tokens')} in "
+                            f"{rd.data_file}); {hint}")
+    elif record is not None and record.get("sha256") != corpus.data_sha256:
+        raise UserError(f"cannot {action} {rd.path}: the data read from {source[0]} {source[1]} is not the data "
+                        f"this run was trained on (SHA-256 {corpus.data_sha256[:12]}... != "
+                        f"{str(record.get('sha256'))[:12]}... in {rd.data_file}); {hint}")
+    saved_vocab = rd.load_vocab()
+    if saved_vocab is not None and saved_vocab != corpus.vocab:
         raise UserError(f"cannot {action} {rd.path}: the data read from {source[0]} {source[1]} gives another "
                         f"vocabulary than {rd.vocab_file}; {hint}")
 
 
 def write_data_record(rd: RunDirectory, corpus) -> None:
-    """Writes ``RUN_DIR/data.json``: the SHA-256 and token counts of the data the run trains on."""
-    record = {"sha256": corpus.data_sha256,
+    """Writes ``RUN_DIR/data.json``: the identity and token counts of the prepared data the run trains on."""
+    record = {"sha256": corpus.data_sha256, "identity": "prepared",
               "tokens": {"train": len(corpus.train), "valid": len(corpus.valid), "test": len(corpus.test)}}
     rd.data_file.write_text(json.dumps(record) + "\n", encoding="utf-8")
 
@@ -139,18 +146,6 @@ def check_epoch_invariant_keys(saved: Config, config: Config, epoch: int, index:
                         "epoch's end, e.g. by train.max_epochs) or use a new --run-dir")
 
 
-def _setup_tensorflow(config: Config, precision: str | None = None) -> None:
-    import keras
-    import tensorflow as tf
-
-    from dist_rnn.runtime import set_precision
-
-    if config.train.deterministic:
-        tf.config.experimental.enable_op_determinism()
-    keras.utils.set_random_seed(config.train.seed)
-    set_precision(precision or config.train.precision)
-
-
 def train(config_paths: list[str], overrides: list[str], run_dir: str | None) -> dict:
     """``dist-rnn train``: trains a new run or resumes one.
 
@@ -160,26 +155,31 @@ def train(config_paths: list[str], overrides: list[str], run_dir: str | None) ->
     config, rd, saved = resolve_train_config(config_paths, overrides, run_dir)
     changes = changed_keys(saved, config) if saved is not None else []
     import_tensorflow()
-    from dist_rnn.data.encoding import encode_corpus
+    from dist_rnn.data import load_corpus
+    from dist_rnn.data.agreement import check_workers_agree
     from dist_rnn.distribution import create_backend
+    from dist_rnn.rewind import rewind_run_output
     from dist_rnn.summaries import MetricsLogger, setup_logging
-    from dist_rnn.training.trainer import Trainer
+    from dist_rnn.training.factory import build_trainer
 
     backend = create_backend(config.distribute)
     setup_logging(backend.is_chief)
     check_divisible(config, backend.num_replicas)
-    _setup_tensorflow(config)
-    saved_vocab = rd.load_vocab()
-    corpus = encode_corpus(config.data, saved_vocab)
-    if saved is not None and saved_vocab is not None:
+    setup_tensorflow(config)
+    corpus = load_corpus(config.data)
+    check_workers_agree(backend, corpus)
+    if saved is not None:
         check_same_data(rd, config, corpus, "resume")
-    trainer = Trainer(config, rd, backend, corpus)
+    metrics = MetricsLogger.for_run(config, rd, backend.is_chief)  # writes nothing until the first record
+    trainer = build_trainer(config, rd, backend=backend, corpus=corpus, metrics=metrics)
     restored = trainer.restore()
     if saved is not None and restored:
         check_epoch_invariant_keys(saved, config, int(trainer.state.epoch), int(trainer.state.batch_in_epoch), rd)
     # From here on the run directory is written (chief only).
     if backend.is_chief:
         rd.ensure()
+        # Steps after the resumed checkpoint (logged by a job that then lost a worker) are trained again.
+        rewind_run_output(rd.path, int(trainer.state.step))
         save_config(config, rd.config_file)
         corpus.vocab.save(rd.vocab_file)
         write_data_record(rd, corpus)
@@ -191,13 +191,11 @@ def train(config_paths: list[str], overrides: list[str], run_dir: str | None) ->
         log.info(f"resumed from {restored} (step {int(trainer.state.step)})")
         for change in changes:
             log.info(f"config change on resume: {change}")
-    metrics = MetricsLogger(rd.path, backend.is_chief, config.logging.tensorboard, config.logging.progress,
-                            config.data.level)
     metrics.text("train", "config", "```\n" + config.to_yaml() + "```", int(trainer.state.step))
     metrics.text("train", "kernels", "\n".join("    " + k.line() for k in trainer.kernels), int(trainer.state.step))
     metrics.hparams(hparams_of(config, backend.num_replicas), rd.path.name)
     try:
-        result = trainer.train(metrics)
+        result = trainer.train()
         # A stopped run (preemption) exits at once: its grace period is for the checkpoint.
         if backend.is_chief and config.train.sample_length and not result.get("stopped_by"):
             sample = trainer.sample(config.train.sample_prime, config.train.sample_length, seed=0)
@@ -230,7 +228,8 @@ def evaluate(run_dir: str, split: str, checkpoint: str = "latest", overrides: li
             only, for data that moved; the text must be the run's.
 
     Returns:
-        ``split``, ``loss``, ``perplexity``, ``tokens`` (``bpc``), ``step`` and ``checkpoint``.
+        ``split``, ``loss``, ``perplexity``, ``tokens`` (``bpc``; ``bpb``: bits per source byte), ``step`` and
+        ``checkpoint``.
     """
     rd = RunDirectory(run_dir)
     config = inference_config(rd, overrides, "eval")
@@ -239,18 +238,21 @@ def evaluate(run_dir: str, split: str, checkpoint: str = "latest", overrides: li
     if vocab is None:
         raise UserError(f"{rd.path} has no vocab.json")
     import_tensorflow()
-    from dist_rnn.training.checkpoints import accepted_fingerprints, find_checkpoint
-    from dist_rnn.data.encoding import encode_corpus
+    from dist_rnn.training.checkpoints import accepted_fingerprints, check_fingerprint, find_checkpoint
+    from dist_rnn.data import load_corpus
     from dist_rnn.distribution import create_backend
     from dist_rnn.summaries import setup_logging
-    from dist_rnn.training.trainer import Trainer
+    from dist_rnn.training.factory import build_trainer
 
     path = find_checkpoint(rd.path, checkpoint)
+    # vocab.json against the checkpoint first, as generate does: a vocab.json of another run is named as
+    # such, not as data that differs from it.
+    check_fingerprint(path, accepted_fingerprints(config, vocab.tokens))
     setup_logging(True)
-    _setup_tensorflow(config, precision="float32")
-    corpus = encode_corpus(config.data, vocab)
+    setup_tensorflow(config, precision="float32")
+    corpus = load_corpus(config.data)
     check_same_data(rd, config, corpus, "evaluate")
-    trainer = Trainer(config, rd, create_backend(config.distribute), corpus)
+    trainer = build_trainer(config, rd, backend=create_backend(config.distribute), corpus=corpus)
     if checkpoint == "latest":
         path = trainer.restore()  # the newest that loads, with checkpoint.fallback
     else:
@@ -259,65 +261,6 @@ def evaluate(run_dir: str, split: str, checkpoint: str = "latest", overrides: li
     result["step"] = int(trainer.state.step)
     result["checkpoint"] = path
     return result
-
-
-def inference_config(rd: RunDirectory, overrides: list[str], command: str) -> Config:
-    """The saved config of a run with ``--set`` overrides of where its data is read from.
-
-    Raises:
-        UserError: If an override changes a key outside
-            :data:`~dist_rnn.config.DATA_LOCATION_KEYS`, or is invalid.
-    """
-    saved = rd.load_config()
-    if not overrides:
-        return saved
-    config = load_config([], overrides, base=saved.to_dict())
-    others = [c for c in changed_keys(saved, config) if c.split(":", 1)[0] not in DATA_LOCATION_KEYS]
-    if others:
-        raise UserError(f"{command} --set may change only where the data is read from "
-                        f"({', '.join(DATA_LOCATION_KEYS)}), not " + "; ".join(others))
-    return config
-
-
-def load_model_for_inference(run_dir: str, checkpoint: str = "latest", overrides: list[str] = (),
-                             command: str = "generate", allow_cudnn: bool = True):
-    """Builds the model of a run and restores a checkpoint's weights (float32, one device).
-
-    Args:
-        run_dir: The training run.
-        checkpoint: ``latest``, ``best`` or a checkpoint path.
-        overrides: ``--set`` of :data:`~dist_rnn.config.DATA_LOCATION_KEYS`.
-        command: The command, for messages.
-        allow_cudnn: False keeps ``lstm``/``gru`` off cuDNN even on a GPU (for a portable export).
-
-    Returns:
-        ``(model, vocab, config, checkpoint_path)``.
-
-    Raises:
-        UserError: No such checkpoint, one of another run, or unreadable.
-    """
-    rd = RunDirectory(run_dir)
-    config = inference_config(rd, overrides, command)
-    vocab = rd.load_vocab()
-    if vocab is None:
-        raise UserError(f"{rd.path} has no vocab.json")
-    tf = import_tensorflow()
-
-    from dist_rnn.training.checkpoints import accepted_fingerprints, check_fingerprint, find_checkpoint
-    from dist_rnn.models.model import build_model
-
-    path = find_checkpoint(rd.path, checkpoint)
-    check_fingerprint(path, accepted_fingerprints(config, vocab.tokens))
-    _setup_tensorflow(config, precision="float32")
-    if config.model.cudnn == "require":
-        # Same weights; sampling and export must also work where cuDNN cannot run.
-        config.model.cudnn = "auto"
-    model = build_model(config.model, len(vocab), config.train.seed, allow_cudnn=allow_cudnn)
-    try:
-        tf.train.Checkpoint(model=model).restore(path).expect_partial().assert_existing_objects_matched()
-    except (tf.errors.OpError, AssertionError, ValueError) as e:
-        raise UserError(f"checkpoint {path} cannot be restored: {str(e).splitlines()[0][:300]}") from None
-    return model, vocab, config, path
 
 
 def generate(run_dir: str, prime: str, length: int, temperature: float, top_k: int, top_p: float,
@@ -408,3 +351,21 @@ def _streamer(stream, level: str, prime: str):
 def print_json_line(result: dict) -> None:
     """Prints a result as the last line of stdout (one JSON object)."""
     print(json.dumps(result))
+
+
+def prepare(config_paths: list[str], overrides: list[str]) -> dict:
+    """``dist-rnn prepare``: prepares the config's corpus (or finds it prepared).
+
+    Returns:
+        The prepared folder, tokenizer kind, vocabulary size and each split's
+        token count.
+    """
+    from dist_rnn.data.prepare import prepare_corpus, read_manifest
+    from dist_rnn.data.progress import log_to_stdout
+
+    config = load_config(config_paths, overrides)
+    log_to_stdout()  # pass lines on stdout; stderr keeps errors and a terminal's progress bar
+    folder = prepare_corpus(config.data)
+    manifest = read_manifest(folder)
+    return {"prepared": str(folder), "tokenizer": manifest["tokenizer"]["kind"], "vocab_size": manifest["vocab_size"],
+            "tokens": {s: r["tokens"] for s, r in manifest["splits"].items()}}

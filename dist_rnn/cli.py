@@ -31,6 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config key, value parsed as YAML (repeatable)")
     t.add_argument("--run-dir", help="run directory (default runs/<last config name>); an existing run resumes")
 
+    p = sub.add_parser("prepare", parents=[common],
+                       help="prepare the config's corpus: token files and manifest in the data cache (once)")
+    p.add_argument("configs", nargs="+", metavar="CONFIG", help="YAML files, merged left to right")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, value parsed as YAML (repeatable)")
+
     checkpoint_help = ("which checkpoint of the run: latest (default, the newest in RUN_DIR/checkpoints), best "
                        "(RUN_DIR/best, lowest validation loss) or a checkpoint path such as RUN_DIR/checkpoints/ckpt-20")
     data_set_help = ("where the run's data is read from now, if it moved: data.path, data.train_file, "
@@ -76,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
     from dist_rnn import runtime
-    from dist_rnn.errors import UserError
+    from dist_rnn.errors import LOST_PEER_EXIT_CODE, UserError, first_line
 
     runtime.show_startup_logs(args.verbose)
 
@@ -85,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.command == "train":
             app.train(args.configs, args.overrides, args.run_dir)
+        elif args.command == "prepare":
+            app.print_json_line(app.prepare(args.configs, args.overrides))
         elif args.command == "eval":
             app.print_json_line(app.evaluate(args.run_dir, args.split, args.checkpoint, args.overrides))
         elif args.command == "generate":
@@ -106,9 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:
         if _is_lost_peer(e):
-            first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
-            sys.stderr.write(f"error: a collective operation failed, another worker probably died: {first[:300]}\n")
-            return 1
+            sys.stderr.write("error: a collective operation failed, another worker probably died: "
+                             f"{first_line(e)}\n")
+            return LOST_PEER_EXIT_CODE
         raise
     return 0
 

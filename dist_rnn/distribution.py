@@ -1,11 +1,13 @@
 """Distribution backends behind one small interface.
 
 The trainer sees a :class:`Backend`: it creates variables in ``scope()``,
-places the global batch on replicas with ``distribute_rows`` (replica ``r``
-always owns rows ``r*b .. r*b+b-1``), runs a per-replica function with
-``run``, all-reduces gradients with ``all_reduce_sum`` and applies updates
-once, in cross-replica context, with ``apply_once``. Everything else
-(gradient order, state carrying, logging) is backend-independent.
+places the global batch on replicas with ``shard`` (replica ``r`` always owns
+rows ``r*b .. r*b+b-1``) and collects per-replica rows back with ``gather``,
+runs a per-replica function with ``run``, all-reduces gradients with
+``all_reduce_sum`` and applies the update on every replica or on none (when
+the reduced gradients are not finite) with ``apply_if_finite``.
+Everything else (gradient order, state carrying, logging) is
+backend-independent and lives in :mod:`dist_rnn.training`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any, Callable
 import tensorflow as tf
 
 from dist_rnn.config import DistributeConfig
-from dist_rnn.errors import UserError
+from dist_rnn.errors import UserError, first_line
 
 log = logging.getLogger("dist_rnn")
 
@@ -56,7 +58,7 @@ class Backend:
         return self.strategy.scope()
 
     def local_replica_ids(self) -> list[int]:
-        """Global replica ids hosted by this process, in order."""
+        """Global replica ids hosted by this process, in order (the rows it reads)."""
         return [0]
 
     def shard(self, value: Any) -> Any:
@@ -110,8 +112,8 @@ class Backend:
         """Any one replica's copy of a value identical on all replicas."""
         return self.local_results(value)[0]
 
-    def after_optimizer_built(self, variables: list) -> None:
-        """Hook to synchronize freshly initialized or restored variables."""
+    def after_variables_ready(self, variables: list) -> None:
+        """Called once the variables are final (freshly initialized or restored): e.g. broadcasts them from rank 0."""
 
     def any_worker(self, flag: bool) -> bool:
         """Whether ``flag`` is set on any worker (a collective on multi-process backends).
@@ -121,8 +123,13 @@ class Backend:
         """
         return flag
 
-    def barrier(self) -> None:
-        """Waits for all workers."""
+    def gather_text(self, text: str) -> list[str]:
+        """Every worker's ``text``, in worker order (every worker calls it, the same number of times).
+
+        For small facts the workers must agree on before training (e.g. the
+        prepared data's identity); not a tensor collective.
+        """
+        return [text]
 
 
 class MirroredBackend(Backend):
@@ -242,6 +249,17 @@ class MultiWorkerBackend(MirroredBackend):
                 tf.distribute.ReduceOp.SUM, self.strategy.run(lambda: tf.identity(x)), axis=None))
         return float(self._any_fn(tf.constant(1.0 if flag else 0.0))) > 0
 
+    def gather_text(self, text):
+        # Through the coordination service's key-value store: it runs before any collective, and a
+        # worker that is still preparing its data is waited for (up to an hour).
+        from tensorflow.python.eager import context
+
+        self._gathers = getattr(self, "_gathers", 0) + 1
+        key = f"dist_rnn/gather_text/{self._gathers}"
+        context.context().set_config_key_value(f"{key}/{self.worker_index}", text)
+        return [context.context().get_config_key_value(f"{key}/{i}", timeout_in_ms=3_600_000)
+                for i in range(self.num_workers)]
+
     def local_replica_ids(self) -> list[int]:
         per_worker = self.num_replicas // self.num_workers
         return list(range(self.worker_index * per_worker, (self.worker_index + 1) * per_worker))
@@ -310,8 +328,7 @@ class HorovodBackend(Backend):
             raise UserError("distribute.backend 'horovod' needs Horovod built for this TensorFlow: "
                             "run tools/install_horovod.sh") from None
         except tf.errors.NotFoundError as e:  # its op library does not load (e.g. libnccl.so.2 or libmpi gone)
-            first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:300]
-            raise UserError(f"distribute.backend 'horovod': Horovod's TensorFlow ops do not load ({first}); "
+            raise UserError(f"distribute.backend 'horovod': Horovod's TensorFlow ops do not load ({first_line(e)}); "
                             "rebuild it with tools/install_horovod.sh") from None
         self.hvd = hvd
         hvd.init()
@@ -351,14 +368,15 @@ class HorovodBackend(Backend):
     def reduce_sum(self, value):
         return self.hvd.allreduce(value, op=self.hvd.Sum)
 
-    def after_optimizer_built(self, variables):
+    def after_variables_ready(self, variables):
         self.hvd.broadcast_variables([getattr(v, "value", v) for v in variables], root_rank=0)
 
     def any_worker(self, flag):
         return float(self.hvd.allreduce(tf.constant(1.0 if flag else 0.0), op=self.hvd.Sum)) > 0
 
-    def barrier(self):
-        self.hvd.allreduce(tf.constant(0.0), op=self.hvd.Sum)
+
+    def gather_text(self, text):
+        return list(self.hvd.allgather_object(text))
 
 
 def _call_true(fn: Callable, *args) -> tf.Tensor:

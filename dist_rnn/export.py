@@ -43,7 +43,7 @@ import numpy as np
 import tensorflow as tf
 
 from dist_rnn import __version__
-from dist_rnn.errors import UserError
+from dist_rnn.errors import UserError, first_line
 from dist_rnn.data.vocab import Vocabulary
 
 EXPORT_FORMAT = "dist-rnn-export"
@@ -122,19 +122,12 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "late
     Raises:
         UserError: Bad ``out_dir``, run directory or checkpoint.
     """
-    from dataclasses import asdict
-
-    import keras
-
-    from dist_rnn.app import load_model_for_inference
+    from dist_rnn.inference import load_model_for_inference
 
     out = Path(out_dir)
     _check_out_dir(out)
-    from dist_rnn.models.model import kernel_report
-
     model, vocab, config, checkpoint = load_model_for_inference(str(run_dir), checkpoint, command="export",
                                                                 allow_cudnn=False)
-    kernels = kernel_report(config.model, bool(tf.config.list_logical_devices("GPU")), export=True)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
@@ -146,42 +139,59 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "late
         tf.saved_model.save(module, str(staging / SAVED_MODEL_DIR),
                             signatures={"serve": module.serve, "step": module.step.get_concrete_function()})
         model.save(str(staging / KERAS_FILE))
-        info = {
-            "format": EXPORT_FORMAT,
-            "format_version": EXPORT_FORMAT_VERSION,
-            "level": vocab.level,
-            "vocab_size": len(vocab),
-            "num_state_tensors": model.num_state_tensors,
-            "hidden_size": config.model.hidden_size,
-            "state_sizes": list(model.state_sizes),
-            "model": asdict(config.model),
-            "precision": "float32",
-            "kernels": [k.line() for k in kernels],
-            "source_run": str(Path(run_dir).resolve()),
-            "source_checkpoint": str(Path(checkpoint).resolve()),
-            "step": _checkpoint_step(checkpoint),
-            "signatures": {
-                "serve": "tokens int32 [B, T] -> logits float32 [B, V] (after the last token, zero start state)",
-                "step": "tokens int32 [B, T], state_i float32 [B, H] -> logits [B, V], state_i [B, H]",
-            },
-            "dist_rnn_version": __version__,
-            "tensorflow_version": tf.__version__,
-            "keras_version": keras.__version__,
-        }
+        info = _export_info(model, vocab, config, run_dir, checkpoint)
         (staging / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        out.mkdir(parents=True, exist_ok=True)
-        for name in EXPORT_ENTRIES:  # export.json last: a folder without it is no export
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-            (staging / name).rename(target)
+        _move_into(staging, out)
     except OSError as e:
         raise UserError(f"cannot write the export to {out}: {e.strerror or e}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {**info, "path": str(out)}
+
+
+def _export_info(model, vocab, config, run_dir: str | Path, checkpoint: str) -> dict:
+    """The contents of ``export.json``: what was exported, from where, with which versions."""
+    from dataclasses import asdict
+
+    import keras
+
+    from dist_rnn.models.model import kernel_report
+
+    kernels = kernel_report(config.model, bool(tf.config.list_logical_devices("GPU")), export=True)
+    return {
+        "format": EXPORT_FORMAT,
+        "format_version": EXPORT_FORMAT_VERSION,
+        "level": vocab.level,
+        "vocab_size": len(vocab),
+        "num_state_tensors": model.num_state_tensors,
+        "hidden_size": config.model.hidden_size,
+        "state_sizes": list(model.state_sizes),
+        "model": asdict(config.model),
+        "precision": "float32",
+        "kernels": [k.line() for k in kernels],
+        "source_run": str(Path(run_dir).resolve()),
+        "source_checkpoint": str(Path(checkpoint).resolve()),
+        "step": _checkpoint_step(checkpoint),
+        "signatures": {
+            "serve": "tokens int32 [B, T] -> logits float32 [B, V] (after the last token, zero start state)",
+            "step": "tokens int32 [B, T], state_i float32 [B, H] -> logits [B, V], state_i [B, H]",
+        },
+        "dist_rnn_version": __version__,
+        "tensorflow_version": tf.__version__,
+        "keras_version": keras.__version__,
+    }
+
+
+def _move_into(staging: Path, out: Path) -> None:
+    """Replaces the export entries of ``out`` with those of ``staging`` (other files in ``out`` stay)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in EXPORT_ENTRIES:  # export.json last: a folder without it is no export
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        (staging / name).rename(target)
 
 
 class ExportedModel:
@@ -217,8 +227,7 @@ class ExportedModel:
         try:
             self._loaded = tf.saved_model.load(str(self.path / SAVED_MODEL_DIR))
         except (OSError, ValueError, tf.errors.OpError) as e:
-            first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
-            raise UserError(f"{self.path / SAVED_MODEL_DIR}: cannot load the SavedModel: {first[:300]}") from None
+            raise UserError(f"{self.path / SAVED_MODEL_DIR}: cannot load the SavedModel: {first_line(e)}") from None
         signatures = self._loaded.signatures
         missing = [name for name in ("serve", "step") if name not in signatures]
         if missing:

@@ -1,6 +1,7 @@
 """``dist-rnn report``: a run's summary and training curves from its run directory.
 
-Reads ``RUN_DIR/config.yaml`` and ``RUN_DIR/metrics.jsonl`` only (no
+Reads ``RUN_DIR/config.yaml``, ``RUN_DIR/metrics.jsonl`` and, if the launcher
+restarted the job, ``RUN_DIR/restarts.jsonl`` only (no
 TensorFlow, no checkpoint), so it works on a finished run, a run in progress
 and a run whose checkpoints are gone. The plot is drawn with matplotlib's Agg
 canvas: no display needed.
@@ -14,114 +15,19 @@ sessions' last ``time`` values.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from dist_rnn.curves import plot
 from dist_rnn.errors import UserError
+from dist_rnn.run_dir import RunDirectory
+from dist_rnn.run_records import SPLITS, effective_records, load_config_dict, load_metrics, load_restarts, sessions
+from dist_rnn.run_records import is_number as _is_number
 
-SPLITS = ("train", "valid", "test")
-
-
-# --------------------------------------------------------------------------
-# Reading
-
-
-def load_metrics(path: str | Path) -> list[dict]:
-    """Reads ``metrics.jsonl``: one JSON object per line, blank lines skipped.
-
-    Args:
-        path: The file.
-
-    Returns:
-        The records in file order.
-
-    Raises:
-        UserError: If the file is missing or unreadable, or a line is not a JSON
-            object with ``split`` and ``step`` (the message names file and line).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"metrics file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text") from None
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}") from None
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{number}: malformed JSON line: {e.msg} (column {e.colno})") from None
-        if not isinstance(record, dict):
-            raise UserError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-        split, step = record.get("split"), record.get("step")
-        if not isinstance(split, str) or not isinstance(step, int) or isinstance(step, bool):
-            raise UserError(f"{path}:{number}: a metrics record needs a string 'split' and an integer 'step'")
-        records.append(record)
-    return records
-
-
-def load_config_dict(path: str | Path) -> dict:
-    """Reads a run's ``config.yaml`` as a plain mapping (not validated, so older runs still report).
-
-    Raises:
-        UserError: If the file is missing or is not a YAML mapping.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path.parent} is not a dist-rnn run directory (no config.yaml)")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError):
-        raise UserError(f"{path}: invalid YAML") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
-    return data
-
-
-def sessions(metrics: list[dict]) -> list[list[dict]]:
-    """Splits records into training sessions (a resume restarts ``time`` and may rewind ``step``)."""
-    out: list[list[dict]] = []
-    prev_time, prev_step = None, None
-    for record in metrics:
-        t, step = record.get("time"), record["step"]
-        restarted = (prev_step is not None and step < prev_step) or (
-            _is_number(t) and _is_number(prev_time) and t < prev_time)
-        if not out or restarted:
-            out.append([])
-        out[-1].append(record)
-        prev_time = t if _is_number(t) else prev_time
-        prev_step = step
-    return out
-
-
-def effective_records(metrics: list[dict]) -> list[dict]:
-    """The records that describe the run as it stands, in step order.
-
-    Records that a later session replayed (same or later step than that
-    session's first record) are dropped; of several records of one split at
-    one step, the last one wins.
-    """
-    kept: list[dict] = []
-    for session in sessions(metrics):
-        first = session[0]["step"]
-        kept = [r for r in kept if r["step"] < first] + session
-    by_key: dict[tuple[str, int], dict] = {}
-    for record in kept:
-        by_key[(record["split"], record["step"])] = record
-    order = {split: i for i, split in enumerate(SPLITS)}
-    return sorted(by_key.values(), key=lambda r: (r["step"], order.get(r["split"], len(SPLITS))))
+__all__ = ["SPLITS", "effective_records", "format_summary", "load_config_dict", "load_metrics", "load_restarts",
+           "plot", "report", "sessions", "summarize"]
 
 
 # --------------------------------------------------------------------------
@@ -144,13 +50,13 @@ def summarize(config, metrics: list[dict]) -> dict:
         (``steps``, ``max_steps``, ``max_epochs``, ``epoch``, ``wall_time``
         in seconds, ``sessions``), ``best_valid``, ``last_valid``, ``last_test``
         and ``last_train`` (each ``{"step", "loss", "perplexity", "bpc"}`` or
-        None; bpc is None at word level), ``median_tokens_per_sec``,
+        None; bpc is None at word level; evaluations that logged bits per
+        source byte add ``bpb``), ``median_tokens_per_sec``,
         ``median_tokens_per_sec_per_replica`` and the point counts
         ``train_points``, ``valid_points``.
     """
     cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
-    data, model, opt = _section(cfg, "data"), _section(cfg, "model"), _section(cfg, "optimizer")
-    train_cfg, dist = _section(cfg, "train"), _section(cfg, "distribute")
+    train_cfg = _section(cfg, "train")
     records = effective_records(metrics)
     by_split = {split: [r for r in records if r["split"] == split] for split in SPLITS}
     train, valid = by_split["train"], by_split["valid"]
@@ -162,6 +68,29 @@ def summarize(config, metrics: list[dict]) -> dict:
                    if _is_number(r.get("tokens_per_sec_per_replica"))]
     run_sessions = sessions(metrics)
     wall = sum(max((r["time"] for r in s if _is_number(r.get("time"))), default=0.0) for s in run_sessions)
+    return {
+        **_run_description(cfg, train),
+        "steps": max((r["step"] for r in records), default=0),
+        "max_steps": train_cfg.get("max_steps"),
+        "max_epochs": train_cfg.get("max_epochs"),
+        "epoch": train[-1].get("epoch") if train else None,
+        "wall_time": wall,
+        "sessions": len(run_sessions),
+        "best_valid": _point(best),
+        "last_valid": _point(valid[-1] if valid else None),
+        "last_test": _point(by_split["test"][-1] if by_split["test"] else None),
+        "last_train": _point(train[-1] if train else None),
+        "median_tokens_per_sec": statistics.median(rates) if rates else None,
+        "median_tokens_per_sec_per_replica": statistics.median(per_replica) if per_replica else None,
+        "train_points": len(train),
+        "valid_points": len(valid),
+    }
+
+
+def _run_description(cfg: dict, train: list[dict]) -> dict:
+    """The run's corpus, model, optimizer, batch, precision and backend, from its config mapping."""
+    data, model, opt = _section(cfg, "data"), _section(cfg, "model"), _section(cfg, "optimizer")
+    train_cfg, dist = _section(cfg, "train"), _section(cfg, "distribute")
     schedule = opt.get("schedule") if isinstance(opt.get("schedule"), dict) else {}
     return {
         "corpus": data.get("corpus"),
@@ -179,20 +108,6 @@ def summarize(config, metrics: list[dict]) -> dict:
         "precision": train_cfg.get("precision"),
         "backend": dist.get("backend"),
         "replicas": _replicas(dist, train),
-        "steps": max((r["step"] for r in records), default=0),
-        "max_steps": train_cfg.get("max_steps"),
-        "max_epochs": train_cfg.get("max_epochs"),
-        "epoch": train[-1].get("epoch") if train else None,
-        "wall_time": wall,
-        "sessions": len(run_sessions),
-        "best_valid": _point(best),
-        "last_valid": _point(valid[-1] if valid else None),
-        "last_test": _point(by_split["test"][-1] if by_split["test"] else None),
-        "last_train": _point(train[-1] if train else None),
-        "median_tokens_per_sec": statistics.median(rates) if rates else None,
-        "median_tokens_per_sec_per_replica": statistics.median(per_replica) if per_replica else None,
-        "train_points": len(train),
-        "valid_points": len(valid),
     }
 
 
@@ -226,6 +141,10 @@ def format_summary(summary: dict, run_dir: str | Path | None = None, plot_path: 
     if s["sessions"] > 1:
         wall += f" over {s['sessions']} sessions"
     lines.append(("wall time", wall))
+    for i, r in enumerate(s.get("restarts") or []):
+        lines.append(("restarts" if i == 0 else "", f"{r.get('time', '?')} from step {r.get('from_step', '?')} on "
+                                                    f"{r.get('workers_before', '?')} -> {r.get('workers_after', '?')} "
+                                                    f"worker(s): {r.get('reason', '?')}"))
     lines.append(("valid best", _format_point(s["best_valid"])))
     lines.append(("valid last", _format_point(s["last_valid"])))
     if s["last_test"] is not None:
@@ -244,125 +163,6 @@ def format_summary(summary: dict, run_dir: str | Path | None = None, plot_path: 
         lines.append(("plot", str(plot_path)))
     width = max(len(k) for k, _ in lines) + 2
     return "\n".join(f"{k:<{width}}{v}" for k, v in lines)
-
-
-# --------------------------------------------------------------------------
-# Plot
-
-
-def plot(metrics: list[dict], out_path: str | Path, title: str | None = None) -> Path:
-    """Draws loss, perplexity (log scale), learning rate and tokens/s against step into a PNG.
-
-    Args:
-        metrics: Records from :func:`load_metrics`.
-        out_path: The image file; the format follows its suffix (PNG without one).
-        title: Figure title.
-
-    Returns:
-        The written path.
-
-    Raises:
-        UserError: If the file cannot be written.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter, LogFormatter
-
-    out_path = Path(out_path)
-    records = effective_records(metrics)
-    train = [r for r in records if r["split"] == "train"]
-    valid = [r for r in records if r["split"] == "valid"]
-    test = [r for r in records if r["split"] == "test"]
-
-    fig = Figure(figsize=(12, 8), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    if title:
-        fig.suptitle(title, fontsize=12)
-    ax_loss, ax_ppl, ax_lr, ax_rate = fig.subplots(2, 2, sharex=True).flat
-
-    def series(rows, key):
-        pts = [(r["step"], r[key]) for r in rows if _is_number(r.get(key)) and math.isfinite(r[key])]
-        return [p[0] for p in pts], [p[1] for p in pts]
-
-    def curves(ax, key):
-        drawn = False
-        x, y = series(train, key)
-        if x:
-            ax.plot(x, y, color="tab:blue", linewidth=1.4, marker="." if len(x) < 40 else None, label="train")
-            drawn = True
-        x, y = series(valid, key)
-        if x:
-            ax.plot(x, y, color="tab:orange", linewidth=1.6, marker="o", markersize=4, label="valid")
-            drawn = True
-            best = min(range(len(y)), key=lambda i: y[i])
-            ax.plot([x[best]], [y[best]], linestyle="none", marker="*", markersize=13, color="tab:red",
-                    label=f"best valid (step {x[best]:,})")
-        x, y = series(test, key)
-        if x:
-            ax.plot(x, y, linestyle="none", marker="s", markersize=5, color="tab:green", label="test")
-            drawn = True
-        if drawn:
-            ax.legend(loc="best", fontsize=9)
-        return drawn
-
-    have_loss = curves(ax_loss, "loss")
-    ax_loss.set_title("Loss (cross-entropy, nats/token)")
-    ax_loss.set_ylabel("loss")
-    have_ppl = curves(ax_ppl, "perplexity")
-    ax_ppl.set_title("Perplexity")
-    ax_ppl.set_ylabel("perplexity (log scale)")
-    if have_ppl:
-        ax_ppl.set_yscale("log")
-        # Plain numbers (6, 20, 300) instead of 6x10^0; minor ticks labelled only on a narrow range.
-        ax_ppl.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
-        ax_ppl.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1.5, 0.6)))
-
-    x, y = series(train, "learning_rate")
-    have_lr = bool(x)
-    if x:
-        ax_lr.plot(x, y, color="tab:purple", linewidth=1.4, marker="." if len(x) < 40 else None)
-        if min(y) > 0 and max(y) / min(y) > 20:  # decays over decades: log scale
-            ax_lr.set_yscale("log")
-            ax_lr.set_ylabel("learning rate (log scale)")
-        else:
-            ax_lr.set_ylim(bottom=0, top=max(y) * 1.1 if max(y) > 0 else None)
-            ax_lr.set_ylabel("learning rate")
-            ax_lr.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
-    ax_lr.set_title("Learning rate")
-
-    x, y = series(train, "tokens_per_sec")
-    if x:
-        ax_rate.plot(x, y, color="tab:green", linewidth=1.4, marker="." if len(x) < 40 else None)
-        ax_rate.axhline(statistics.median(y), color="gray", linestyle="--", linewidth=1,
-                        label=f"median {statistics.median(y):,.0f}")
-        ax_rate.legend(loc="best", fontsize=9)
-        ax_rate.set_ylim(bottom=0)
-    ax_rate.set_title("Throughput")
-    ax_rate.set_ylabel("tokens/s (all replicas)")
-    ax_rate.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
-
-    resumes = [session[0]["step"] for session in sessions(metrics)[1:]]
-    for ax, has in ((ax_loss, have_loss), (ax_ppl, have_ppl), (ax_lr, have_lr), (ax_rate, bool(x))):
-        ax.grid(True, which="major", alpha=0.3)
-        for i, step in enumerate(resumes):
-            ax.axvline(step, color="gray", linestyle=":", linewidth=1,
-                       label="resumed" if (ax is ax_loss and i == 0) else None)
-        if not has:
-            ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="gray")
-    if resumes and have_loss:
-        ax_loss.legend(loc="best", fontsize=9)
-    for ax in (ax_lr, ax_rate):
-        ax.set_xlabel("step")
-        ax.tick_params(labelbottom=True)
-
-    try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out_path)
-    except OSError as e:
-        raise UserError(f"cannot write {out_path}: {e.strerror or e}") from None
-    except ValueError as e:  # unsupported image format
-        raise UserError(f"cannot write {out_path}: {str(e).splitlines()[0]}") from None
-    return out_path
 
 
 # --------------------------------------------------------------------------
@@ -387,13 +187,15 @@ def report(run_dir: str | Path, out: str | Path | None = None) -> dict:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run directory not found: {run_dir}")
-    config = load_config_dict(run_dir / "config.yaml")
-    metrics_file = run_dir / "metrics.jsonl"
+    rd = RunDirectory(run_dir)
+    config = load_config_dict(rd.config_file)
+    metrics_file = rd.metrics_file
     metrics = load_metrics(metrics_file)
     if not metrics:
         raise UserError(f"{metrics_file} holds no metrics yet (nothing logged)")
     summary = summarize(config, metrics)
-    out_path = Path(out) if out is not None else run_dir / "report.png"
+    summary["restarts"] = load_restarts(rd.restarts_file)
+    out_path = Path(out) if out is not None else rd.report_file
     title = (f"{run_dir.name}: {_v(summary['num_layers'])} x {_v(summary['cell'])} {_v(summary['hidden_size'])}, "
              f"{_v(summary['corpus'])} ({_v(summary['level'])}), {_v(summary['optimizer'])}, "
              f"batch {_v(summary['batch_size'])} x {_v(summary['num_steps'])}, {summary['steps']:,} steps")
@@ -405,10 +207,6 @@ def report(run_dir: str | Path, out: str | Path | None = None) -> dict:
 
 # --------------------------------------------------------------------------
 # Helpers
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _section(cfg: dict, name: str) -> dict:
@@ -437,7 +235,10 @@ def _point(record: dict | None) -> dict | None:
     if not _is_number(ppl) and _is_number(loss):
         ppl = math.exp(loss) if loss < 700 else float("inf")
     bpc = record.get("bpc")
-    return {"step": record["step"], "loss": loss, "perplexity": ppl, "bpc": bpc if _is_number(bpc) else None}
+    point = {"step": record["step"], "loss": loss, "perplexity": ppl, "bpc": bpc if _is_number(bpc) else None}
+    if _is_number(record.get("bpb")):  # evaluations of a prepared corpus: bits per source byte
+        point["bpb"] = record["bpb"]
+    return point
 
 
 def _format_point(point: dict | None) -> str:
@@ -446,6 +247,8 @@ def _format_point(point: dict | None) -> str:
     text = f"loss {_f(point['loss'], 4)}  ppl {_f(point['perplexity'], 2)}"
     if point["bpc"] is not None:
         text += f"  bpc {_f(point['bpc'], 4)}"
+    if point.get("bpb") is not None:
+        text += f"  bpb {_f(point['bpb'], 4)}"
     return text + f"  at step {point['step']:,}"
 
 

@@ -15,9 +15,11 @@ class RunDirectory:
     """Paths inside a run directory.
 
     Layout: ``config.yaml`` (resolved config), ``vocab.json``, ``data.json``
-    (SHA-256 of the training data's text), ``kernels.txt``,
-    ``metrics.jsonl``, ``train.log``, ``checkpoints/``, and TensorBoard event
-    folders ``train/``, ``valid/``, ``test/``.
+    (SHA-256 of the training data's text), ``kernels.txt``, ``metrics.jsonl``,
+    ``train.log``, ``report.png`` (``dist-rnn report``), ``checkpoints/``
+    (rolling checkpoints), ``best/`` (the best checkpoint by validation loss),
+    and TensorBoard event folders ``train/``, ``valid/``, ``test/`` (the
+    profiler trace goes to ``train/``). Only this class spells these names.
 
     Args:
         path: The folder (created only when a run starts writing).
@@ -32,7 +34,14 @@ class RunDirectory:
     kernels_file = property(lambda self: self.path / "kernels.txt")
     metrics_file = property(lambda self: self.path / "metrics.jsonl")
     log_file = property(lambda self: self.path / "train.log")
+    report_file = property(lambda self: self.path / "report.png")
+    restarts_file = property(lambda self: self.path / "restarts.jsonl")
     checkpoints = property(lambda self: self.path / "checkpoints")
+    best = property(lambda self: self.path / "best")
+
+    def events(self, split: str) -> Path:
+        """The TensorBoard event folder of ``split`` (``train``, ``valid``, ``test``; ``"."``: the run folder)."""
+        return self.path if split == "." else self.path / split
 
     def has_config(self) -> bool:
         """Whether a run was started here."""

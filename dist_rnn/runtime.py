@@ -114,3 +114,19 @@ def set_precision(precision: str) -> None:
     if precision == "mixed_float16" and not tf.config.list_logical_devices("GPU"):
         logging.getLogger("dist_rnn").warning("warning: train.precision mixed_float16 on a CPU works but is slow; "
                                               "use mixed_bfloat16 or float32 on CPU")
+
+
+def setup_tensorflow(config, precision: str | None = None) -> None:
+    """Seeds Keras, sets op determinism (``train.deterministic``) and the precision policy.
+
+    Args:
+        config: The run's :class:`~dist_rnn.config.Config`.
+        precision: Overrides ``train.precision`` (``float32`` for evaluation and inference).
+    """
+    import keras
+    import tensorflow as tf
+
+    if config.train.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    keras.utils.set_random_seed(config.train.seed)
+    set_precision(precision or config.train.precision)

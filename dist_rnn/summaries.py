@@ -15,6 +15,9 @@ from pathlib import Path
 
 import tensorflow as tf
 
+from dist_rnn.config import Config
+from dist_rnn.run_dir import RunDirectory
+
 log = logging.getLogger("dist_rnn")
 
 
@@ -78,39 +81,49 @@ class ProgressBar:
 class MetricsLogger:
     """Writes metrics to ``metrics.jsonl``, TensorBoard and the terminal.
 
+    Building one writes nothing: ``metrics.jsonl`` and the event files are
+    opened at the first record, so a logger can be built before the run
+    directory is checked and created.
+
     Args:
-        run_dir: The run directory.
+        run_dir: The run directory (or its path).
         enabled: False on non-chief workers: nothing is written.
         tensorboard: Write TensorBoard event files.
         progress: ``auto`` (terminal only), ``on`` or ``off``.
         level: ``char`` or ``word``: char level adds bits per character.
     """
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True, progress: str = "auto",
+    def __init__(self, run_dir: RunDirectory | Path, enabled: bool, tensorboard: bool = True, progress: str = "auto",
                  level: str = "char"):
-        self.run_dir = Path(run_dir)
+        self.run_dir = run_dir if isinstance(run_dir, RunDirectory) else RunDirectory(run_dir)
         self.enabled = enabled
         self.level = level
         self._writers: dict[str, tf.summary.SummaryWriter] = {}
         self._tensorboard = tensorboard and enabled
         use_bar = progress == "on" or (progress == "auto" and sys.stdout.isatty())
         self.bar = ProgressBar() if (use_bar and enabled) else None
-        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") if enabled else None
+        self._jsonl = None
         self._start = time.time()
+
+    @classmethod
+    def for_run(cls, config: Config, run_dir: RunDirectory, is_chief: bool) -> MetricsLogger:
+        """The logger of ``dist-rnn train``: ``logging.tensorboard``, ``logging.progress`` and ``data.level``."""
+        return cls(run_dir, is_chief, config.logging.tensorboard, config.logging.progress, config.data.level)
 
     def writer(self, split: str) -> tf.summary.SummaryWriter | None:
         """The TensorBoard writer of ``RUN_DIR/<split>`` (``"."``: RUN_DIR itself; None when disabled)."""
         if not self._tensorboard:
             return None
         if split not in self._writers:
-            path = self.run_dir if split == "." else self.run_dir / split
-            self._writers[split] = tf.summary.create_file_writer(str(path))
+            self._writers[split] = tf.summary.create_file_writer(str(self.run_dir.events(split)))
         return self._writers[split]
 
     def _record(self, split: str, step: int, values: dict) -> None:
         if not self.enabled:
             return
         entry = {"split": split, "step": step, "time": round(time.time() - self._start, 3), **values}
+        if self._jsonl is None:
+            self._jsonl = open(self.run_dir.metrics_file, "a", encoding="utf-8")
         self._jsonl.write(json.dumps(entry) + "\n")
         self._jsonl.flush()
         writer = self.writer(split)
@@ -135,7 +148,8 @@ class MetricsLogger:
         values = self._with_derived(values)
         self._record(split, step, values)
         bpc = f"  bpc {values['bpc']:.4f}" if "bpc" in values else ""
-        self._print(f"eval  step {step:>7}  {split}  loss {values['loss']:.4f}  ppl {values['perplexity']:.2f}{bpc}")
+        bpb = f"  bpb {values['bpb']:.4f}" if values.get("bpb") is not None else ""
+        self._print(f"eval  step {step:>7}  {split}  loss {values['loss']:.4f}  ppl {values['perplexity']:.2f}{bpc}{bpb}")
 
     def text(self, split: str, tag: str, text: str, step: int) -> None:
         """Writes a text summary (TensorBoard only)."""

@@ -1,11 +1,20 @@
 #!/usr/bin/env bash
 # Multi-worker training with tf.distribute.MultiWorkerMirroredStrategy.
 #
-#   launch/multiworker.sh -n N -- <dist-rnn train arguments>
+#   launch/multiworker.sh -n N [--max-restarts R [--min-workers M]] -- <dist-rnn train arguments>
 #       Starts N local workers on free loopback ports, each with its TF_CONFIG.
-#   launch/multiworker.sh --hosts h1:port,h2:port,... --index I -- <dist-rnn train arguments>
+#   launch/multiworker.sh --hosts h1:port,h2:port,... --index I [--max-restarts R] -- <train arguments>
 #       Starts worker I of a multi-host cluster (run once on every host; the
 #       run directory must be on a filesystem all hosts share).
+#
+# --max-restarts R (default 0: no restart): a worker killed by a signal, or one
+# whose collective failed because a peer died or hung (exit 75), stops the
+# others and the job resumes from the newest checkpoint (--run-dir required),
+# at most R times; RUN_DIR/restarts.jsonl records each restart. A worker that
+# fails first again before a new checkpoint cannot come back: with -n the job
+# continues on one worker fewer, down to --min-workers M (default N); with
+# --hosts (one launcher per host, fixed cluster) it stops. Other failures (bad
+# config or data: exit 2; non-finite loss: exit 1) are never restarted.
 #
 # Sets distribute.backend=multiworker. Output lines are prefixed with [wI].
 # SIGINT/SIGTERM are forwarded to the workers; if any worker fails, the others
@@ -18,20 +27,24 @@
 # is refused. Without either source of GPUs the environment is left alone.
 set -euo pipefail
 
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
-n="" hosts="" index=""
+n="" hosts="" index="" max_restarts=0 min_workers=""
 while [ $# -gt 0 ]; do
   case "$1" in
     -n) n="${2:-}"; shift 2 || usage ;;
     --hosts) hosts="${2:-}"; shift 2 || usage ;;
     --index) index="${2:-}"; shift 2 || usage ;;
+    --max-restarts) max_restarts="${2:-}"; shift 2 || usage ;;
+    --min-workers) min_workers="${2:-}"; shift 2 || usage ;;
     --) shift; break ;;
     -h|--help) usage ;;
     *) echo "error: launch/multiworker.sh: unknown argument '$1' (expected -n N or --hosts/--index, then -- and train arguments)" >&2; exit 2 ;;
   esac
 done
 PYTHON="${PYTHON:-python3}"
+[[ "$max_restarts" =~ ^[0-9]+$ ]] || { echo "error: launch/multiworker.sh: --max-restarts must be a number >= 0, got '${max_restarts}'" >&2; exit 2; }
+[[ -z "$min_workers" || "$min_workers" =~ ^[1-9][0-9]*$ ]] || { echo "error: launch/multiworker.sh: --min-workers must be a positive number, got '${min_workers}'" >&2; exit 2; }
 
 tf_config() {  # tf_config HOSTS_CSV INDEX
   "$PYTHON" -c 'import json,sys; print(json.dumps({"cluster": {"worker": sys.argv[1].split(",")}, "task": {"type": "worker", "index": int(sys.argv[2])}}))' "$1" "$2"
@@ -39,6 +52,10 @@ tf_config() {  # tf_config HOSTS_CSV INDEX
 
 if [ -n "$hosts" ]; then
   [[ "$index" =~ ^[0-9]+$ ]] || { echo "error: launch/multiworker.sh: --hosts needs --index I" >&2; exit 2; }
+  if [ "$max_restarts" -gt 0 ]; then
+    exec "$PYTHON" -m dist_rnn.supervisor --python "$PYTHON" --kind multiworker --hosts "$hosts" --index "$index" \
+      --max-restarts "$max_restarts" -- "$@"
+  fi
   export TF_CONFIG; TF_CONFIG=$(tf_config "$hosts" "$index")
   exec "$PYTHON" -m dist_rnn train "$@" --set distribute.backend=multiworker
 fi
@@ -70,6 +87,11 @@ if [ "${#gpus[@]}" -gt 0 ]; then
     exit 2
   fi
   per_worker=$(( ${#gpus[@]} / n ))
+fi
+
+if [ "$max_restarts" -gt 0 ]; then  # dist_rnn/supervisor.py starts, watches and restarts the workers
+  exec "$PYTHON" -m dist_rnn.supervisor --python "$PYTHON" --kind multiworker -n "$n" --max-restarts "$max_restarts" \
+    ${min_workers:+--min-workers "$min_workers"} --gpus "$(IFS=,; echo "${gpus[*]}")" -- "$@"
 fi
 
 pids=()

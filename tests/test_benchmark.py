@@ -128,3 +128,29 @@ def test_layer_benchmark_times_each_cell_and_relates_ln_cells_to_plain_ones():
     median = {(r["cell"], r["pass"]): statistics.median(r["seconds"]) for r in results}
     expected = median[("ln_lstm", "forward + backward")] / median[("lstm", "forward + backward")]
     assert row.split("|")[5].strip() == f"{expected:.2f}x lstm"
+
+
+def test_a_group_whose_workers_all_fail_to_start_is_noted_and_the_run_goes_on(tmp_path, monkeypatch):
+    bench = _load_module()
+    runner = importlib.import_module("bench.runner")
+
+    class FailingWorker:
+        def __init__(self, spec, timeout):
+            self.spec = spec
+
+        def read(self, kind):
+            raise RuntimeError(f"{bench.label(self.spec)}: worker exited (1):\nValueError: out of memory")
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(runner, "Worker", FailingWorker)
+    monkeypatch.setattr(bench, "gpu_visible", lambda: False)
+    out = tmp_path / "bench"
+    code = bench.main(["--quick", "--systems", "loop,step", "--out", str(out)])
+    assert code == 1
+    assert (out / "results.jsonl").read_text() == ""
+    text = (out / "results.md").read_text()
+    assert "lstm float32: dist-rnn loop failed: dist-rnn loop: worker exited (1):" in text
+    assert "lstm float32: dist-rnn step failed" in text
+    assert not (out / "results.png").exists()

@@ -1,4 +1,5 @@
-"""Tests of dist_rnn.models.cells against NumPy re-implementations of the documented equations."""
+"""Tests of dist_rnn.models' own layers (LayerNormLSTM, LayerNormGRU, VanillaRNN) against NumPy
+re-implementations of the documented equations."""
 
 import itertools
 
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dist_rnn.models.cells import LN_EPSILON, LayerNormGRU, LayerNormLSTM, VanillaRNN
+from dist_rnn.models import LN_EPSILON, LayerNormGRU, LayerNormLSTM, VanillaRNN
 
 LAYERS = [LayerNormLSTM, LayerNormGRU, VanillaRNN]
 WEIGHT_NAMES = {
@@ -327,6 +328,8 @@ def test_get_config_round_trip(cls):
         kwargs["forget_bias"] = 0.5
     if cls is VanillaRNN:
         kwargs["bias_initializer"] = "ones"
+    if cls is LayerNormGRU:
+        kwargs["gate_beta_initializer"] = "ones"
     rng = np.random.default_rng(6)
     layer = make_layer(cls, 4, 5, rng, **kwargs)
     config = layer.get_config()

@@ -227,6 +227,10 @@ def test_top_level_must_be_mapping(tmp_path):
     (["optimizer.weight_decay=0.1"], "optimizer.weight_decay"),
     (["logging.profile_steps=[5, 2]"], "logging.profile_steps"),
     (["data.max_vocab=1"], "data.max_vocab"),
+    (["model.initializer=glorot"], "model.initializer"),
+    (["model.initializer=unit_scaling", "model.init_scale=0.1"], "model.initializer"),
+    (["data.train_on_whole_text=true", "data.corpus=ptb", "data.level=word"], "data.train_on_whole_text"),
+    (["data.train_on_whole_text=true", "data.corpus=file", "data.train_file=a.txt"], "data.train_on_whole_text"),
 ])
 def test_invalid_values_name_the_key(overrides, key):
     message = error_of(overrides=overrides)
@@ -339,3 +343,12 @@ def test_shipped_config_loads_and_validates(path):
     assert isinstance(config, Config)
     # Reloading the resolved form gives the same config.
     assert config_from_dict(yaml.safe_load(config.to_yaml())) == config
+
+
+def test_initializer_checked_by_validate_also_when_built_in_code():
+    from dist_rnn.config import validate
+
+    config = Config()
+    config.model.initializer = "glorot"  # bypasses the loader's type check
+    with pytest.raises(UserError, match="config key 'model.initializer'"):
+        validate(config)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dist_rnn.models import cells
+from dist_rnn.models import keras_rnn
 from dist_rnn.config import ModelConfig
 from dist_rnn.models.model import build_model
 
@@ -32,7 +32,7 @@ def test_cudnn_build_weights_run_in_the_off_build_with_keras_generic_outputs(cel
                          else real_devices(kind))
         assert [layer._fused_eligible(None) for layer in source.recurrent_layers] == [False, False]
     with monkeypatch.context() as generic:
-        generic.setattr(cells._FusedFallback, "_fused_eligible", lambda self, mask: False)
+        generic.setattr(keras_rnn._FusedFallback, "_fused_eligible", lambda self, mask: False)
         reference_logits, reference_states = source(TOKENS)
     path = tf.train.Checkpoint(model=source).save(str(tmp_path / "ckpt"))
 

@@ -241,6 +241,22 @@ def test_file_corpus_path_list_and_max_chars(tmp_path):
     assert len(s.train) == 35
 
 
+def test_train_on_whole_text_trains_on_every_split_and_keeps_valid_and_test(tmp_path):
+    (tmp_path / "a.txt").write_text("abcdefghij" * 10, encoding="utf-8")
+    cfg = DataConfig(corpus="file", path=str(tmp_path / "a.txt"), split=[0.8, 0.15, 0.05])
+    held_out = load_splits(cfg)
+    cfg.train_on_whole_text = True
+    whole = load_splits(cfg)
+    assert whole.train == "abcdefghij" * 10
+    assert (whole.valid, whole.test) == (held_out.valid, held_out.test) and len(whole.valid) == 15
+    # A run's data identity changes with it (a resume cannot switch silently).
+    assert whole.sha256() != held_out.sha256()
+    # 'j' only occurs in the last 20%: now it is in the vocabulary, not <unk>.
+    cfg.path = str(tmp_path / "b.txt")
+    (tmp_path / "b.txt").write_text("ab" * 40 + "j" * 20, encoding="utf-8")
+    assert "j" in encode_corpus(cfg).vocab.decode(encode_corpus(cfg).valid)
+
+
 def test_file_corpus_train_valid_test_files(tmp_path):
     for name, text in (("tr.txt", "hello world\n"), ("va.txt", "low\n"), ("te.txt", "held\nzz")):
         (tmp_path / name).write_text(text, encoding="utf-8")

@@ -23,13 +23,12 @@ import tensorflow as tf
 from conftest import REPO, tiny_config
 from dist_rnn import distribution
 from dist_rnn.config import DistributeConfig
-from dist_rnn.data.encoding import encode_corpus
 from dist_rnn.distribution import Backend
+from dist_rnn.errors import LOST_PEER_EXIT_CODE
 from dist_rnn.errors import UserError
-from dist_rnn.run_dir import RunDirectory
 from dist_rnn.summaries import MetricsLogger
 from dist_rnn.runtime import set_precision
-from dist_rnn.training.trainer import Trainer
+from dist_rnn.training.factory import build_trainer
 from test_distributed import free_ports, signal_one_of_two_workers, worker_env
 
 TINY = [
@@ -86,7 +85,7 @@ def test_multiworker_survivor_fails_when_a_worker_hangs(shakespeare_slice, tmp_p
     returncode, elapsed, stderr = signal_one_of_two_workers(
         tmp_path / "run", shakespeare_slice, [*TINY, "--set", "distribute={backend: multiworker, timeout_seconds: 10}"],
         signal.SIGSTOP)
-    assert returncode == 1, stderr[-2000:]
+    assert returncode == LOST_PEER_EXIT_CODE, stderr[-2000:]  # 75: the failure a launcher restart can fix (#20)
     # The 10 s heartbeat timeout counts from the hung worker's last heartbeat,
     # which may precede the SIGSTOP by up to a heartbeat interval; then the abort.
     assert 5 <= elapsed < 90, elapsed
@@ -117,10 +116,10 @@ def train_with(backend, shakespeare_slice, tmp_path, **train):
                          model={"hidden_size": 8, "embedding_size": 8, "num_layers": 1})
     tf.keras.utils.set_random_seed(config.train.seed)
     set_precision(config.train.precision)
-    trainer = Trainer(config, RunDirectory(tmp_path), backend, encode_corpus(config.data))
     metrics = MetricsLogger(tmp_path, True, tensorboard=False, progress="off")
+    trainer = build_trainer(config, tmp_path, backend=backend, metrics=metrics)
     try:
-        return trainer.train(metrics)
+        return trainer.train()
     finally:
         metrics.close()
 

@@ -17,11 +17,10 @@ import pytest
 import tensorflow as tf
 
 from conftest import tiny_config
-from dist_rnn.data.encoding import encode_corpus
 from dist_rnn.distribution import Backend
-from dist_rnn.run_dir import RunDirectory
 from dist_rnn.summaries import MetricsLogger
 from dist_rnn.runtime import set_precision
+from dist_rnn.training.factory import build_trainer
 from dist_rnn.training.trainer import Trainer
 
 EPOCHS = 3
@@ -49,7 +48,8 @@ def run(config, run_dir, record=None, interrupt_at=None) -> Trainer:
     tf.keras.utils.set_random_seed(config.train.seed)
     set_precision("float32")
     run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(config, RunDirectory(run_dir), Backend(), encode_corpus(config.data))
+    metrics = MetricsLogger(run_dir, True, tensorboard=False, progress="off")
+    trainer = build_trainer(config, run_dir, backend=Backend(), metrics=metrics)
     trainer.restore()
     record = [] if record is None else record
     step = trainer.steps.train_step
@@ -63,9 +63,8 @@ def run(config, run_dir, record=None, interrupt_at=None) -> Trainer:
         return out
 
     trainer.steps.train_step = recording
-    metrics = MetricsLogger(run_dir, True, tensorboard=False, progress="off")
     try:
-        trainer.result = trainer.train(metrics)
+        trainer.result = trainer.train()
     finally:
         metrics.close()
     return trainer

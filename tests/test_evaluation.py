@@ -19,11 +19,10 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO, SHAKESPEARE, assert_one_line_error, run_cli, tiny_config
-from dist_rnn.data.encoding import encode_corpus
 from dist_rnn.distribution import Backend
-from dist_rnn.run_dir import RunDirectory
 from dist_rnn.summaries import MetricsLogger
 from dist_rnn.runtime import set_precision
+from dist_rnn.training.factory import build_trainer
 from dist_rnn.training.trainer import Trainer
 
 
@@ -41,7 +40,8 @@ def make_trainer(config, run_dir) -> Trainer:
     tf.keras.utils.set_random_seed(config.train.seed)
     set_precision(config.train.precision)
     run_dir.mkdir(parents=True, exist_ok=True)
-    return Trainer(config, RunDirectory(run_dir), Backend(), encode_corpus(config.data))
+    metrics = MetricsLogger(run_dir, True, tensorboard=False, progress="off")
+    return build_trainer(config, run_dir, backend=Backend(), metrics=metrics)
 
 
 def oracle_loss_sum(model, ids: np.ndarray, rows: int) -> float:
@@ -51,6 +51,7 @@ def oracle_loss_sum(model, ids: np.ndarray, rows: int) -> float:
     one, as ``np.array_split`` does); a row reads from the token before its
     first target.
     """
+    ids = np.asarray(ids, dtype=np.int32)  # a prepared split is a uint8/16/32 memmap
     total = 0.0
     for targets in np.array_split(np.arange(1, len(ids)), rows):
         if len(targets) == 0:
@@ -68,9 +69,8 @@ def trained(shakespeare_20k, tmp_path_factory):
     config = tiny_config(shakespeare_20k, train={"max_steps": 30, "eval_batch_size": 6, "num_steps": 17})
     run_dir = tmp_path_factory.mktemp("trained")
     trainer = make_trainer(config, run_dir)
-    metrics = MetricsLogger(run_dir, True, tensorboard=False, progress="off")
-    trainer.train(metrics)
-    metrics.close()
+    trainer.train()
+    trainer.metrics.close()
     return trainer
 
 
@@ -163,13 +163,11 @@ from dist_rnn.distribution import create_backend
 config = tiny_config({data!r}, train={train!r}, distribute={{"backend": "mirrored", "cpu_devices": 2}})
 backend = create_backend(config.distribute)  # logical CPU devices before TensorFlow initializes
 import tensorflow as tf
-from dist_rnn.data.encoding import encode_corpus
-from dist_rnn.run_dir import RunDirectory
 from dist_rnn.runtime import set_precision
-from dist_rnn.training.trainer import Trainer
+from dist_rnn.training.factory import build_trainer
 tf.keras.utils.set_random_seed(config.train.seed)
 set_precision(config.train.precision)
-trainer = Trainer(config, RunDirectory({run_dir!r}), backend, encode_corpus(config.data))
+trainer = build_trainer(config, {run_dir!r}, backend=backend)
 result = trainer.evaluate("valid")
 print(json.dumps({{"replicas": backend.num_replicas, "loss": result.loss, "tokens": result.tokens}}))
 """

@@ -65,7 +65,7 @@ def exported(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(exported):
     """The checkpoint's model, vocabulary and fixed test tokens (in-process, via the training code)."""
-    from dist_rnn.app import load_model_for_inference
+    from dist_rnn.inference import load_model_for_inference
 
     model, vocab, config, checkpoint = load_model_for_inference(str(exported["run"]))
     ids = vocab.encode_text(TEXT)
@@ -119,7 +119,7 @@ FRESH_PROCESS = textwrap.dedent("""
     exported = ExportedModel(out)
     logits = exported.logits(np.array(tokens, np.int32))
     ids = exported.sampler().generate(prime, **sample_args)
-    training_code = sorted(m for m in ("dist_rnn.models.model", "dist_rnn.training.trainer", "dist_rnn.models.cells", "dist_rnn.app")
+    training_code = sorted(m for m in ("dist_rnn.models.model", "dist_rnn.training.trainer", "dist_rnn.models", "dist_rnn.app")
                            if m in sys.modules)
     print(json.dumps({"logits": logits.tolist(), "ids": ids, "texts": [exported.vocab.decode(r) for r in ids],
                       "training_code": training_code}))

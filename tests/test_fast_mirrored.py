@@ -45,15 +45,13 @@ def _replica_values(variable) -> list[np.ndarray]:
 def _trainer(config, backend, run_dir):
     import tensorflow as tf
 
-    from dist_rnn.data.encoding import encode_corpus
-    from dist_rnn.run_dir import RunDirectory
     from dist_rnn.runtime import set_precision
-    from dist_rnn.training.trainer import Trainer
+    from dist_rnn.training.factory import build_trainer
 
     tf.keras.utils.set_random_seed(config.train.seed)
     set_precision(config.train.precision)
     run_dir.mkdir(parents=True, exist_ok=True)
-    return Trainer(config, RunDirectory(run_dir), backend, encode_corpus(config.data))
+    return build_trainer(config, run_dir, backend=backend)
 
 
 def check_optimizer_applies_reduced_gradient_once(mirrored):

@@ -1,4 +1,4 @@
-"""dist_rnn.models.cells.LSTM/GRU: Keras' layers with the fused recurrence off cuDNN.
+"""dist_rnn.models.keras_rnn.LSTM/GRU: Keras' layers with the fused recurrence off cuDNN.
 
 They must compute exactly what Keras' generic cell computes (values and
 gradients), keep Keras' weights, and really take the fused path on a CPU.
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dist_rnn.models import cells
+from dist_rnn.models import keras_rnn
 
-PAIRS = {"lstm": (cells.LSTM, keras.layers.LSTM, 2), "gru": (cells.GRU, keras.layers.GRU, 1)}
+PAIRS = {"lstm": (keras_rnn.LSTM, keras.layers.LSTM, 2), "gru": (keras_rnn.GRU, keras.layers.GRU, 1)}
 
 
 @pytest.fixture(autouse=True)

@@ -27,12 +27,11 @@ import tensorflow as tf
 
 from conftest import assert_one_line_error, run_cli, tiny_config
 from dist_rnn.data.batching import StreamBatcher
-from dist_rnn.data.encoding import encode_corpus
 from dist_rnn.distribution import Backend
 from dist_rnn.models.model import build_model
-from dist_rnn.run_dir import RunDirectory
 from dist_rnn.training.steps import token_loss_sum
 from dist_rnn.runtime import set_precision
+from dist_rnn.training.factory import build_trainer
 from dist_rnn.training.trainer import Trainer
 
 # Keras' own model.save(...) under NumPy 2 (keras/src/backend/tensorflow/core.py, not our code).
@@ -79,7 +78,7 @@ def make_trainer(config, run_dir: Path) -> Trainer:
     keras.utils.set_random_seed(config.train.seed)
     set_precision(config.train.precision)
     run_dir.mkdir(parents=True, exist_ok=True)
-    return Trainer(config, RunDirectory(run_dir), Backend(), encode_corpus(config.data))
+    return build_trainer(config, run_dir, backend=Backend())
 
 
 def first_batch(trainer: Trainer):
@@ -200,7 +199,7 @@ def test_projection_matmul_runs_in_bfloat16_with_float32_logits(shakespeare_slic
 
 
 def test_an_export_made_with_a_gpu_visible_serves_on_cpu(shakespeare_slice, tmp_path, capsys):
-    from dist_rnn.app import load_model_for_inference
+    from dist_rnn.inference import load_model_for_inference
     from dist_rnn.export import ExportedModel
     from tensorflow.core.protobuf import saved_model_pb2
 

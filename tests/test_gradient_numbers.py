@@ -14,11 +14,10 @@ import pytest
 import tensorflow as tf
 
 from conftest import tiny_config
-from dist_rnn.data.encoding import encode_corpus
 from dist_rnn.distribution import Backend
-from dist_rnn.run_dir import RunDirectory
 from dist_rnn.summaries import MetricsLogger
 from dist_rnn.runtime import set_precision
+from dist_rnn.training.factory import build_trainer
 from dist_rnn.training.trainer import Trainer
 
 SEED = tf.constant([0, 0], tf.int64)
@@ -34,7 +33,8 @@ def make_trainer(config, run_dir) -> Trainer:
     tf.keras.utils.set_random_seed(config.train.seed)
     set_precision(config.train.precision)
     run_dir.mkdir(parents=True, exist_ok=True)
-    return Trainer(config, RunDirectory(run_dir), Backend(), encode_corpus(config.data))
+    metrics = MetricsLogger(run_dir, True, tensorboard=False, progress="off")
+    return build_trainer(config, run_dir, backend=Backend(), metrics=metrics)
 
 
 def one_sgd_step(data, run_dir, precision, loss_scale=None):
@@ -120,11 +120,10 @@ def train_float16(data, run_dir, max_steps):
                                 "loss_scale": {"initial": 8.0, "growth_interval": 2, "max_scale": 1024.0}})
     trainer = make_trainer(config, run_dir)
     restored = trainer.restore()
-    metrics = MetricsLogger(run_dir, True, tensorboard=False, progress="off")
     try:
-        trainer.train(metrics)
+        trainer.train()
     finally:
-        metrics.close()
+        trainer.metrics.close()
     return trainer, restored
 
 

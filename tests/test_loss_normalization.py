@@ -7,11 +7,9 @@ import pytest
 import tensorflow as tf
 
 from conftest import tiny_config
-from dist_rnn.data.encoding import encode_corpus
 from dist_rnn.distribution import Backend
-from dist_rnn.run_dir import RunDirectory
 from dist_rnn.runtime import set_precision
-from dist_rnn.training.trainer import Trainer
+from dist_rnn.training.factory import build_trainer
 
 NUM_STEPS = 20
 
@@ -22,7 +20,7 @@ def one_sgd_step(data, run_dir, normalization):
                          train={"num_steps": NUM_STEPS, "loss_normalization": normalization})
     set_precision("float32")
     run_dir.mkdir(parents=True)
-    trainer = Trainer(config, RunDirectory(run_dir), Backend(), encode_corpus(config.data))
+    trainer = build_trainer(config, run_dir, backend=Backend())
     inputs, targets = trainer.train_batches.window(1, 0)
     before = [v.numpy().copy() for v in trainer.model.trainable_variables]
     trainer.optimizer.learning_rate.assign(1.0)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -82,3 +87,31 @@ def test_dropout_mask_of_a_row_does_not_depend_on_the_replica_layout():
     whole, _ = model(tokens, training=True, seed=seed, rows=tf.constant([0, 4]))
     halves = [model(tokens[r:r + 2], training=True, seed=seed, rows=tf.constant([r, 4]))[0] for r in (0, 2)]
     np.testing.assert_allclose(np.concatenate(halves), whole.numpy(), atol=1e-6)
+
+
+def test_kernel_report_gives_the_reason_the_custom_layer_class_declares(monkeypatch):
+    from dist_rnn.models import LayerNormGRU, kernel_report
+
+    monkeypatch.setattr(LayerNormGRU, "fused_kernel_reason", "reason declared by LayerNormGRU")
+    report = kernel_report(ModelConfig(cell="ln_gru", num_layers=2), gpu_visible=True)
+    assert [(k.fused, k.reason) for k in report] == [(False, "reason declared by LayerNormGRU")] * 2
+
+
+# Registered names of the custom Keras classes: saved .keras models name them, so they never change.
+REGISTERED_NAMES = {"LanguageModel", "StatelessDropout", "OutputProjection", "LSTM", "GRU", "LayerNormLSTM",
+                    "LayerNormGRU", "VanillaRNN"}
+
+
+def test_importing_the_models_package_registers_every_custom_keras_class():
+    # A fresh process: in this one the test modules already imported dist_rnn.models.model.
+    code = ("import json, keras, dist_rnn.models\n"
+            "print(json.dumps({name: cls.__module__ for name, cls in keras.saving.get_custom_objects().items()}))")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    registered = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {f"dist_rnn>{name}" for name in REGISTERED_NAMES} <= set(registered)
+    import dist_rnn.models
+
+    for name in REGISTERED_NAMES - {"StatelessDropout", "OutputProjection"}:
+        assert name in dist_rnn.models.__all__ and getattr(dist_rnn.models, name).__name__ == name

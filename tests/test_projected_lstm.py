@@ -50,7 +50,7 @@ def test_forward_and_gradients_match_an_unrolled_plain_op_lstmp(dropout):
         tape.watch([x, h0, c0])
         fused = layer(x, initial_state=[h0, c0], training=True, seed=seed)
         if dropout:
-            from dist_rnn.models.cells import recurrent_dropout_mask
+            from dist_rnn.models.dropout import recurrent_dropout_mask
 
             mask = recurrent_dropout_mask(dropout, PROJ, BATCH, tf.float64, seed, 5)
             assert 0 < float(tf.reduce_mean(tf.cast(mask == 0, tf.float32))) < 1

@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from conftest import REPO
 from equivalence import assert_close_variables
-from dist_rnn.models import cells
+from dist_rnn.models import dropout, keras_rnn
 from dist_rnn.config import ModelConfig
 from dist_rnn.errors import UserError
 from dist_rnn.models.model import build_model, check_cudnn_requirement, kernel_report, recurrent_layer
@@ -83,7 +83,7 @@ def test_mask_is_redrawn_from_the_step_seed_alone(cell):
 
 
 def test_each_layer_draws_its_own_mask():
-    masks = [cells.recurrent_dropout_mask(0.5, 64, 8, tf.float32, tf.constant([1, 2], tf.int64), salt)
+    masks = [dropout.recurrent_dropout_mask(0.5, 64, 8, tf.float32, tf.constant([1, 2], tf.int64), salt)
              for salt in (1000, 1001)]
     assert np.abs(masks[0].numpy() - masks[1].numpy()).max() == 2.0
     values = np.unique(np.concatenate([m.numpy().ravel() for m in masks]))
@@ -126,8 +126,8 @@ def _reference_gru(x, states, weights, mask):
     return [tf.stack(outputs, axis=1), h]
 
 
-REFERENCES = {"lstm": (cells.LSTM, keras.layers.LSTM, _reference_lstm, 2),
-              "gru": (cells.GRU, keras.layers.GRU, _reference_gru, 1)}
+REFERENCES = {"lstm": (keras_rnn.LSTM, keras.layers.LSTM, _reference_lstm, 2),
+              "gru": (keras_rnn.GRU, keras.layers.GRU, _reference_gru, 1)}
 
 
 def _loss(outputs):
@@ -169,7 +169,7 @@ def test_masked_fused_recurrence_and_its_gradient_match_the_reference(cell, monk
         np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-12)
 
     seed = tf.constant([4, 9], tf.int64)
-    mask = cells.recurrent_dropout_mask(rate, units, 5, tf.float64, seed, salt)
+    mask = dropout.recurrent_dropout_mask(rate, units, 5, tf.float64, seed, salt)
     assert 0.2 < float(np.mean(mask.numpy() == 0)) < 0.8
     want_out, want_grads = _value_and_grads(plain(mask), x, states, variables)
 
@@ -356,7 +356,7 @@ def test_two_mirrored_replicas_with_recurrent_dropout_match_one_device(runs, cel
 def test_a_cudnn_require_run_still_loads_for_sampling_on_a_cpu(shakespeare_slice, tmp_path):
     # `cudnn: require` builds use_cudnn=True for training; sampling and export
     # (same weights) must not inherit it where no GPU exists.
-    from dist_rnn.app import load_model_for_inference
+    from dist_rnn.inference import load_model_for_inference
     from dist_rnn.config import save_config
     from dist_rnn.run_dir import RunDirectory
     from dist_rnn.data.vocab import Vocabulary

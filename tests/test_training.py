@@ -9,11 +9,10 @@ import pytest
 import tensorflow as tf
 
 from conftest import tiny_config
-from dist_rnn.data.encoding import encode_corpus
 from dist_rnn.distribution import Backend
-from dist_rnn.run_dir import RunDirectory
 from dist_rnn.summaries import MetricsLogger
 from dist_rnn.runtime import set_precision
+from dist_rnn.training.factory import build_trainer
 from dist_rnn.training.trainer import Trainer
 
 
@@ -21,7 +20,8 @@ def make_trainer(config, run_dir) -> Trainer:
     tf.keras.utils.set_random_seed(config.train.seed)
     set_precision(config.train.precision)
     run_dir.mkdir(parents=True, exist_ok=True)
-    return Trainer(config, RunDirectory(run_dir), Backend(), encode_corpus(config.data))
+    metrics = MetricsLogger(run_dir, True, tensorboard=False, progress="off")
+    return build_trainer(config, run_dir, backend=Backend(), metrics=metrics)
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +32,8 @@ def trained(shakespeare_slice, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("trained")
     trainer = make_trainer(config, run_dir)
     initial = trainer.evaluate("valid").loss
-    metrics = MetricsLogger(run_dir, True, tensorboard=False, progress="off")
-    result = trainer.train(metrics)
-    metrics.close()
+    result = trainer.train()
+    trainer.metrics.close()
     return trainer, initial, result
 
 
@@ -174,9 +173,8 @@ def test_every_cell_lowers_validation_perplexity_on_real_text(cell, shakespeare_
                          train={"max_steps": 60, "batch_size": 16, "num_steps": 32})
     trainer = make_trainer(config, tmp_path)
     initial = trainer.evaluate("valid").loss
-    metrics = MetricsLogger(tmp_path, True, tensorboard=False, progress="off")
-    final = trainer.train(metrics)["valid"]["loss"]
-    metrics.close()
+    final = trainer.train()["valid"]["loss"]
+    trainer.metrics.close()
     assert math.exp(final) < 0.6 * math.exp(initial), (cell, initial, final)
 
 

@@ -5,8 +5,10 @@
     python tools/results.py docs/results/runs --plots docs/results   # and draw the PNGs
 
 The input folder holds one folder per experiment, named after its config
-(``shakespeare_compare``: experiment 1, the cell comparison; ``shakespeare_char``:
-experiment 2, the strong config), and in it one folder per run with that run's
+(``shakespeare_compare``: experiment 1, the cell comparison;
+``shakespeare_compare_faithful``: experiment 1 with the tutorial's initialization
+and whole-file training, whose validation text was also trained on;
+``shakespeare_char``: experiment 2, the strong config), and in it one folder per run with that run's
 ``config.yaml`` and ``metrics.jsonl`` exactly as ``dist-rnn train`` wrote them.
 Nothing else is read: every number of the tables is computed here, so the
 tables in ``docs/results.md`` can be checked against the committed runs
@@ -46,6 +48,7 @@ from dist_rnn.errors import UserError  # noqa: E402
 from dist_rnn.report import effective_records, load_config_dict, load_metrics, sessions  # noqa: E402
 
 COMPARE = "shakespeare_compare"
+FAITHFUL = "shakespeare_compare_faithful"
 STRONG = "shakespeare_char"
 CELL_ORDER = ("gru", "lstm", "ln_lstm", "ln_gru", "rnn")
 # Experiment 1's reference: final-epoch training loss (nats/char) of the classic
@@ -182,14 +185,20 @@ def _row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def compare_table(runs: list[Run]) -> str:
-    """Experiment 1: one row per cell, mean and min-max over its seeds."""
+def compare_table(runs: list[Run], valid_label: str = "valid") -> str:
+    """Experiment 1: one row per cell, mean and min-max over its seeds.
+
+    Args:
+        runs: The experiment's runs.
+        valid_label: Names the validation columns (``valid (seen)`` for the
+            faithful runs, whose validation text is part of their training text).
+    """
     by_cell: dict[str, list[Run]] = defaultdict(list)
     for run in runs:
         by_cell[run.cell].append(run)
     lstm_time = statistics.fmean(r.training_time() for r in by_cell["lstm"]) if by_cell.get("lstm") else None
     lines = [
-        _row(["cell", "seeds", "train loss, final epoch", "reference", "valid loss", "valid bpc",
+        _row(["cell", "seeds", "train loss, final epoch", "reference", f"{valid_label} loss", f"{valid_label} bpc",
               "wall time", "training time", "tokens/s", "training time vs lstm"]),
         _row(["---"] * 10),
     ]
@@ -261,10 +270,14 @@ def tables(root: Path) -> str:
         runs = load_experiment(root / COMPARE)
         parts += ["<!-- table: experiment 1 -->", compare_table(runs), "",
                   "<!-- table: experiment 1, per epoch -->", compare_epochs_table(runs), ""]
+    if (root / FAITHFUL).is_dir():
+        runs = load_experiment(root / FAITHFUL)
+        parts += ["<!-- table: experiment 1, faithful -->", compare_table(runs, "valid (seen)"), "",
+                  "<!-- table: experiment 1, faithful, per epoch -->", compare_epochs_table(runs), ""]
     if (root / STRONG).is_dir():
         parts += ["<!-- table: experiment 2 -->", strong_table(load_experiment(root / STRONG)), ""]
     if not parts:
-        raise UserError(f"{root}: no {COMPARE}/ or {STRONG}/ experiment folder")
+        raise UserError(f"{root}: no {COMPARE}/, {FAITHFUL}/ or {STRONG}/ experiment folder")
     return "\n".join(parts)
 
 
@@ -272,7 +285,7 @@ def tables(root: Path) -> str:
 # Curves
 
 
-def plot_compare(runs: list[Run], out_path: Path) -> Path:
+def plot_compare(runs: list[Run], out_path: Path, title: str = "Experiment 1") -> Path:
     """Training (per-epoch mean) and validation loss per epoch, one line per run."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -298,7 +311,7 @@ def plot_compare(runs: list[Run], out_path: Path) -> Path:
         ax.grid(alpha=0.3)
     ax_train.set_ylabel("nats/char")
     ax_valid.legend(fontsize=8)
-    fig.suptitle("Experiment 1: tiny-shakespeare, 3 x 100 cells, batch 32, BPTT 80, Adam 1e-4")
+    fig.suptitle(f"{title}: tiny-shakespeare, 3 x 100 cells, batch 32, BPTT 80, Adam 1e-4")
     fig.tight_layout()
     fig.savefig(out_path, dpi=110)
     return out_path
@@ -331,7 +344,8 @@ def plot_strong(runs: list[Run], out_path: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", type=Path, help="folder with shakespeare_compare/ and/or shakespeare_char/")
+    parser.add_argument("runs", type=Path,
+                        help="folder with shakespeare_compare/, shakespeare_compare_faithful/ and/or shakespeare_char/")
     parser.add_argument("--plots", type=Path, help="also write the curve PNGs into this folder")
     args = parser.parse_args(argv)
     try:
@@ -342,6 +356,10 @@ def main(argv: list[str] | None = None) -> int:
             args.plots.mkdir(parents=True, exist_ok=True)
             if (args.runs / COMPARE).is_dir():
                 print(plot_compare(load_experiment(args.runs / COMPARE), args.plots / "experiment1.png"), file=sys.stderr)
+            if (args.runs / FAITHFUL).is_dir():
+                print(plot_compare(load_experiment(args.runs / FAITHFUL), args.plots / "experiment1_faithful.png",
+                                   "Experiment 1, tutorial's init, whole file (validation text seen)"),
+                      file=sys.stderr)
             if (args.runs / STRONG).is_dir():
                 print(plot_strong(load_experiment(args.runs / STRONG), args.plots / "experiment2.png"), file=sys.stderr)
     except UserError as e:

@@ -7,6 +7,7 @@ where the splits fall.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -58,6 +59,8 @@ _PTB = {
                        "./simple-examples/data/ptb.test.txt"),
 }
 _TEXT8 = RemoteFile("text8", "http://mattmahoney.net/dc/text8.zip", None, "text8")
+# The one-file corpora that data.split cuts into parts.
+SINGLE_FILE_CORPORA = {"tinyshakespeare": _TINYSHAKESPEARE, "text8": _TEXT8}
 
 
 @dataclass
@@ -99,6 +102,10 @@ def load_splits(config: DataConfig) -> Splits:
             download is impossible (the message names the file and where to put
             it).
     """
+    if config.train_on_whole_text:
+        # split_text cuts contiguous parts: together they are the whole text.
+        splits = load_splits(dataclasses.replace(config, train_on_whole_text=False))
+        return Splits(splits.train + splits.valid + splits.test, splits.valid, splits.test)
     if config.train_file:
         return Splits(_read_text(config.train_file, "data.train_file"),
                       _read_text(config.valid_file, "data.valid_file") if config.valid_file else "",
@@ -110,10 +117,10 @@ def load_splits(config: DataConfig) -> Splits:
         text = "".join(_read_text(p, "data.path") for p in paths)
         return split_text(_cap(text, config.max_chars), config.split)
     if config.corpus == "tinyshakespeare":
-        path = _local_or_fetch(config, "tinyshakespeare", _TINYSHAKESPEARE)
+        path = local_or_fetch(config, "tinyshakespeare", _TINYSHAKESPEARE)
         return split_text(_cap(_read_text(str(path), "data.path"), config.max_chars), config.split)
     if config.corpus == "text8":
-        path = _local_or_fetch(config, "text8", _TEXT8)
+        path = local_or_fetch(config, "text8", _TEXT8)
         return split_text(_cap(_read_text(str(path), "data.path"), config.max_chars), config.split)
     if config.corpus == "ptb":
         return _ptb_splits(config)
@@ -142,10 +149,15 @@ def stdlib_text(max_chars: int | None) -> str:
 
 def split_text(text: str, fractions: list[float]) -> Splits:
     """Cuts one text into contiguous train/valid/test parts by fractions."""
-    n = len(text)
+    a, b = split_points(len(text), fractions)
+    return Splits(text[:a], text[a:b], text[b:])
+
+
+def split_points(n: int, fractions: list[float]) -> tuple[int, int]:
+    """Where a stream of ``n`` units (characters) is cut: the ends of the train and valid parts."""
     a = int(round(n * fractions[0]))
     b = a + int(round(n * fractions[1]))
-    return Splits(text[:a], text[a:b], text[b:])
+    return a, b
 
 
 def _cap(text: str, max_chars: int | None) -> str:
@@ -166,6 +178,12 @@ def _read_text(path: str, key: str) -> str:
 
 
 def _ptb_splits(config: DataConfig) -> Splits:
+    files = ptb_files(config)
+    return Splits(*(_read_text(str(files[s]), "data.path") for s in ("train", "valid", "test")))
+
+
+def ptb_files(config: DataConfig) -> dict[str, Path]:
+    """The ptb corpus' three files: in ``data.path``, or fetched into the cache."""
     if config.path:
         folder = Path(config.path if isinstance(config.path, str) else config.path[0]).expanduser()
         if not folder.is_dir():
@@ -178,10 +196,11 @@ def _ptb_splits(config: DataConfig) -> Splits:
             files[split] = f
     else:
         files = {split: fetch(remote, cache_dir(config) / "ptb") for split, remote in _PTB.items()}
-    return Splits(*(_read_text(str(files[s]), "data.path") for s in ("train", "valid", "test")))
+    return files
 
 
-def _local_or_fetch(config: DataConfig, corpus: str, remote: RemoteFile) -> Path:
+def local_or_fetch(config: DataConfig, corpus: str, remote: RemoteFile) -> Path:
+    """The corpus file at ``data.path`` (checked against its SHA-256), or fetched into the cache."""
     if config.path:
         path = Path(config.path if isinstance(config.path, str) else config.path[0]).expanduser()
         if not path.is_file():

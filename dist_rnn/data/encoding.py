@@ -36,6 +36,10 @@ class EncodedCorpus:
         """Returns the ids of ``train``, ``valid`` or ``test``."""
         return {"train": self.train, "valid": self.valid, "test": self.test}[name]
 
+    def bits_per_byte(self, split: str, nats_per_token: float) -> None:
+        """None: this in-memory corpus does not keep its text's byte counts (a prepared corpus does)."""
+        return None
+
 
 def encode_corpus(config: DataConfig, vocab: Vocabulary | None = None) -> EncodedCorpus:
     """Reads the configured corpus and encodes it.
@@ -51,6 +55,9 @@ def encode_corpus(config: DataConfig, vocab: Vocabulary | None = None) -> Encode
     Raises:
         UserError: If the data cannot be read or the training split is empty.
     """
+    if config.level not in ("char", "word"):  # tokenize() would silently split bytes/subwords as words
+        raise UserError(f"config key 'data.level': {config.level!r} tokens are read from prepared data "
+                        "(dist_rnn.data.prepare), not by encode_corpus")
     splits = load_splits(config)
     train_tokens = tokenize(splits.train, config.level)
     if not train_tokens:

@@ -1,9 +1,9 @@
-"""The recurrent language model: embedding, stacked recurrent layers, projection.
+"""The recurrent language model: embedding, stacked recurrent layers, output layer.
 
 Dropout (``model.dropout``) is applied to non-recurrent connections (after
 the embedding, between layers and before the softmax), as in Zaremba et al.
 2014; ``model.recurrent_dropout`` adds variational dropout on the state fed
-to each layer's recurrent matmul (``dist_rnn.models.cells``). All masks are drawn
+to each layer's recurrent matmul (``dist_rnn.models.dropout``). All masks are drawn
 statelessly over the global batch from a seed passed with each call, and each
 replica keeps the rows it owns: a step's dropout depends only on (run seed,
 step, dropout site, row), not on how rows are spread over replicas. Runs are
@@ -14,6 +14,7 @@ random-generator variable has to be mirrored or checkpointed.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import keras
@@ -21,6 +22,7 @@ import tensorflow as tf
 
 from dist_rnn.config import TWO_STATE_CELLS, ModelConfig, check_output_vocab
 from dist_rnn.errors import UserError
+from dist_rnn.models.layers import RECURRENT_LAYERS
 from dist_rnn.models.outputs import OutputProjection, output_layer  # noqa: F401 (OutputProjection: re-exported)
 
 FUSED_CELLS = ("lstm", "gru")
@@ -29,6 +31,9 @@ FUSED_CELLS = ("lstm", "gru")
 RECURRENT_DROPOUT_SALT = 1000
 #: ``model.cudnn`` -> ``use_cudnn`` of Keras' LSTM/GRU (True: Keras raises if cuDNN cannot run).
 USE_CUDNN = {"auto": "auto", "require": True, "off": False}
+#: ``model.initializer: unit_scaling`` starts the GRU update and reset gates' bias here
+#: (the ``bias_start`` of TensorFlow's pre-1.0 ``GRUCell``).
+GRU_GATE_BIAS = 1.0
 
 
 def states_per_layer(cell: str) -> int:
@@ -41,7 +46,7 @@ class LayerKernel:
     """Which kernel one recurrent layer runs, and why.
 
     Every layer runs either the fused cuDNN kernel or dist-rnn's fused
-    recurrence (``dist_rnn.models.cells``: one input matmul, hand-written backward
+    recurrence (``dist_rnn.models.kernels``: one input matmul, hand-written backward
     pass); Keras' generic per-step cell never runs.
 
     Attributes:
@@ -88,7 +93,7 @@ def cudnn_excluded_by(jit_compile: bool = False, precision: str = "float32", exp
 
 def kernel_report(config: ModelConfig, gpu_visible: bool, jit_compile: bool = False, precision: str = "float32",
                   export: bool = False) -> list[LayerKernel]:
-    """Says for each layer whether it runs the fused cuDNN kernel, as ``cells.LSTM``/``GRU`` decide.
+    """Says for each layer whether it runs the fused cuDNN kernel, as ``keras_rnn.LSTM``/``GRU`` decide.
 
     Args:
         config: The ``model`` section.
@@ -102,7 +107,7 @@ def kernel_report(config: ModelConfig, gpu_visible: bool, jit_compile: bool = Fa
     report = []
     for i in range(config.num_layers):
         if config.cell not in FUSED_CELLS:
-            fused, reason = False, "custom cell"
+            fused, reason = False, RECURRENT_LAYERS[config.cell].fused_kernel_reason
         elif config.projection_size:
             from dist_rnn.models.projected_lstm import NO_CUDNN_REASON
 
@@ -192,26 +197,64 @@ def weight_seed(seed: int, weight: str) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
+def unit_scaling_limit(fan_in: int) -> float:
+    """Bound of ``model.initializer: unit_scaling``: ``sqrt(3 / fan_in)``, unit variance per input."""
+    return math.sqrt(3.0 / fan_in)
+
+
 def weight_initializer(config: ModelConfig, seed: int, weight: str, default=keras.initializers.GlorotUniform,
-                       **default_args):
+                       fan_in: int | None = None, **default_args):
     """A new initializer object for exactly one weight.
 
     Args:
-        config: The ``model`` section (``init_scale``).
+        config: The ``model`` section (``init_scale``, ``initializer``).
         seed: The model seed.
         weight: The weight's name (see :func:`weight_seed`).
-        default: Keras initializer class used without ``init_scale``.
+        default: Keras initializer class used without ``init_scale`` under
+            ``model.initializer: keras``.
+        fan_in: Rows of the matrix this weight is (part of), for
+            ``model.initializer: unit_scaling``.
         **default_args: Its arguments other than ``seed``.
 
     Returns:
         ``RandomUniform(-init_scale, init_scale)`` when ``model.init_scale``
-        is set (the PTB recipe), else ``default(**default_args)``; seeded by
-        :func:`weight_seed`.
+        is set (the PTB recipe); ``RandomUniform`` within
+        :func:`unit_scaling_limit` of ``fan_in`` under ``unit_scaling``; else
+        ``default(**default_args)``; seeded by :func:`weight_seed`.
     """
     s = weight_seed(seed, weight)
     if config.init_scale:
         return keras.initializers.RandomUniform(-config.init_scale, config.init_scale, seed=s)
+    if config.initializer == "unit_scaling":
+        limit = unit_scaling_limit(fan_in)
+        return keras.initializers.RandomUniform(-limit, limit, seed=s)
     return default(seed=s, **default_args)
+
+
+@keras.saving.register_keras_serializable(package="dist_rnn")
+class GRUGateBias(keras.initializers.Initializer):
+    """Keras GRU bias ``(2, 3U)`` (``reset_after``: input row, recurrent row) with the z and r gates at ``value``.
+
+    The input row starts ``[value] * 2U + [0] * U`` and the recurrent row at
+    zero, so each gate's summed bias is ``value`` for z and r and 0 for the
+    candidate, on cuDNN and on the fused recurrence alike.
+
+    Args:
+        value: Starting bias of the update and reset gates.
+    """
+
+    def __init__(self, value: float = GRU_GATE_BIAS):
+        self.value = float(value)
+
+    def __call__(self, shape, dtype=None):
+        if len(shape) != 2 or shape[0] != 2 or shape[1] % 3:
+            raise ValueError(f"GRUGateBias expects a reset_after GRU bias of shape (2, 3 * units), got {shape}")
+        units = shape[1] // 3
+        row = tf.concat([tf.fill([2 * units], self.value), tf.zeros([units])], 0)
+        return tf.cast(tf.stack([row, tf.zeros_like(row)]), dtype or "float32")
+
+    def get_config(self):
+        return {"value": self.value}
 
 
 def recurrent_layer(config: ModelConfig, index: int, seed: int = 0, allow_cudnn: bool = True):
@@ -219,7 +262,7 @@ def recurrent_layer(config: ModelConfig, index: int, seed: int = 0, allow_cudnn:
 
     Args:
         config: The ``model`` section (cell, units, recurrent dropout, cuDNN
-            use, ``init_scale``).
+            use, ``init_scale``, ``initializer``).
         index: Layer index (names the layer and offsets its recurrent-dropout salt).
         seed: Model seed: each weight's initializer seed is derived from it
             (:func:`weight_seed`); it also fixes the (unused) dropout generator
@@ -228,7 +271,7 @@ def recurrent_layer(config: ModelConfig, index: int, seed: int = 0, allow_cudnn:
             (see :func:`cudnn_excluded_by`); same weights either way.
 
     Returns:
-        ``cells.LSTM``/``cells.GRU`` (Keras' layers: cuDNN on a GPU unless
+        ``keras_rnn.LSTM``/``keras_rnn.GRU`` (Keras' layers: cuDNN on a GPU unless
         recurrent dropout, dist-rnn's fused recurrence elsewhere; ``model.cudnn:
         require`` builds them with ``use_cudnn=True``) or a dist-rnn
         layer-norm/vanilla layer, with ``return_sequences`` and
@@ -238,27 +281,34 @@ def recurrent_layer(config: ModelConfig, index: int, seed: int = 0, allow_cudnn:
     """
     name = f"{config.cell}_{index}"
     common = dict(return_sequences=True, return_state=True, name=name)
-    init = dict(kernel_initializer=weight_initializer(config, seed, f"{name}/kernel"),
+    # unit_scaling: the input and recurrent kernels are the two row blocks of the
+    # tutorials' one matrix over [input, state], so both take its fan_in.
+    # A projected LSTM's state (and so the next layer's input) is projection_size wide.
+    width = config.projection_size or config.hidden_size
+    fan_in = (config.embedding_size if index == 0 else width) + width
+    init = dict(kernel_initializer=weight_initializer(config, seed, f"{name}/kernel", fan_in=fan_in),
                 recurrent_initializer=weight_initializer(config, seed, f"{name}/recurrent_kernel",
-                                                         keras.initializers.Orthogonal))
+                                                         keras.initializers.Orthogonal, fan_in=fan_in))
     if config.init_scale and config.cell in ("lstm", "gru", "rnn"):
         # The layer-norm cells have no bias; their gains and shifts keep their constant starts.
         init["bias_initializer"] = weight_initializer(config, seed, f"{name}/bias")
     if config.projection_size:
         return projected_lstm_layer(config, index, seed, name, init)
-    from dist_rnn.models.layers import RECURRENT_LAYERS
-
     cls = RECURRENT_LAYERS[config.cell]
     if config.cell in FUSED_CELLS:
         # Keras' LSTM/GRU (cuDNN on a GPU, same weights) whose non-cuDNN path
-        # runs the fused recurrence of dist_rnn.models.cells instead of Keras' generic cell.
+        # runs the fused recurrence of dist_rnn.models.kernels instead of Keras' generic cell.
         extra = {"reset_after": True} if config.cell == "gru" else {}
         if config.init_scale and config.cell == "lstm":
             extra["unit_forget_bias"] = False
+        if config.initializer == "unit_scaling" and config.cell == "gru":
+            init["bias_initializer"] = GRUGateBias(GRU_GATE_BIAS)
         return cls(config.hidden_size, activation="tanh", recurrent_activation="sigmoid", use_bias=True,
                    unroll=False, recurrent_dropout=config.recurrent_dropout,
                    use_cudnn=USE_CUDNN[config.cudnn] if allow_cudnn else False, seed=seed + 1000 + index,
                    dropout_salt=RECURRENT_DROPOUT_SALT + index, **init, **extra, **common)
+    if config.initializer == "unit_scaling" and config.cell == "ln_gru":
+        init["gate_beta_initializer"] = keras.initializers.Constant(GRU_GATE_BIAS)
     return cls(config.hidden_size, recurrent_dropout=config.recurrent_dropout,
                dropout_salt=RECURRENT_DROPOUT_SALT + index, **init, **common)
 
@@ -276,7 +326,8 @@ def projected_lstm_layer(config: ModelConfig, index: int, seed: int, name: str, 
     from dist_rnn.models.projected_lstm import ProjectedLSTM
 
     return ProjectedLSTM(config.hidden_size, config.projection_size, recurrent_dropout=config.recurrent_dropout,
-                         projection_initializer=weight_initializer(config, seed, f"{name}/projection_kernel"),
+                         projection_initializer=weight_initializer(config, seed, f"{name}/projection_kernel",
+                                                                   fan_in=config.hidden_size),
                          unit_forget_bias=not config.init_scale, dropout_salt=RECURRENT_DROPOUT_SALT + index,
                          return_sequences=True, return_state=True, name=name, **init)
 
@@ -307,7 +358,8 @@ class LanguageModel(keras.Model):
         self.embedding = keras.layers.Embedding(
             vocab_size, config.embedding_size, name="embedding",
             embeddings_initializer=weight_initializer(config, seed, "embedding/embeddings",
-                                                      keras.initializers.RandomUniform, minval=-0.05, maxval=0.05))
+                                                      keras.initializers.RandomUniform, fan_in=vocab_size,
+                                                      minval=-0.05, maxval=0.05))
         self.recurrent_layers = [recurrent_layer(config, i, seed, allow_cudnn)
                                  for i in range(config.num_layers)]
         # tf.train.Checkpoint does not see layers inside a Python list: give
@@ -316,12 +368,13 @@ class LanguageModel(keras.Model):
             setattr(self, f"recurrent_{i}", layer)
         self.dropouts = [StatelessDropout(config.dropout, salt=i, name=f"dropout_{i}")
                          for i in range(config.num_layers + 1)]
-        self.projection = output_layer(config, vocab_size, self.embedding if config.tie_embeddings else None,
-                                       weight_initializer(config, seed, "projection/kernel"),
-                                       weight_initializer(config, seed, "projection/tie_projection"))
-        self.state_counts = [states_per_layer(config.cell)] * config.num_layers
-        # Width of each flat state tensor: h is projection_size wide in a projected LSTM.
+        # Width of the last layer's output, and of each flat state tensor (h is
+        # projection_size wide in a projected LSTM).
         h_size = config.projection_size or config.hidden_size
+        self.projection = output_layer(config, vocab_size, self.embedding if config.tie_embeddings else None,
+                                       weight_initializer(config, seed, "projection/kernel", fan_in=h_size),
+                                       weight_initializer(config, seed, "projection/tie_projection", fan_in=h_size))
+        self.state_counts = [states_per_layer(config.cell)] * config.num_layers
         self.state_sizes = [h_size, config.hidden_size][:states_per_layer(config.cell)] * config.num_layers
 
     @property

@@ -29,13 +29,17 @@ from pathlib import Path
 import tensorflow as tf
 
 from dist_rnn.config import RESUME_INVARIANT_KEYS, Config, flatten, resume_invariant_values
-from dist_rnn.errors import UserError
+from dist_rnn.errors import UserError, first_line
+from dist_rnn.run_dir import RunDirectory
 
 log = logging.getLogger("dist_rnn")
 
 # Checkpointed objects a checkpoint may lack: the loss scale exists only under
 # mixed_float16, so a checkpoint saved in another precision has none.
 OPTIONAL_OBJECTS = ("loss_scale",)
+BEST_RECORD = "best.json"  # beside the best checkpoint: its step, loss, perplexity and file name
+# Top-level entries tf.train.Checkpoint writes itself, beside the saved objects.
+_CHECKPOINT_BOOKKEEPING = ("save_counter", "_CHECKPOINTABLE_OBJECT_GRAPH")
 _FINGERPRINT_KEY = "training_state/fingerprint/.ATTRIBUTES/VARIABLE_VALUE"
 
 
@@ -65,16 +69,16 @@ def accepted_fingerprints(config: Config, vocab_tokens: list[str]) -> tuple[str,
 def read_best_record(best_directory: Path) -> dict | None:
     """``{"step", "loss", "perplexity", "checkpoint"}`` from ``best_directory/best.json``, or None."""
     try:
-        return json.loads((Path(best_directory) / "best.json").read_text())
+        return json.loads((Path(best_directory) / BEST_RECORD).read_text())
     except (OSError, json.JSONDecodeError):
         return None
 
 
-def find_checkpoint(run_path: Path, choice: str) -> str:
+def find_checkpoint(run_dir: RunDirectory | Path, choice: str) -> str:
     """Resolves ``--checkpoint best|latest|PATH`` of a run to a checkpoint path prefix.
 
     Args:
-        run_path: The run directory.
+        run_dir: The run directory (or its path).
         choice: ``latest`` (newest rolling checkpoint in ``RUN_DIR/checkpoints``),
             ``best`` (``RUN_DIR/best``, the lowest validation loss so far) or a
             checkpoint path prefix (``.../ckpt-20``) or a folder of checkpoints
@@ -86,20 +90,20 @@ def find_checkpoint(run_path: Path, choice: str) -> str:
     Raises:
         UserError: If there is no such checkpoint.
     """
-    run_path = Path(run_path)
+    rd = run_dir if isinstance(run_dir, RunDirectory) else RunDirectory(run_dir)
     if choice == "latest":
-        path = tf.train.latest_checkpoint(str(run_path / "checkpoints"))
+        path = tf.train.latest_checkpoint(str(rd.checkpoints))
         if path is None:
-            raise UserError(f"{run_path / 'checkpoints'} holds no checkpoint")
+            raise UserError(f"{rd.checkpoints} holds no checkpoint")
         return path
     if choice == "best":
-        record = read_best_record(run_path / "best")
+        record = read_best_record(rd.best)
         if record is None or "checkpoint" not in record:
-            raise UserError(f"--checkpoint best: {run_path} has no best checkpoint yet ({run_path / 'best' / 'best.json'} "
+            raise UserError(f"--checkpoint best: {rd.path} has no best checkpoint yet ({rd.best / BEST_RECORD} "
                             f"is written at the first evaluation on a non-empty validation split)")
-        path = run_path / "best" / record["checkpoint"]
+        path = rd.best / record["checkpoint"]
         if not Path(f"{path}.index").is_file():
-            raise UserError(f"--checkpoint best: {run_path / 'best' / 'best.json'} names {path}, which is missing")
+            raise UserError(f"--checkpoint best: {rd.best / BEST_RECORD} names {path}, which is missing")
         return str(path)
     given = Path(choice).expanduser()
     if Path(f"{given}.index").is_file():
@@ -109,7 +113,7 @@ def find_checkpoint(run_path: Path, choice: str) -> str:
         if path is not None:
             return path
     raise UserError(f"--checkpoint {choice}: no checkpoint there (give best, latest, a checkpoint path such as "
-                    f"{run_path / 'checkpoints' / 'ckpt-20'}, or a folder of checkpoints)")
+                    f"{rd.checkpoints / 'ckpt-20'}, or a folder of checkpoints)")
 
 
 def check_fingerprint(path: str, expected: str | tuple[str, ...]) -> None:
@@ -121,8 +125,8 @@ def check_fingerprint(path: str, expected: str | tuple[str, ...]) -> None:
     """
     try:
         found = tf.train.load_checkpoint(path).get_tensor(_FINGERPRINT_KEY)
-    except (tf.errors.OpError, ValueError):
-        return  # no fingerprint saved: nothing to compare
+    except (tf.errors.OpError, ValueError, IndexError, KeyError):
+        return  # no fingerprint saved (or unreadable, which restoring reports): nothing to compare
     _compare_fingerprints(path, found.decode() if isinstance(found, bytes) else str(found), expected)
 
 
@@ -194,24 +198,28 @@ class Checkpointer:
         if self._best_manager is None:
             self._best_manager = tf.train.CheckpointManager(self.checkpoint, str(self.best_directory), max_to_keep=1)
         path = self._best_manager.save(checkpoint_number=step)
-        tmp = self.best_directory / "best.json.tmp"
+        tmp = self.best_directory / f"{BEST_RECORD}.tmp"
         tmp.write_text(json.dumps({**record, "step": step, "checkpoint": Path(path).name}) + "\n")
-        tmp.replace(self.best_directory / "best.json")
+        tmp.replace(self.best_directory / BEST_RECORD)
         return path
 
     def restore(self, path: str, expected_fingerprint: str | tuple[str, ...] | None = None,
                 state: TrainingState | None = None) -> str:
         """Restores one checkpoint.
 
-        A checkpoint without a loss scale (saved in another precision) leaves
-        the loss scale as built: it starts fresh.
+        Only the objects this Checkpointer holds are restored: a checkpoint's
+        others (a loss scale saved in another precision; the optimizer and
+        training state when only the model is loaded for inference) are left
+        unread. A checkpoint without a loss scale (saved in another precision)
+        leaves the loss scale as built: it starts fresh.
 
         Args:
             path: The checkpoint path prefix.
             expected_fingerprint: Refuse a checkpoint of another run: the
                 run's fingerprint, or a tuple of accepted ones (the first is
                 the current one, kept in ``state`` after the restore).
-            state: The TrainingState whose fingerprint is checked.
+            state: The TrainingState whose fingerprint is checked; without
+                one, the fingerprint saved in the checkpoint file is.
 
         Returns:
             ``path``.
@@ -220,21 +228,23 @@ class Checkpointer:
             UserError: If the checkpoint is unreadable (naming its files) or
                 was written by another run (its fingerprint differs).
         """
+        if expected_fingerprint is not None and state is None:
+            check_fingerprint(path, expected_fingerprint)
         try:
             saved = {name.split("/", 1)[0] for name, _ in tf.train.list_variables(path)}
             absent = [name for name in OPTIONAL_OBJECTS if name in self.objects and name not in saved]
-            unused = [name for name in OPTIONAL_OBJECTS if name in saved and name not in self.objects]
+            unused = [name for name in saved - set(self.objects) if name not in _CHECKPOINT_BOOKKEEPING]
             checkpoint = self.checkpoint
             if absent:
                 checkpoint = tf.train.Checkpoint(**{k: v for k, v in self.objects.items() if k not in absent})
             status = checkpoint.restore(path)
-            if unused:  # e.g. a mixed_float16 loss scale resumed in float32: not needed, no warning
+            if unused:  # e.g. a mixed_float16 loss scale resumed in float32, or the optimizer at inference: no warning
                 status.expect_partial()
             status.assert_existing_objects_matched()
         except (tf.errors.OpError, ValueError, AssertionError, IndexError, KeyError) as e:
             # A truncated file surfaces as IndexError ("Read less bytes
             # than requested") from the checkpoint reader.
-            raise _Unreadable(path, _first_line(e)) from None
+            raise _Unreadable(path, first_line(e)) from None
         if "loss_scale" in absent:
             log.info(f"checkpoint {path} has no loss scale (saved in another train.precision): "
                      "the loss scale starts fresh at train.loss_scale.initial")
@@ -288,8 +298,3 @@ class _Unreadable(UserError):
 def _files_of(prefix: str) -> str:
     files = sorted(str(p) for p in Path(prefix).parent.glob(Path(prefix).name + ".*"))
     return ", ".join(files) if files else prefix
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return (text.splitlines()[0] if text else error.__class__.__name__)[:300]

@@ -13,10 +13,22 @@ from dist_rnn.training import gradients
 from dist_rnn.distribution import Backend
 
 
+def token_losses(targets: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
+    """Cross-entropy (nats) of every target token: the one definition of the loss.
+
+    Args:
+        targets: Token ids, ``[batch, time]``.
+        logits: ``[batch, time, vocab]``.
+
+    Returns:
+        ``[batch, time]`` losses.
+    """
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.cast(targets, tf.int32), logits=logits)
+
+
 def token_loss_sum(targets: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
     """Sum of token cross-entropies (nats) over a window."""
-    losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.cast(targets, tf.int32), logits=logits)
-    return tf.reduce_sum(losses)
+    return tf.reduce_sum(token_losses(targets, logits))
 
 
 def loss_denominator(loss_normalization: str, global_batch: int, num_steps: int) -> float:

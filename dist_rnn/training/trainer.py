@@ -3,7 +3,9 @@
 One trainer for every backend: the replica logic sits behind
 :class:`~dist_rnn.distribution.Backend`, the gradient order in
 :mod:`dist_rnn.training.steps`. The recurrent state is carried per replica from batch to
-batch within an epoch and reset at each epoch start; evaluation does the same.
+batch within an epoch and reset at each epoch start; evaluation
+(:mod:`dist_rnn.training.evaluation`) does the same. The trainer receives its
+parts ready-built from :func:`dist_rnn.training.factory.build_trainer`.
 """
 
 from __future__ import annotations
@@ -17,22 +19,23 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from dist_rnn.data.batching import EvalBatcher, StreamBatcher
-from dist_rnn.training.checkpoints import Checkpointer, TrainingState, accepted_fingerprints, run_fingerprint
 from dist_rnn.config import Config
+from dist_rnn.data.batching import EvalBatcher, StreamBatcher
 from dist_rnn.data.encoding import EncodedCorpus
+from dist_rnn.data.prepared import PreparedCorpus
 from dist_rnn.distribution import Backend
 from dist_rnn.errors import UserError
 from dist_rnn.generation import Sampler, model_step_fn
-from dist_rnn.training.gradients import DynamicLossScale
-from dist_rnn.models.model import build_model, check_cudnn_requirement, cudnn_excluded_by, kernel_report
+from dist_rnn.models.model import LayerKernel
 from dist_rnn.models.outputs import output_summary
-from dist_rnn.training.optimizers import build_optimizer
-from dist_rnn.training.preemption import StopRequest
 from dist_rnn.run_dir import RunDirectory
-from dist_rnn.training.schedules import learning_rate_at
-from dist_rnn.training.steps import StepFunctions
 from dist_rnn.summaries import MetricsLogger, peak_memory, perplexity
+from dist_rnn.training.checkpoints import Checkpointer, TrainingState, accepted_fingerprints
+from dist_rnn.training.evaluation import EvalResult, evaluate_split
+from dist_rnn.training.gradients import DynamicLossScale
+from dist_rnn.training.preemption import StopRequest
+from dist_rnn.training.schedules import learning_rate_at
+from dist_rnn.training.steps import StepFunctions, token_losses
 
 log = logging.getLogger("dist_rnn")
 
@@ -85,71 +88,90 @@ class SkippedSteps:
 
 
 @dataclass
-class EvalResult:
-    """Loss over a whole split, in nats per token."""
+class Position:
+    """Where training is: steps done, the epoch (1-based) and the batches of that epoch done."""
 
-    split: str
-    loss: float
-    tokens: int
-    level: str
+    step: int
+    epoch: int
+    index: int
 
-    def as_dict(self) -> dict:
-        """``split``, ``loss``, ``perplexity``, ``tokens`` and ``bpc`` (char level)."""
-        out = {"split": self.split, "loss": self.loss, "perplexity": perplexity(self.loss), "tokens": self.tokens}
-        if self.level == "char":
-            out["bpc"] = self.loss / math.log(2)
-        return out
+    def next_epoch(self) -> None:
+        """Moves to the start of the next epoch."""
+        self.epoch, self.index = self.epoch + 1, 0
+
+
+class LogWindow:
+    """The steps since the last log point: their loss sums and when the window started.
+
+    Args:
+        step: The step the window starts after.
+    """
+
+    def __init__(self, step: int):
+        self.losses: list[tf.Tensor] = []
+        self.start_step = step
+        self.start_time = time.perf_counter()
+
+    def restart(self, step: int) -> None:
+        """Starts a new window after ``step`` (a log point was just written)."""
+        self.losses, self.start_step, self.start_time = [], step, time.perf_counter()
+
+    def restart_clock(self) -> None:
+        """Leaves an evaluation or checkpoint save out of the window's time."""
+        self.start_time = time.perf_counter()
+
+
+def due(every: int | None, step: int) -> bool:
+    """Whether a cadence of ``every`` steps (0 or None: off) falls on ``step``."""
+    return bool(every) and step % every == 0
 
 
 class Trainer:
-    """Builds model, optimizer and steps for a run, and trains, evaluates and samples.
+    """Trains, evaluates and samples one run from ready parts.
+
+    :func:`~dist_rnn.training.factory.build_trainer` builds the parts from a
+    config; the trainer only receives them.
 
     Args:
-        config: The validated run config.
+        config: The validated run config (cadences, limits, sampling).
         run_dir: The run directory.
         backend: The distribution backend (replica count known).
         corpus: The encoded corpus.
-
-    Raises:
-        UserError: If a split is too small for one batch, or ``model.cudnn``
-            is ``require`` and a layer cannot use the fused kernel.
+        model: The language model, built in ``backend.scope()``.
+        optimizer: The built optimizer.
+        loss_scale: The float16 loss scale, or None.
+        steps: The compiled training and evaluation steps.
+        state: Position and carried state, saved in every checkpoint.
+        checkpointer: Rolling and best checkpoints.
+        train_batches: The training windows.
+        eval_batches: The evaluation windows by split (non-empty splits only).
+        kernels: Which recurrent kernel each layer runs.
+        metrics: Where log points go; :meth:`train` needs it, :meth:`evaluate` does not.
     """
 
-    def __init__(self, config: Config, run_dir: RunDirectory, backend: Backend, corpus: EncodedCorpus):
+    def __init__(self, config: Config, run_dir: RunDirectory, backend: Backend,
+                 corpus: PreparedCorpus | EncodedCorpus, *,
+                 model: keras.Model, optimizer: keras.optimizers.Optimizer, loss_scale: DynamicLossScale | None,
+                 steps: StepFunctions, state: TrainingState, checkpointer: Checkpointer,
+                 train_batches: StreamBatcher, eval_batches: dict[str, EvalBatcher], kernels: list[LayerKernel],
+                 metrics: MetricsLogger | None = None):
         self.config = config
         self.run_dir = run_dir
         self.backend = backend
         self.corpus = corpus
-        t = config.train
-        self.eval_batch_size = t.eval_batch_size or t.batch_size
-        self.train_batches = StreamBatcher(corpus.train, t.batch_size, t.num_steps, "train", t.seed,
-                                           config.data.random_offset)
-        self.eval_batches = {split: EvalBatcher(corpus.split(split), self.eval_batch_size, t.num_steps, split)
-                             for split in ("valid", "test") if len(corpus.split(split))}
-        # The policy in force, not train.precision: ``dist-rnn eval`` builds a float32 model.
-        precision = keras.mixed_precision.global_policy().name
-        self.kernels = kernel_report(config.model, bool(tf.config.list_logical_devices("GPU")),
-                                     jit_compile=t.jit_compile, precision=precision)
-        self._sampler: Sampler | None = None  # built once: its tf.functions trace on the first sample only
-        check_cudnn_requirement(config.model, self.kernels)
-        with backend.scope():
-            self.model = build_model(config.model, len(corpus.vocab), t.seed,
-                                     allow_cudnn=not cudnn_excluded_by(t.jit_compile, precision))
-            self.optimizer = build_optimizer(config.optimizer)
-            self.optimizer.build(self.model.trainable_variables)
-            self.loss_scale = DynamicLossScale(t.loss_scale) if t.precision == "mixed_float16" else None
-        self.fingerprint = run_fingerprint(config, corpus.vocab.tokens)
-        self.state = TrainingState([(t.batch_size, size) for size in self.model.state_sizes],
-                                   self.fingerprint)
-        self.steps = StepFunctions(self.model, self.optimizer, backend, t.batch_size, t.num_steps,
-                                   config.optimizer.clip_norm, self.loss_scale, t.jit_compile,
-                                   t.loss_normalization)
-        objects = dict(model=self.model, optimizer=self.optimizer, training_state=self.state)
-        if self.loss_scale is not None:
-            objects["loss_scale"] = self.loss_scale
-        self.checkpointer = Checkpointer(run_dir.checkpoints, config.checkpoint.keep, run_dir.path / "best", **objects)
-        self.metrics: MetricsLogger | None = None
+        self.model = model
+        self.optimizer = optimizer
+        self.loss_scale = loss_scale
+        self.steps = steps
+        self.state = state
+        self.checkpointer = checkpointer
+        self.train_batches = train_batches
+        self.eval_batches = eval_batches
+        self.kernels = kernels
+        self.metrics = metrics
         self.stopped_by: str | None = None
+        self._sampler: Sampler | None = None  # built once: its tf.functions trace on the first sample only
+        self._profiling = False
 
     # ------------------------------------------------------------------ setup
 
@@ -157,7 +179,7 @@ class Trainer:
         """Restores the newest checkpoint, if any; returns its path."""
         path = self.checkpointer.restore_latest(self.config.checkpoint.fallback,
                                                 accepted_fingerprints(self.config, self.corpus.vocab.tokens), self.state)
-        self.backend.after_optimizer_built(self.model.variables + self.optimizer.variables)
+        self.backend.after_variables_ready(self.model.variables + self.optimizer.variables)
         return path
 
     @property
@@ -201,114 +223,144 @@ class Trainer:
             return by_epochs
         return t.max_steps if by_epochs is None else min(t.max_steps, by_epochs)
 
-    def train(self, metrics: MetricsLogger) -> dict:
+    def train(self) -> dict:
         """Trains until ``max_steps`` or ``max_epochs``, then evaluates, saves and samples.
 
-        Args:
-            metrics: Where log points go.
-
         Returns:
-            ``{"step", "epoch", "valid"}`` with the final validation result (or None).
+            ``{"step", "epoch", "valid", "test"}`` with the final results (or
+            None), or ``{"step", "epoch", "valid": None, "stopped_by"}`` after
+            a stop request.
 
         Raises:
+            ValueError: If the trainer was built without a metrics logger.
             NonFiniteLossError: If the float32 loss becomes NaN or infinite, or
                 ``train.max_consecutive_skips`` steps in a row are skipped for
                 a non-finite gradient (any precision).
         """
-        self.metrics = metrics
-        c, t = self.config, self.config.train
-        step, epoch, index = int(self.state.step), int(self.state.epoch), int(self.state.batch_in_epoch)
+        if self.metrics is None:
+            raise ValueError("Trainer.train needs a MetricsLogger: pass metrics to build_trainer")
+        t = self.config.train
+        pos = Position(int(self.state.step), int(self.state.epoch), int(self.state.batch_in_epoch))
         total = self._total_steps()
-        if index > 0:
+        if pos.index > 0:
             states = self.backend.shard(tuple(v.read_value() for v in self.state.carried))
         else:
             states = self._zero_states(t.batch_size)
-        tokens_per_step = t.batch_size * t.num_steps
-        pending: list[tf.Tensor] = []
-        last_time, last_step = time.perf_counter(), step
+        window = LogWindow(pos.step)
         skips = SkippedSteps(t.max_consecutive_skips)
-        finished = total is not None and step >= total
+        self._last_save_time = time.monotonic()
         with StopRequest() as stop:
-            while not finished:
-                if t.max_epochs is not None and epoch > t.max_epochs:
-                    break
-                n_batches = self.train_batches.batches_in_epoch(epoch)
-                if index == 0:
-                    states = self._zero_states(t.batch_size)
-                for inputs, targets in self.train_batches.dataset(epoch, index):
-                    lr = learning_rate_at(c.optimizer, step, epoch, total, self.backend.num_replicas)
-                    self.optimizer.learning_rate.assign(lr)
-                    x, y = self.backend.shard((inputs, targets))
-                    seed = tf.constant([t.seed, step], tf.int64)
-                    self._profile(step + 1, before=True)
-                    loss_sum, states, grad_norm, finite = self.steps.train_step(x, y, states, seed)
-                    step, index = step + 1, index + 1
-                    if skips.record(step, bool(finite)):
-                        self._report_skips(skips)
-                        raise NonFiniteLossError(
-                            f"{len(skips.consecutive)} steps in a row (steps {skips.consecutive[0]}-{step}) were "
-                            f"skipped because the all-reduced gradient was not finite "
-                            f"(train.max_consecutive_skips: {t.max_consecutive_skips}); the last good checkpoint is "
-                            f"{self.checkpointer.latest or 'none'} (lower optimizer.learning_rate or set "
-                            f"optimizer.clip_norm)")
-                    self._profile(step, before=False)
-                    if c.logging.histograms_every and step % c.logging.histograms_every == 0 and self.backend.is_chief:
-                        self._write_histograms(step, inputs, targets)
-                    pending.append(loss_sum)
-                    metrics.progress(step, total or 0, f"epoch {epoch}")
-                    last = total is not None and step >= total
-                    if step % t.log_every == 0 or last or index == n_batches:
-                        self._report_skips(skips)
-                        loss = self._mean_loss(pending, step)
-                        now = time.perf_counter()
-                        rate = (step - last_step) * tokens_per_step / max(now - last_time, 1e-9)
-                        norm = float(grad_norm)
-                        values = {"epoch": epoch, "loss": loss, "learning_rate": lr, "grad_norm": norm,
-                                  "clip_ratio": min(1.0, c.optimizer.clip_norm / norm) if c.optimizer.clip_norm and norm > 0 else 1.0,
-                                  "tokens_per_sec": rate, "tokens_per_sec_per_replica": rate / self.backend.num_replicas,
-                                  "step_time": (now - last_time) / max(step - last_step, 1)}
-                        if self.loss_scale is not None:
-                            values["loss_scale"] = float(self.loss_scale.scale.read_value())
-                            values["skipped_steps"] = int(self.loss_scale.skipped_steps.read_value())
-                        elif skips.total:
-                            values["skipped_steps"] = skips.total
-                        values.update(peak_memory())
-                        metrics.train(step, values)
-                        pending, last_time, last_step = [], time.perf_counter(), step
-                    # Agreeing on a stop is a collective plus a host read on multi-process backends:
-                    # every worker checks at the same steps, the logging cadence (log_every).
-                    check_stop = self.backend.num_workers == 1 or step % t.log_every == 0 or last or index == n_batches
-                    if check_stop and self.backend.any_worker(stop.requested is not None):
-                        self.stopped_by = stop.requested or "a signal on another worker"
-                        finished = True
-                        break
-                    if t.eval_every and step % t.eval_every == 0 and not last:
-                        self._evaluate_and_log(step, epoch, index, states)
-                        last_time = time.perf_counter()
-                    if c.checkpoint.every_steps and step % c.checkpoint.every_steps == 0 and not last:
-                        self._mean_loss(pending, step)
-                        self.save(step, epoch, index, states)
-                        last_time = time.perf_counter()
-                    if last:
-                        finished = True
-                        break
-                if not finished:
-                    epoch, index = epoch + 1, 0
-            if index >= self.train_batches.batches_in_epoch(epoch):
-                epoch, index = epoch + 1, 0
+            if total is None or pos.step < total:
+                states = self._train_epochs(pos, total, states, window, skips, stop)
+            if pos.index >= self.train_batches.batches_in_epoch(pos.epoch):
+                pos.next_epoch()
             self._report_skips(skips)
-            self._mean_loss(pending, step)
-            path = self.save(step, epoch, index, states)
+            self._mean_loss(window.losses, pos.step)
+            path = self.save(pos, states)
         self._profile(None, before=False)
         if self.stopped_by:
-            log.info(f"stopped by {self.stopped_by} after step {step}; checkpoint {path or '(written by the chief)'}")
-            return {"step": step, "epoch": epoch, "valid": None, "stopped_by": self.stopped_by}
-        valid = self._evaluate_and_log(step, epoch, index, states)
+            log.info(f"stopped by {self.stopped_by} after step {pos.step}; "
+                     f"checkpoint {path or '(written by the chief)'}")
+            return {"step": pos.step, "epoch": pos.epoch, "valid": None, "stopped_by": self.stopped_by}
+        return self._final_evaluation(pos, states)
+
+    def _train_epochs(self, pos: Position, total: int | None, states, window: LogWindow, skips: SkippedSteps,
+                      stop: StopRequest):
+        """Trains epoch after epoch until the last step, the last epoch or a stop; returns the carried state."""
+        t = self.config.train
+        while t.max_epochs is None or pos.epoch <= t.max_epochs:
+            if pos.index == 0:
+                states = self._zero_states(t.batch_size)
+            states, finished = self._train_epoch(pos, total, states, window, skips, stop)
+            if finished:
+                break
+            pos.next_epoch()
+        return states
+
+    def _train_epoch(self, pos: Position, total: int | None, states, window: LogWindow, skips: SkippedSteps,
+                     stop: StopRequest):
+        """Trains the rest of epoch ``pos.epoch``; returns the carried state and whether training is over."""
+        c, t = self.config, self.config.train
+        n_batches = self.train_batches.batches_in_epoch(pos.epoch)
+        for inputs, targets in self.train_batches.dataset(pos.epoch, pos.index):
+            states, lr, grad_norm = self._train_batch(pos, total, inputs, targets, states, window, skips)
+            last = total is not None and pos.step >= total
+            log_point = due(t.log_every, pos.step) or last or pos.index == n_batches
+            if log_point:
+                self._log_point(pos, lr, grad_norm, window, skips)
+            # Agreeing on a stop is a collective plus a host read on multi-process backends:
+            # every worker checks at the same steps, the log points.
+            check_stop = self.backend.num_workers == 1 or log_point
+            if check_stop and self.backend.any_worker(stop.requested is not None):
+                self.stopped_by = stop.requested or "a signal on another worker"
+                return states, True
+            if due(t.eval_every, pos.step) and not last:
+                self._evaluate_and_log(pos, states)
+                window.restart_clock()
+            due_by_time = check_stop and not last and self._time_to_save()
+            if (due_by_time or due(c.checkpoint.every_steps, pos.step)) and not last:
+                self._mean_loss(window.losses, pos.step)
+                self.save(pos, states)
+                window.restart_clock()
+            if last:
+                return states, True
+        return states, False
+
+    def _train_batch(self, pos: Position, total: int | None, inputs, targets, states, window: LogWindow,
+                     skips: SkippedSteps):
+        """One optimizer step on one batch; advances ``pos``. Returns the new state, learning rate and gradient norm."""
+        c, t = self.config, self.config.train
+        lr = learning_rate_at(c.optimizer, pos.step, pos.epoch, total, self.backend.num_replicas)
+        self.optimizer.learning_rate.assign(lr)
+        x, y = self.backend.shard((inputs, targets))
+        seed = tf.constant([t.seed, pos.step], tf.int64)
+        self._profile(pos.step + 1, before=True)
+        loss_sum, states, grad_norm, finite = self.steps.train_step(x, y, states, seed)
+        pos.step, pos.index = pos.step + 1, pos.index + 1
+        if skips.record(pos.step, bool(finite)):
+            self._report_skips(skips)
+            raise NonFiniteLossError(
+                f"{len(skips.consecutive)} steps in a row (steps {skips.consecutive[0]}-{pos.step}) were "
+                f"skipped because the all-reduced gradient was not finite "
+                f"(train.max_consecutive_skips: {t.max_consecutive_skips}); the last good checkpoint is "
+                f"{self.checkpointer.latest or 'none'} (lower optimizer.learning_rate or set "
+                f"optimizer.clip_norm)")
+        self._profile(pos.step, before=False)
+        if due(c.logging.histograms_every, pos.step) and self.backend.is_chief:
+            self._write_histograms(pos.step, inputs, targets)
+        window.losses.append(loss_sum)
+        self.metrics.progress(pos.step, total or 0, f"epoch {pos.epoch}")
+        return states, lr, grad_norm
+
+    def _log_point(self, pos: Position, lr: float, grad_norm, window: LogWindow, skips: SkippedSteps) -> None:
+        """Reports the skipped steps and records one training log point over ``window``, then restarts it."""
+        c, t = self.config, self.config.train
+        self._report_skips(skips)
+        loss = self._mean_loss(window.losses, pos.step)
+        now = time.perf_counter()
+        rate = (pos.step - window.start_step) * t.batch_size * t.num_steps / max(now - window.start_time, 1e-9)
+        norm = float(grad_norm)
+        values = {"epoch": pos.epoch, "loss": loss, "learning_rate": lr, "grad_norm": norm,
+                  "clip_ratio": min(1.0, c.optimizer.clip_norm / norm) if c.optimizer.clip_norm and norm > 0 else 1.0,
+                  "tokens_per_sec": rate, "tokens_per_sec_per_replica": rate / self.backend.num_replicas,
+                  "step_time": (now - window.start_time) / max(pos.step - window.start_step, 1)}
+        if self.loss_scale is not None:
+            values["loss_scale"] = float(self.loss_scale.scale.read_value())
+            values["skipped_steps"] = int(self.loss_scale.skipped_steps.read_value())
+        elif skips.total:
+            values["skipped_steps"] = skips.total
+        values.update(peak_memory())
+        self.metrics.train(pos.step, values)
+        window.restart(pos.step)
+
+    def _final_evaluation(self, pos: Position, states) -> dict:
+        """Evaluates valid (saving the best checkpoint and a sample) and test after the last step."""
+        valid = self._evaluate_and_log(pos, states)
         test = None
         if "test" in self.eval_batches:
             test = self.evaluate("test")
-            self.metrics.evaluation(step, "test", {"loss": test.loss, "tokens": test.tokens})
-        return {"step": step, "epoch": epoch, "valid": valid.as_dict() if valid else None,
+            self.metrics.evaluation(pos.step, "test", test.metrics())
+        return {"step": pos.step, "epoch": pos.epoch, "valid": valid.as_dict() if valid else None,
                 "test": test.as_dict() if test else None}
 
     def _profile(self, step: int | None, before: bool) -> None:
@@ -316,13 +368,14 @@ class Trainer:
         window = self.config.logging.profile_steps
         if not window or not self.backend.is_chief:
             return
+        trace_dir = self.run_dir.events("train")
         if before and step == window[0]:
-            tf.profiler.experimental.start(str(self.run_dir.path / "train"))
+            tf.profiler.experimental.start(str(trace_dir))
             self._profiling = True
-        elif getattr(self, "_profiling", False) and (step is None or step == window[1]):
+        elif self._profiling and (step is None or step == window[1]):
             tf.profiler.experimental.stop()
             self._profiling = False
-            log.info(f"profiler trace of steps {window[0]}-{window[1]} written to {self.run_dir.path / 'train'}")
+            log.info(f"profiler trace of steps {window[0]}-{window[1]} written to {trace_dir}")
 
     def _write_histograms(self, step: int, inputs, targets) -> None:
         """Histograms of the weights and of the (unclipped) gradient of the current batch."""
@@ -330,7 +383,7 @@ class Trainer:
         states = self.model.initial_state(int(inputs.shape[0]))
         with tf.GradientTape() as tape:
             logits, _ = self.model(inputs, states, training=False)
-            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(tf.cast(targets, tf.int32), logits))
+            loss = tf.reduce_mean(token_losses(targets, logits))
         grads = tape.gradient(loss, variables)
         self.metrics.histograms(step, {v.path: v.value for v in variables},
                                 {v.path: tf.convert_to_tensor(g) for v, g in zip(variables, grads) if g is not None})
@@ -361,37 +414,49 @@ class Trainer:
             f"training loss became {loss} at step {step}; the last good checkpoint is "
             f"{self.checkpointer.latest or 'none'} (lower optimizer.learning_rate or set optimizer.clip_norm)")
 
-    def _set_state(self, step: int, epoch: int, index: int, states) -> None:
+    def _set_state(self, pos: Position, states) -> None:
         """Puts the position and the carried state (gathered: a collective, every worker calls it) in ``self.state``."""
-        self.state.step.assign(step)
-        self.state.epoch.assign(epoch)
-        self.state.batch_in_epoch.assign(index)
+        self.state.step.assign(pos.step)
+        self.state.epoch.assign(pos.epoch)
+        self.state.batch_in_epoch.assign(pos.index)
         for var, value in zip(self.state.carried, self.backend.gather(states)):
             var.assign(value)
 
-    def save(self, step: int, epoch: int, index: int, states) -> str | None:
+    def _time_to_save(self) -> bool:
+        """Whether ``checkpoint.every_seconds`` passed since the last save, by the chief's clock.
+
+        A collective on several workers (the chief's answer is shared like a
+        stop request): call it at the stop-check steps, which all workers share.
+        """
+        every = self.config.checkpoint.every_seconds
+        if not every:
+            return False
+        return self.backend.any_worker(self.backend.is_chief and time.monotonic() - self._last_save_time >= every)
+
+    def save(self, pos: Position, states) -> str | None:
         """Saves a checkpoint of the current position and carried state (chief writes)."""
-        self._set_state(step, epoch, index, states)
+        self._set_state(pos, states)
+        self._last_save_time = time.monotonic()
         if not self.backend.is_chief:
             return None
-        path = self.checkpointer.save(step)
+        path = self.checkpointer.save(pos.step)
         log.info(f"saved checkpoint {path}")
         return path
 
     # ------------------------------------------------------------- evaluation
 
-    def _evaluate_and_log(self, step: int, epoch: int, index: int, states) -> EvalResult | None:
+    def _evaluate_and_log(self, pos: Position, states) -> EvalResult | None:
         if "valid" not in self.eval_batches:
             return None
         result = self.evaluate("valid")
-        self.metrics.evaluation(step, "valid", {"loss": result.loss, "tokens": result.tokens})
-        self.save_best(step, epoch, index, states, result)
+        self.metrics.evaluation(pos.step, "valid", result.metrics())
+        self.save_best(pos, states, result)
         if self.config.train.sample_length and self.backend.is_chief:
             text = self.sample(self.config.train.sample_prime, self.config.train.sample_length, seed=0)
-            self.metrics.text("valid", "sample", text, step)
+            self.metrics.text("valid", "sample", text, pos.step)
         return result
 
-    def save_best(self, step: int, epoch: int, index: int, states, result: EvalResult) -> str | None:
+    def save_best(self, pos: Position, states, result: EvalResult) -> str | None:
         """Saves ``RUN_DIR/best`` if ``result`` beats the best validation loss so far (chief writes).
 
         The best checkpoint is whole: the weights, optimizer, step, epoch,
@@ -400,20 +465,17 @@ class Trainer:
         Returns:
             The saved path prefix, or None.
         """
-        self._set_state(step, epoch, index, states)
+        self._set_state(pos, states)
         best = self.checkpointer.best_record()
         better = math.isfinite(result.loss) and (best is None or result.loss < best["loss"])
         if not (self.backend.is_chief and better):
             return None
-        path = self.checkpointer.save_best(step, {"loss": result.loss, "perplexity": perplexity(result.loss)})
+        path = self.checkpointer.save_best(pos.step, {"loss": result.loss, "perplexity": perplexity(result.loss)})
         log.info(f"new best validation perplexity {perplexity(result.loss):.3f}: {path}")
         return path
 
     def evaluate(self, split: str) -> EvalResult:
-        """Evaluates a whole split with the state carried across batches.
-
-        Every token but the first is scored exactly once (see
-        :class:`~dist_rnn.data.batching.EvalBatcher`); ``tokens`` counts them.
+        """Evaluates a whole split with the state carried across batches (see :func:`evaluate_split`).
 
         Raises:
             UserError: If the split is empty.
@@ -421,13 +483,8 @@ class Trainer:
         if split not in self.eval_batches:
             raise UserError(f"the {split} split of this corpus is empty")
         batches = self.eval_batches[split]
-        states = self._zero_states(self.eval_batch_size)
-        total = tf.constant(0.0, tf.float64)
-        for inputs, targets, weights in batches.dataset():
-            loss_sum, states = self.steps.eval_step(*self.backend.shard((inputs, targets, weights)), states)
-            total += tf.cast(loss_sum, tf.float64)
-        tokens = batches.tokens
-        return EvalResult(split, float(total) / tokens, tokens, self.corpus.vocab.level)
+        return evaluate_split(split, batches, self.steps, self.backend, self._zero_states(batches.batch_size),
+                              self.corpus.vocab.level, self.corpus.bits_per_byte)
 
     def sample(self, prime: str, length: int, seed: int = 0, temperature: float = 0.8) -> str:
         """Generates a text sample from the current weights."""
