@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -73,8 +74,10 @@ def test_sampled_softmax_training_lowers_the_full_softmax_validation_loss_on_ptb
     # Evaluation is the exact full softmax (about log(V) = 8.6 for the untrained model); sampled training
     # lowers it. Measured: 6.29, 6.14, 6.11 (Adam 0.01 instead gave 7.28, 9.50, 6.12: unstable).
     assert valid[0] < math.log(vocab) - 1.5 and valid[-1] < valid[0], (valid, math.log(vocab))
-    # The sampled training loss is not the full softmax loss (512 of the classes).
-    assert train_losses[-1] < valid[-1] - 0.5, (train_losses, valid)
+    # The logged training loss is the sampled one, and it falls too. It is not a lower bound of the full
+    # loss: the target's logit is also corrected by log(expected count), so frequent targets score higher
+    # and rare ones lower. Measured: 8.24 at step 25, 6.45 at step 150 (full-softmax valid 6.11).
+    assert train_losses[-1] < train_losses[0] - 1.0, (train_losses, valid)
 
 
 @pytest.fixture(scope="module", params=sorted(OUTPUTS))
@@ -91,6 +94,34 @@ def test_mirrored_two_logical_cpus_matches_single_device(reference, shakespeare_
     proc = train(run_dir, shakespeare_slice, *OUTPUTS[output], *DETERMINISTIC,
                  "--set", "distribute={backend: mirrored, cpu_devices: 2}")
     assert "mirrored: 2 replica(s)" in proc.stdout
+    assert_same_run(single, run_dir)
+
+
+@pytest.mark.slow
+def test_multiworker_two_local_processes_match_single_device(reference, shakespeare_slice, tmp_path):
+    output, single = reference
+    run_dir = tmp_path / "multiworker"
+    cmd = [str(REPO / "launch" / "multiworker.sh"), "-n", "2", "--", "--run-dir", str(run_dir),
+           *data_args(shakespeare_slice), *ARGS, *OUTPUTS[output], *DETERMINISTIC]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[w0] backend         multiworker: 2 replica(s), 2 worker(s)" in proc.stdout
+    assert_same_run(single, run_dir)
+
+
+@pytest.mark.slow
+def test_horovod_two_ranks_match_single_device(reference, shakespeare_slice, tmp_path):
+    pytest.importorskip("horovod.tensorflow", reason="Horovod is not installed (tools/install_horovod.sh)")
+    from test_horovod import LAUNCH, launch_env
+
+    output, single = reference
+    run_dir = tmp_path / "horovod"
+    cmd = [str(LAUNCH), "-n", "2", "--", "--run-dir", str(run_dir), *data_args(shakespeare_slice), *ARGS,
+           *OUTPUTS[output], *DETERMINISTIC]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=launch_env())
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "[0]<stdout>:backend         horovod: 2 replica(s), 2 worker(s), devices /device:CPU:0" in proc.stdout
     assert_same_run(single, run_dir)
 
 
@@ -131,9 +162,17 @@ def test_export_and_generate_with_a_projected_lstm_and_tied_output(shakespeare_s
     model, vocab, _, _ = load_model_for_inference(str(run_dir))
     tokens = np.array([vocab.encode_text("ROMEO: what")], np.int32)
     expected, _ = model(tf.constant(tokens), None, training=False)
-    np.testing.assert_allclose(exported.logits(tokens), expected.numpy()[:, -1, :], rtol=1e-5, atol=1e-5)
+    logits = exported.logits(tokens)
+    # Inference is over the whole vocabulary for every output (sampled: the full softmax, never the samples).
+    assert logits.shape == (1, len(vocab))
+    np.testing.assert_allclose(logits, expected.numpy()[:, -1, :], rtol=1e-5, atol=1e-5)
+    # The exact next-token loss of the full model equals the exported distribution's at every position.
+    losses, _ = model(tf.constant(tokens[:, :-1]), None, training=False, targets=tf.constant(tokens[:, 1:]))
+    log_probs = tf.nn.log_softmax(exported.logits(tokens[:, :-1]).astype(np.float64)).numpy()
+    assert abs(float(losses[0, -1]) + log_probs[0, tokens[0, -1]]) < 1e-4
     if output == "adaptive":  # exact log-probabilities
-        np.testing.assert_allclose(np.exp(exported.logits(tokens).astype(np.float64)).sum(), 1.0, atol=1e-5)
-    code, stdout, err = run_cli(["generate", "--model", out, "--prime", "ROMEO:", "--length", "30", "--seed", "1"],
-                                capsys)
-    assert code == 0 and len(stdout.strip()) >= 30, err[-2000:]
+        np.testing.assert_allclose(np.exp(logits.astype(np.float64)).sum(), 1.0, atol=1e-5)
+    for source in (["--model", out], ["--run-dir", run_dir]):
+        code, stdout, err = run_cli(["generate", *source, "--prime", "ROMEO:", "--length", "30", "--seed", "1"],
+                                    capsys)
+        assert code == 0 and len(stdout.strip()) >= 30, err[-2000:]
