@@ -17,8 +17,10 @@ Signatures of the SavedModel (all token ids int32, all other tensors float32):
   "state_0": .., ...}``: runs ``T`` (typically 1) tokens from the given state
   and returns the next-token logits and the new state, for streaming
   generation. ``N`` is ``num_state_tensors`` of ``export.json`` (two per LSTM
-  layer, one per GRU or RNN layer), ``H`` its ``hidden_size``; the zero state
-  starts a sequence.
+  layer, one per GRU or RNN layer), ``H`` its ``hidden_size`` (a projected
+  LSTM's ``h`` states have ``model.projection_size``: ``state_sizes`` of
+  ``export.json``); the zero state starts a sequence. For ``model.output:
+  adaptive`` the logits are exact log-probabilities.
 
 The signatures are traced with ``lstm``/``gru`` off cuDNN (dist-rnn's fused
 recurrence, same weights), even when exporting on a GPU machine: a traced
@@ -83,19 +85,18 @@ class _ServingModule(tf.Module):
         self.model = model
         self.vocabulary = tf.saved_model.Asset(str(tokenizer_files[0]))  # vocab.json
         self.tokenizer_files = [tf.saved_model.Asset(str(path)) for path in tokenizer_files[1:]]  # spm.model
-        hidden = model.model_config.hidden_size
         tokens = tf.TensorSpec([None, None], tf.int32, name="tokens")
-        states = [tf.TensorSpec([None, hidden], tf.float32, name=f"state_{i}")
-                  for i in range(model.num_state_tensors)]
+        states = [tf.TensorSpec([None, size], tf.float32, name=f"state_{i}")
+                  for i, size in enumerate(model.state_sizes)]
         self.serve = tf.function(self._serve, input_signature=[tokens])
         self.step = tf.function(self._step, input_signature=[tokens, states])
 
     def _serve(self, tokens):
-        logits, _ = self.model(tokens, None, training=False)
+        logits, _ = self.model(tokens, None, training=False, last_only=True)
         return {"logits": logits[:, -1, :]}
 
     def _step(self, tokens, states):
-        logits, new_states = self.model(tokens, tuple(states), training=False)
+        logits, new_states = self.model(tokens, tuple(states), training=False, last_only=True)
         out = {"logits": logits[:, -1, :]}
         out.update({f"state_{i}": s for i, s in enumerate(new_states)})
         return out
@@ -168,6 +169,7 @@ def _export_info(model, tokenizer: Tokenizer, config, run_dir: str | Path, check
         "vocab_size": tokenizer.size,
         "num_state_tensors": model.num_state_tensors,
         "hidden_size": config.model.hidden_size,
+        "state_sizes": list(model.state_sizes),
         "model": asdict(config.model),
         "precision": "float32",
         "kernels": [k.line() for k in kernels],
@@ -211,7 +213,8 @@ class ExportedModel:
         info: Contents of ``export.json``.
         tokenizer: The run's tokenizer (read from the export's files).
         num_state_tensors: Length of the flat state.
-        hidden_size: Width of each state tensor.
+        hidden_size: Width of the first state tensor.
+        state_sizes: Width of each state tensor.
 
     Raises:
         UserError: If ``path`` is not a readable export.
@@ -242,6 +245,8 @@ class ExportedModel:
         self.num_state_tensors = sum(1 for name in inputs if name.startswith("state_"))
         self.hidden_size = int(inputs["state_0"].shape[-1]) if self.num_state_tensors else 0
         self._state_names = [f"state_{i}" for i in range(self.num_state_tensors)]
+        # A projected LSTM's h is narrower than its c: each state has its own width.
+        self.state_sizes = [int(inputs[name].shape[-1]) for name in self._state_names]
         vocab_size = self._serve.structured_outputs["logits"].shape[-1]
         if vocab_size is not None and vocab_size != self.tokenizer.size:
             raise UserError(f"{self.path}: the model has {vocab_size} outputs but the vocabulary "
@@ -253,8 +258,8 @@ class ExportedModel:
         return self.tokenizer.kind
 
     def initial_state(self, batch_size: int) -> tuple:
-        """Zero state: a tuple of float32 ``[batch_size, hidden_size]`` tensors."""
-        return tuple(tf.zeros([batch_size, self.hidden_size], tf.float32) for _ in self._state_names)
+        """Zero state: a tuple of float32 ``[batch_size, size]`` tensors, one per state input of ``step``."""
+        return tuple(tf.zeros([batch_size, size], tf.float32) for size in self.state_sizes)
 
     def logits(self, tokens) -> np.ndarray:
         """Next-token logits ``[B, V]`` after int ``[B, T]`` tokens, from the zero state (``serve``)."""

@@ -141,11 +141,11 @@ def model_step_fn(model) -> Callable:
 
     @tf.function(reduce_retracing=True)
     def with_state(tokens, states):
-        return model(tokens, states, training=False)
+        return model(tokens, states, training=False, last_only=True)
 
     @tf.function(reduce_retracing=True)
     def from_zero(tokens):
-        return model(tokens, None, training=False)
+        return model(tokens, None, training=False, last_only=True)
 
     def step(tokens, states):
         return from_zero(tokens) if states is None else with_state(tokens, states)

@@ -154,3 +154,24 @@ def test_a_group_whose_workers_all_fail_to_start_is_noted_and_the_run_goes_on(tm
     assert "lstm float32: dist-rnn loop failed: dist-rnn loop: worker exited (1):" in text
     assert "lstm float32: dist-rnn step failed" in text
     assert not (out / "results.png").exists()
+
+
+@pytest.mark.slow  # three TensorFlow processes: 40 s idle, 10 min on the loaded 2-core machine
+@pytest.mark.timeout(900)
+def test_output_layers_option_times_softmax_sampled_and_adaptive(tmp_path):
+    out = tmp_path / "outputs"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--output-layers", "200", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [row["output"] for row in rows] == ["softmax", "sampled", "adaptive"]
+    for row in rows:
+        assert row["vocab"] == 200 and (row["batch"], row["bptt"], row["hidden"]) == (4, 8, 16)
+        assert row["tokens_per_second"] == pytest.approx(4 * 8 / row["step_seconds"], rel=1e-2)
+        assert 50 < row["peak_rss_mb"] < 20_000 and row["working_set_mb"] >= 0
+    assert rows[1]["num_sampled"] == 16 and rows[2]["cutoffs"] == [40, 100]
+    # Same weights for softmax and sampled; adaptive's tail clusters project to fewer dimensions.
+    assert rows[0]["parameters"] == rows[1]["parameters"] > rows[2]["parameters"]
+    text = (out / "results.md").read_text()
+    assert "Command: `python tools/benchmark.py --output-layers 200 --quick" in text and "GiB" in text
+    assert "| 200 | adaptive [40, 100] |" in text and "| 200 | sampled (16) |" in text

@@ -216,7 +216,6 @@ def test_top_level_must_be_mapping(tmp_path):
     (["distribute.cpu_devices=2"], "distribute.cpu_devices"),
     (["model.dropout=1.0"], "model.dropout"),
     (["model.recurrent_dropout=-0.1"], "model.recurrent_dropout"),
-    (["model.tie_embeddings=true", "model.embedding_size=64", "model.hidden_size=128"], "model.tie_embeddings"),
     (["optimizer.schedule.name=cosine", "optimizer.schedule.total_steps=0"], "optimizer.schedule.total_steps"),
     (["optimizer.schedule.total_steps=0"], "optimizer.schedule.total_steps"),
     (["optimizer.schedule.name=cosine", "optimizer.schedule.total_steps=10", "optimizer.schedule.warmup_steps=10"],
@@ -253,6 +252,12 @@ def test_divisible_batch_accepted():
 def test_divisibility_message_names_replicas():
     message = error_of(overrides=["distribute.backend=mirrored", "distribute.cpu_devices=4", "train.batch_size=30"])
     assert "30" in message and "4 replicas" in message
+
+
+def test_tie_embeddings_with_other_sizes_ok():
+    # #18: a learned projection maps the last layer to the embedding width (the output layer's tie_projection).
+    config = load_config([], ["model.tie_embeddings=true", "model.embedding_size=64", "model.hidden_size=128"])
+    assert config.model.tie_embeddings is True
 
 
 def test_tie_embeddings_with_equal_sizes_ok():

@@ -48,6 +48,7 @@ Usage::
     python tools/benchmark.py --corpus-memory --sizes-mb 10,100
     python tools/benchmark.py --quick --out /tmp/bench     # seconds: smoke configuration
     python tools/benchmark.py --cells lstm --hidden 512 --batch 64 --jit on --systems loop,step,torch
+    python tools/benchmark.py --output-layers 10000,100000 --steps 5 --out bench-outputs   # model.output
 """
 
 from __future__ import annotations
@@ -118,6 +119,10 @@ def parse_args(argv=None):
     p.add_argument("--corpus-memory", nargs=argparse.REMAINDER, metavar="ARGS",
                    help="measure train's peak RSS and time to step 1 by corpus size instead "
                         "(ARGS: see --corpus-memory --help)")
+    p.add_argument("--output-layers", metavar="VOCABS",
+                   help="instead: time the output layers (model.output softmax, sampled with 8192 samples, adaptive) "
+                        "of a 2 x 512 LSTM, batch 20 x 35, on synthetic Zipfian ids at these comma-separated "
+                        "vocabulary sizes (tools/bench_outputs.py; --steps timed steps; --quick: 1 x 16 units)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
@@ -155,6 +160,15 @@ def _time_all_groups(rows: list[dict], args, machine: dict, command: str, jsonl:
     return results
 
 
+def _output_layers(args, command: str) -> int:
+    """``--output-layers``: the output-layer comparison of ``bench_outputs`` (results.jsonl and results.md in ``--out``)."""
+    import bench_outputs
+
+    sizes = ["--batch", "4", "--bptt", "8", "--layers", "1", "--hidden", "16", "--num-sampled", "16"] if args.quick else []
+    return bench_outputs.main(["--vocab", args.output_layers, "--steps", str(args.steps), "--out", args.out, *sizes],
+                              command=command)
+
+
 def main(argv=None) -> int:
     """Runs the benchmark (or, with the internal ``--worker SPEC``, one row's worker process)."""
     args = parse_args(argv)
@@ -174,6 +188,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "python tools/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.output_layers:
+        return _output_layers(args, command)
 
     def log(message):
         print(message, flush=True)

@@ -19,16 +19,19 @@ Modules (every public name is importable from ``dist_rnn.config``):
 
 from dist_rnn.config.loading import config_from_dict, load_config, parse_override, save_config, yaml_load
 from dist_rnn.config.schema import (CELLS, CORPORA, INITIALIZERS, DATA_LOCATION_KEYS, EPOCH_INVARIANT_KEYS, RESUME_INVARIANT_KEYS,
+                                    LATER_INVARIANT_DEFAULTS,
                                     TWO_STATE_CELLS, CheckpointConfig, Config, DataConfig, DistributeConfig,
                                     LoggingConfig, LossScaleConfig, ModelConfig, OptimizerConfig, ScheduleConfig,
-                                    TrainConfig, changed_keys, flatten, resume_invariant_differences)
-from dist_rnn.config.validation import InvalidValue, check_divisible, validate
+                                    TrainConfig, changed_keys, flatten, resume_invariant_differences,
+                                    resume_invariant_values)
+from dist_rnn.config.validation import InvalidValue, check_divisible, check_output_vocab, validate
 
 __all__ = [
     "CELLS", "CORPORA", "INITIALIZERS", "DATA_LOCATION_KEYS", "EPOCH_INVARIANT_KEYS", "RESUME_INVARIANT_KEYS", "TWO_STATE_CELLS",
+    "LATER_INVARIANT_DEFAULTS",
     "CheckpointConfig", "Config", "DataConfig", "DistributeConfig", "LoggingConfig", "LossScaleConfig",
     "ModelConfig", "OptimizerConfig", "ScheduleConfig", "TrainConfig",
-    "changed_keys", "flatten", "resume_invariant_differences",
+    "changed_keys", "flatten", "resume_invariant_differences", "resume_invariant_values",
     "config_from_dict", "load_config", "parse_override", "save_config", "yaml_load",
-    "InvalidValue", "check_divisible", "validate",
+    "InvalidValue", "check_divisible", "check_output_vocab", "validate",
 ]

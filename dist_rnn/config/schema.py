@@ -108,8 +108,11 @@ class ModelConfig:
             layer's recurrent matmul, one mask per sequence drawn from (step
             seed, layer, global row), for every cell; on ``lstm``/``gru`` it
             rules out cuDNN (dist-rnn's fused recurrence runs instead).
-        tie_embeddings: Share the input embedding with the output projection
-            (needs ``embedding_size == hidden_size``).
+        tie_embeddings: Share the input embedding with the output layer (for
+            ``adaptive``: each cluster's rows). When the last layer's width
+            (``projection_size`` or ``hidden_size``) differs from
+            ``embedding_size``, a learned projection to ``embedding_size``
+            comes first.
         cudnn: ``auto`` uses the fused kernel where eligible, ``require`` fails
             before training unless every layer can use it (and builds them with
             Keras' ``use_cudnn=True``), ``off`` forces dist-rnn's fused
@@ -153,6 +156,24 @@ class ModelConfig:
             step, site, global row), so resume is exact and every replica
             layout drops the same units; ``dropout`` (per time step) still
             applies on top when set.
+        output: The output layer. ``softmax``: full float32 logits.
+            ``sampled``: sampled softmax in training (``num_sampled``
+            candidates per step from a log-uniform (Zipfian) sampler over the
+            frequency-sorted ids, drawn with replacement from the step seed,
+            accidental hits removed), the exact full softmax in evaluation and
+            generation; same weights as ``softmax``. ``adaptive``: adaptive
+            softmax (Grave et al. 2017) with ``cutoffs`` and ``div_value``,
+            exact normalized log-probabilities everywhere.
+        num_sampled: Candidates per training step of ``sampled`` (shared by
+            every token of the global batch); below the vocabulary size.
+        cutoffs: ``adaptive``: increasing ids where the head ends and each tail
+            cluster starts, each below the vocabulary size, e.g.
+            ``[20000, 40000, 200000]``.
+        div_value: ``adaptive``: tail cluster ``i`` (from 1) projects to
+            ``width / div_value ** i`` dimensions (at least 1).
+        projection_size: ``lstm`` only: LSTM with a recurrent projection (Sak
+            et al. 2014); the carried and emitted state ``h`` has this width,
+            the cell state ``hidden_size``. ``null``: none.
     """
 
     cell: Literal["lstm", "gru", "ln_lstm", "ln_gru", "rnn"] = "lstm"
@@ -171,6 +192,11 @@ class ModelConfig:
     dropout_input: float = 0.0
     dropout_hidden: float = 0.0
     dropout_output: float = 0.0
+    output: Literal["softmax", "sampled", "adaptive"] = "softmax"
+    num_sampled: int = 8192
+    cutoffs: list[int] = field(default_factory=list)
+    div_value: float = 4.0
+    projection_size: Optional[int] = None
 
 
 @dataclass
@@ -475,7 +501,14 @@ RESUME_INVARIANT_KEYS = (
     "model.cell", "model.num_layers", "model.hidden_size",
     "model.embedding_size", "model.tie_embeddings",
     "train.batch_size", "train.num_steps",
+    "model.output", "model.cutoffs", "model.div_value", "model.projection_size",
 )
+
+# Resume-invariant keys added after runs were written: a run's fingerprint
+# covers them only where they differ from these defaults, so checkpoints of
+# runs without them keep their fingerprint.
+LATER_INVARIANT_DEFAULTS = {"model.output": "softmax", "model.cutoffs": [], "model.div_value": 4.0,
+                            "model.projection_size": None}
 
 # Keys a resume may change only at an epoch boundary: with
 # ``data.random_offset`` they decide where the current epoch's windows start,
@@ -493,6 +526,13 @@ def resume_invariant_differences(old: Config, new: Config) -> list[str]:
     old_d, new_d = flatten(old.to_dict()), flatten(new.to_dict())
     return [f"{key}: {old_d.get(key)!r} -> {new_d.get(key)!r}" for key in RESUME_INVARIANT_KEYS
             if old_d.get(key) != new_d.get(key)]
+
+
+def resume_invariant_values(config: Config) -> dict[str, Any]:
+    """The :data:`RESUME_INVARIANT_KEYS` of ``config`` that a checkpoint's fingerprint covers."""
+    flat = flatten(config.to_dict())
+    return {k: flat[k] for k in RESUME_INVARIANT_KEYS
+            if k not in LATER_INVARIANT_DEFAULTS or flat[k] != LATER_INVARIANT_DEFAULTS[k]}
 
 
 def changed_keys(old: Config, new: Config) -> list[str]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from dist_rnn.config.schema import INITIALIZERS, Config
+from dist_rnn.config.schema import INITIALIZERS, Config, ModelConfig
 from dist_rnn.errors import UserError
 
 
@@ -87,14 +87,47 @@ def _validate_model(config: Config) -> None:
     _require(m.embedding_size >= 1, "model.embedding_size", f"must be positive, got {m.embedding_size}")
     _require(0 <= m.dropout < 1, "model.dropout", f"must be in [0, 1), got {m.dropout}")
     _require(0 <= m.recurrent_dropout < 1, "model.recurrent_dropout", f"must be in [0, 1), got {m.recurrent_dropout}")
-    _require(not m.tie_embeddings or m.embedding_size == m.hidden_size, "model.tie_embeddings",
-             f"needs model.embedding_size == model.hidden_size, got {m.embedding_size} and {m.hidden_size}")
+    _validate_output(config)
     _require(m.init_scale is None or m.init_scale > 0, "model.init_scale", f"must be positive, got {m.init_scale}")
     _require(m.initializer in INITIALIZERS, "model.initializer",
              f"must be one of {', '.join(INITIALIZERS)}, got {m.initializer!r}")
     _require(m.init_scale is None or m.initializer == "keras", "model.initializer",
              f"{m.initializer!r} conflicts with model.init_scale ({m.init_scale}), which sets every weight's "
              "range itself; set one of them")
+
+
+def _validate_output(config: Config) -> None:
+    """Checks the output-layer and projection keys that need no vocabulary (see :func:`check_output_vocab`)."""
+    m, t = config.model, config.train
+    _require(m.num_sampled >= 1, "model.num_sampled", f"must be at least 1, got {m.num_sampled}")
+    _require(m.div_value >= 1, "model.div_value", f"must be >= 1, got {m.div_value}")
+    _require(all(isinstance(c, int) and not isinstance(c, bool) for c in m.cutoffs), "model.cutoffs",
+             f"expected a list of integers, got {m.cutoffs}")
+    _require(all(c > 0 for c in m.cutoffs) and all(a < b for a, b in zip(m.cutoffs, m.cutoffs[1:])), "model.cutoffs",
+             f"must be positive and strictly increasing, got {m.cutoffs}")
+    _require(m.output != "adaptive" or m.cutoffs, "model.cutoffs",
+             "model.output 'adaptive' needs at least one cutoff, e.g. [2000, 10000]")
+    _require(m.output == "adaptive" or not m.cutoffs, "model.cutoffs",
+             f"only model.output 'adaptive' uses cutoffs (model.output is {m.output!r})")
+    _require(m.output != "adaptive" or not t.jit_compile, "model.output",
+             "'adaptive' conflicts with train.jit_compile: true (its clusters have data-dependent sizes, "
+             "which XLA cannot compile); set train.jit_compile to false")
+    _require(m.projection_size is None or m.projection_size >= 1, "model.projection_size",
+             f"must be positive, got {m.projection_size}")
+    _require(m.projection_size is None or m.cell == "lstm", "model.projection_size",
+             f"only model.cell 'lstm' has a projection, got model.cell {m.cell!r}")
+
+
+def check_output_vocab(m: ModelConfig, vocab_size: int) -> None:
+    """Checks the output-layer keys against the vocabulary size, known once the data is read.
+
+    Raises:
+        UserError: Naming ``model.num_sampled`` or ``model.cutoffs``.
+    """
+    _require(m.output != "sampled" or m.num_sampled < vocab_size, "model.num_sampled",
+             f"must be below the vocabulary size ({vocab_size}), got {m.num_sampled}")
+    _require(m.output != "adaptive" or m.cutoffs[-1] < vocab_size, "model.cutoffs",
+             f"must all be below the vocabulary size ({vocab_size}), got {m.cutoffs}")
 
 
 def _validate_optimizer(config: Config) -> None:
@@ -176,6 +209,8 @@ def _validate_regularizers(config: Config) -> None:
     for key in ("weight_drop", "embedding_dropout", "dropout_input", "dropout_hidden", "dropout_output"):
         rate = getattr(m, key)
         _require(0 <= rate < 1, f"model.{key}", f"must be in [0, 1), got {rate}")
+    _require(not (m.weight_drop and m.projection_size), "model.weight_drop",
+             "is not implemented for the projected LSTM (model.projection_size)")
     for key in ("ar", "tar"):
         value = getattr(t, key)
         _require(math.isfinite(value) and value >= 0, f"train.{key}", f"must be a finite number >= 0, got {value}")

@@ -1,4 +1,4 @@
-"""The recurrent language model: embedding, stacked recurrent layers, projection.
+"""The recurrent language model: embedding, stacked recurrent layers, output layer.
 
 Dropout (``model.dropout``) is applied to non-recurrent connections (after
 the embedding, between layers and before the softmax), as in Zaremba et al.
@@ -22,11 +22,12 @@ from dataclasses import dataclass
 import keras
 import tensorflow as tf
 
-from dist_rnn.config import TWO_STATE_CELLS, ModelConfig
+from dist_rnn.config import TWO_STATE_CELLS, ModelConfig, check_output_vocab
 from dist_rnn.errors import UserError
 from dist_rnn.models.awd_dropout import LOCKED_DROPOUT_SALT, WEIGHT_DROP_SALT, LockedDropout, embedding_dropout
 from dist_rnn.models.kernels import compiled
 from dist_rnn.models.layers import RECURRENT_LAYERS
+from dist_rnn.models.outputs import OutputProjection, output_layer  # noqa: F401 (OutputProjection: re-exported)
 
 FUSED_CELLS = ("lstm", "gru")
 #: Recurrent layer ``i`` folds ``RECURRENT_DROPOUT_SALT + i`` into the step seed (the
@@ -122,6 +123,10 @@ def kernel_report(config: ModelConfig, gpu_visible: bool, jit_compile: bool = Fa
     for i in range(config.num_layers):
         if config.cell not in FUSED_CELLS:
             fused, reason = False, RECURRENT_LAYERS[config.cell].fused_kernel_reason
+        elif config.projection_size:
+            from dist_rnn.models.projected_lstm import NO_CUDNN_REASON
+
+            fused, reason = False, NO_CUDNN_REASON
         elif config.cudnn == "off":
             fused, reason = False, "model.cudnn: off"
         elif config.recurrent_dropout > 0:
@@ -190,47 +195,6 @@ class StatelessDropout(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "rate": self.rate, "salt": self.salt}
-
-
-@keras.saving.register_keras_serializable(package="dist_rnn")
-class OutputProjection(keras.layers.Layer):
-    """Projects hidden states to float32 vocabulary logits, optionally tied to the embedding.
-
-    The matmul (the largest of a word model) runs in the compute dtype
-    (bfloat16/float16 under mixed precision); its result is cast to float32
-    before the float32 bias is added, so softmax and loss stay float32.
-
-    Args:
-        vocab_size: Number of output classes.
-        tied_embedding: An Embedding layer whose matrix is reused (transposed).
-        kernel_initializer: Initializer of the untied kernel (the bias starts at zero).
-    """
-
-    def __init__(self, vocab_size: int, tied_embedding=None, kernel_initializer="glorot_uniform", **kwargs):
-        super().__init__(**kwargs)
-        self.vocab_size = vocab_size
-        self.tied_embedding = tied_embedding
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
-
-    def build(self, input_shape):
-        if self.tied_embedding is None:
-            self.kernel = self.add_weight(name="kernel", shape=(input_shape[-1], self.vocab_size),
-                                          initializer=self.kernel_initializer)
-        self.bias = self.add_weight(name="bias", shape=(self.vocab_size,), initializer="zeros", autocast=False)
-
-    def call(self, inputs):
-        cdt = tf.as_dtype(self.compute_dtype)
-        inputs = tf.cast(inputs, cdt)
-        if self.tied_embedding is not None:
-            kernel = tf.cast(self.tied_embedding.embeddings, cdt)
-            logits = tf.matmul(inputs, kernel, transpose_b=True)
-        else:
-            logits = tf.matmul(inputs, tf.cast(self.kernel, cdt))
-        return tf.cast(logits, tf.float32) + tf.cast(self.bias, tf.float32)
-
-    def get_config(self):
-        return {**super().get_config(), "vocab_size": self.vocab_size,
-                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer)}
 
 
 def weight_seed(seed: int, weight: str) -> int:
@@ -338,13 +302,17 @@ def recurrent_layer(config: ModelConfig, index: int, seed: int = 0, allow_cudnn:
     common = dict(return_sequences=True, return_state=True, name=name)
     # unit_scaling: the input and recurrent kernels are the two row blocks of the
     # tutorials' one matrix over [input, state], so both take its fan_in.
-    fan_in = (config.embedding_size if index == 0 else config.hidden_size) + config.hidden_size
+    # A projected LSTM's state (and so the next layer's input) is projection_size wide.
+    width = config.projection_size or config.hidden_size
+    fan_in = (config.embedding_size if index == 0 else width) + width
     init = dict(kernel_initializer=weight_initializer(config, seed, f"{name}/kernel", fan_in=fan_in),
                 recurrent_initializer=weight_initializer(config, seed, f"{name}/recurrent_kernel",
                                                          keras.initializers.Orthogonal, fan_in=fan_in))
     if config.init_scale and config.cell in ("lstm", "gru", "rnn"):
         # The layer-norm cells have no bias; their gains and shifts keep their constant starts.
         init["bias_initializer"] = weight_initializer(config, seed, f"{name}/bias")
+    if config.projection_size:
+        return projected_lstm_layer(config, index, seed, name, init)
     cls = RECURRENT_LAYERS[config.cell]
     if config.cell in FUSED_CELLS:
         # Keras' LSTM/GRU (cuDNN on a GPU, same weights) whose non-cuDNN path
@@ -364,6 +332,25 @@ def recurrent_layer(config: ModelConfig, index: int, seed: int = 0, allow_cudnn:
     return cls(config.hidden_size, recurrent_dropout=config.recurrent_dropout,
                dropout_salt=RECURRENT_DROPOUT_SALT + index, weight_drop=config.weight_drop,
                weight_drop_salt=WEIGHT_DROP_SALT + index, **init, **common)
+
+
+def projected_lstm_layer(config: ModelConfig, index: int, seed: int, name: str, init: dict):
+    """Layer ``index`` when ``model.projection_size`` is set: a :class:`~dist_rnn.models.projected_lstm.ProjectedLSTM`.
+
+    Args:
+        config: The ``model`` section.
+        index: Layer index.
+        seed: Model seed.
+        name: Layer name.
+        init: Its kernel, recurrent-kernel (and, with ``init_scale``, bias) initializers.
+    """
+    from dist_rnn.models.projected_lstm import ProjectedLSTM
+
+    return ProjectedLSTM(config.hidden_size, config.projection_size, recurrent_dropout=config.recurrent_dropout,
+                         projection_initializer=weight_initializer(config, seed, f"{name}/projection_kernel",
+                                                                   fan_in=config.hidden_size),
+                         unit_forget_bias=not config.init_scale, dropout_salt=RECURRENT_DROPOUT_SALT + index,
+                         return_sequences=True, return_state=True, name=name, **init)
 
 
 @keras.saving.register_keras_serializable(package="dist_rnn")
@@ -407,11 +394,14 @@ class LanguageModel(keras.Model):
                         + [config.dropout_output])
         self.locked_dropouts = [LockedDropout(rate, salt=LOCKED_DROPOUT_SALT + i, name=f"locked_dropout_{i}")
                                 for i, rate in enumerate(locked_rates)]
-        self.projection = OutputProjection(vocab_size, self.embedding if config.tie_embeddings else None,
-                                           kernel_initializer=weight_initializer(config, seed, "projection/kernel",
-                                                                                fan_in=config.hidden_size),
-                                           name="projection")
+        # Width of the last layer's output, and of each flat state tensor (h is
+        # projection_size wide in a projected LSTM).
+        h_size = config.projection_size or config.hidden_size
+        self.projection = output_layer(config, vocab_size, self.embedding if config.tie_embeddings else None,
+                                       weight_initializer(config, seed, "projection/kernel", fan_in=h_size),
+                                       weight_initializer(config, seed, "projection/tie_projection", fan_in=h_size))
         self.state_counts = [states_per_layer(config.cell)] * config.num_layers
+        self.state_sizes = [h_size, config.hidden_size][:states_per_layer(config.cell)] * config.num_layers
 
     @property
     def num_state_tensors(self) -> int:
@@ -419,11 +409,11 @@ class LanguageModel(keras.Model):
         return sum(self.state_counts)
 
     def initial_state(self, batch_size: int) -> tuple:
-        """Zero state: a flat tuple of float32 ``[batch_size, hidden_size]`` tensors."""
-        return tuple(tf.zeros([batch_size, self.model_config.hidden_size], tf.float32)
-                     for _ in range(self.num_state_tensors))
+        """Zero state: a flat tuple of float32 ``[batch_size, size]`` tensors (sizes: :attr:`state_sizes`)."""
+        return tuple(tf.zeros([batch_size, size], tf.float32) for size in self.state_sizes)
 
-    def call(self, tokens, states=None, training=False, seed=None, rows=None, return_activations=False):
+    def call(self, tokens, states=None, training=False, seed=None, rows=None, targets=None, last_only=False,
+             return_activations=False):
         """Runs the model over a window of tokens.
 
         Args:
@@ -435,15 +425,21 @@ class LanguageModel(keras.Model):
             rows: int ``[2]``: first global row of ``tokens`` and the global
                 batch rows, so dropout masks do not depend on the replica
                 layout (None: ``tokens`` is the whole batch).
+            targets: int ``[batch, time]`` next tokens: return their per-token
+                loss instead of logits (the output layer's ``token_nll``: in
+                training its training loss, e.g. sampled; else exact, in
+                bounded memory).
             return_activations: Also return the last layer's output before
-                and after its dropout (for AR/TAR, ``dist_rnn.training.regularization``).
+                and after its dropout (for AR/TAR, ``dist_rnn.training.regularization``):
+                ``(output, states, (raw, dropped))``, in the compute dtype.
+            last_only: Return the logits of the last time step only
+                (``[batch, 1, vocab]``: generation and export need no more).
 
         Returns:
-            ``(logits, states)``: float32 ``[batch, time, vocab]`` logits and the
-            flat tuple of final states, in float32. With
-            ``return_activations``: ``(logits, states, (raw, dropped))``, the
-            last layer's ``[batch, time, hidden]`` output before and after
-            dropout, in the compute dtype.
+            ``(logits, states)``: float32 ``[batch, time, vocab]`` logits (for
+            ``adaptive``: log-probabilities) and the flat tuple of final
+            states, in float32; with ``targets``, float32 ``[batch, time]``
+            losses (nats) instead of the logits.
         """
         if states is None:
             states = self.initial_state(tf.shape(tokens)[0])
@@ -461,9 +457,13 @@ class LanguageModel(keras.Model):
             new_states.extend(tf.cast(s, tf.float32) for s in outputs[1:])
             x = self.dropouts[i + 1](x, seed=seed, rows=rows, training=training)
             x = self.locked_dropouts[i + 1](x, seed=seed, rows=rows, training=training)
+        if targets is not None:
+            output = self.projection(x, targets=targets, training=training, seed=seed)
+        else:
+            output = self.projection(x[:, -1:, :] if last_only else x)
         if return_activations:
-            return self.projection(x), tuple(new_states), (raw, x)
-        return self.projection(x), tuple(new_states)
+            return output, tuple(new_states), (raw, x)
+        return output, tuple(new_states)
 
     def get_config(self):
         from dataclasses import asdict
@@ -490,7 +490,11 @@ def build_model(config: ModelConfig, vocab_size: int, seed: int, allow_cudnn: bo
 
     Returns:
         A built :class:`LanguageModel`.
+
+    Raises:
+        UserError: If ``model.num_sampled`` or ``model.cutoffs`` do not fit the vocabulary.
     """
+    check_output_vocab(config, vocab_size)
     model = LanguageModel(vocab_size, config, seed=seed, allow_cudnn=allow_cudnn, name="language_model")
     model(tf.zeros([1, 1], tf.int32), training=False)
     return model

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from dist_rnn.config import RESUME_INVARIANT_KEYS, Config, flatten
+from dist_rnn.config import RESUME_INVARIANT_KEYS, Config, flatten, resume_invariant_values
 from dist_rnn.errors import UserError, first_line
 from dist_rnn.run_dir import RunDirectory
 
@@ -54,8 +54,7 @@ def fingerprint(resume_invariant: dict, vocab_tokens: list[str]) -> str:
 
 def run_fingerprint(config: Config, vocab_tokens: list[str]) -> str:
     """The :func:`fingerprint` of a run: its :data:`~dist_rnn.config.RESUME_INVARIANT_KEYS` and vocabulary."""
-    flat = flatten(config.to_dict())
-    return fingerprint({k: flat[k] for k in RESUME_INVARIANT_KEYS}, vocab_tokens)
+    return fingerprint(resume_invariant_values(config), vocab_tokens)
 
 
 def accepted_fingerprints(config: Config, vocab_tokens: list[str]) -> tuple[str, str]:
@@ -66,7 +65,7 @@ def accepted_fingerprints(config: Config, vocab_tokens: list[str]) -> tuple[str,
     and carries the current fingerprint from its next save on.
     """
     flat = flatten(config.to_dict())
-    legacy = {k: flat[k] for k in RESUME_INVARIANT_KEYS + ("data.path", "data.train_file")}
+    legacy = {**resume_invariant_values(config), **{k: flat[k] for k in ("data.path", "data.train_file")}}
     return run_fingerprint(config, vocab_tokens), fingerprint(legacy, vocab_tokens)
 
 

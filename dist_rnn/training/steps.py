@@ -107,13 +107,15 @@ class StepFunctions:
     def _forward_backward_impl(self, inputs, targets, states, seed, rows, scale):
         penalty_terms = {}
         with tf.GradientTape() as tape:
+            # The output layer's training loss per token (full softmax: the
+            # cross-entropy of its logits; sampled: from this step's seed).
             if self.penalties.active:
-                logits, new_states, (raw, dropped) = self.model(inputs, states, training=True, seed=seed, rows=rows,
-                                                                return_activations=True)
+                losses, new_states, (raw, dropped) = self.model(inputs, states, training=True, seed=seed, rows=rows,
+                                                                targets=targets, return_activations=True)
                 penalty_terms = self.penalties.terms(raw, dropped, self.global_batch)
             else:
-                logits, new_states = self.model(inputs, states, training=True, seed=seed, rows=rows)
-            loss_sum = token_loss_sum(targets, logits)
+                losses, new_states = self.model(inputs, states, training=True, seed=seed, rows=rows, targets=targets)
+            loss_sum = tf.reduce_sum(losses)
             # Loss of this replica's rows as a share of the global objective
             # (the denominator is global, not per replica): the all-reduced
             # SUM of these gradients is the gradient of the global objective.
@@ -170,8 +172,8 @@ class StepFunctions:
                 self.backend.first(finite), penalties)
 
     def _replica_eval(self, inputs, targets, weights, states):
-        logits, new_states = self.model(inputs, states, training=False)
-        losses = token_losses(targets, logits)
+        # Exact per-token losses in row slices of bounded memory (every output layer).
+        losses, new_states = self.model(inputs, states, training=False, targets=targets)
         # Padded targets (weight 0) add nothing.
         return tf.reduce_sum(losses * tf.cast(weights, losses.dtype)), new_states
 

@@ -27,6 +27,7 @@ from dist_rnn.distribution import Backend
 from dist_rnn.errors import UserError
 from dist_rnn.generation import Sampler, model_step_fn
 from dist_rnn.models.model import LayerKernel
+from dist_rnn.models.outputs import output_summary
 from dist_rnn.run_dir import RunDirectory
 from dist_rnn.summaries import MetricsLogger, peak_memory, perplexity
 from dist_rnn.training.checkpoints import Checkpointer, TrainingState, accepted_fingerprints
@@ -200,7 +201,9 @@ class Trainer:
             f"{t.batch_size // b.num_replicas} rows per replica",
             f"model           {c.model.num_layers} x {c.model.cell} {c.model.hidden_size}, embedding "
             f"{c.model.embedding_size}, vocab {self.corpus.tokenizer.size} ({c.data.level}), "
-            f"{self.parameter_count:,} parameters",
+            f"{self.parameter_count:,} parameters"
+            + (f", LSTM projection {c.model.projection_size}" if c.model.projection_size else ""),
+            f"output          {output_summary(c.model, self.model.projection)}",
             f"data            {c.data.corpus}: train {len(self.corpus.train):,} / valid {len(self.corpus.valid):,} / "
             f"test {len(self.corpus.test):,} tokens; {self.train_batches.batches_in_epoch()} steps per epoch",
             f"optimizer       {c.optimizer.name} lr {c.optimizer.learning_rate:g} ({c.optimizer.schedule.name}), "

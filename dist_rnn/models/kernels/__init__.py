@@ -11,10 +11,12 @@ carries a hand-written backward pass (``tf.custom_gradient``).
 - :mod:`.layer_norm`: :func:`~.layer_norm.ln_lstm`, :func:`~.layer_norm.ln_gru`.
 - :mod:`.compiled`: the same recurrences as compiled C++ ops (``csrc/``, built on
   first use; so far ``lstm``, opt-in with ``DIST_RNN_COMPILED_KERNELS=on``).
+- :mod:`.projected`: :func:`~.projected.lstmp` (LSTM with a recurrent projection).
 """
 
 from dist_rnn.models.kernels.common import time_major_projection
 from dist_rnn.models.kernels.layer_norm import ln_gru, ln_lstm
 from dist_rnn.models.kernels.plain import gru, lstm, vanilla
+from dist_rnn.models.kernels.projected import lstmp
 
-__all__ = ["time_major_projection", "lstm", "gru", "vanilla", "ln_lstm", "ln_gru"]
+__all__ = ["time_major_projection", "lstm", "gru", "vanilla", "ln_lstm", "ln_gru", "lstmp"]
