@@ -88,7 +88,7 @@ def first_batch(trainer: Trainer):
 
 
 def train_step_graph(trainer: Trainer, batch):
-    return trainer.steps.train_step.get_concrete_function(*batch).graph.as_graph_def()
+    return trainer.steps.compiled_train_step.get_concrete_function(*batch).graph.as_graph_def()
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])

@@ -101,7 +101,8 @@ class StepFunctions:
         #: ``{"ar_loss": float tensor, "tar_loss": ...}`` of the last training step (active penalties only).
         self.last_penalties: dict = {}
         self._forward_backward = tf.function(self._forward_backward_impl, jit_compile=jit_compile)
-        self._compiled_train_step = tf.function(self._train_step)
+        #: The step as a tf.function (also returns the AR/TAR values); :meth:`train_step` calls it.
+        self.compiled_train_step = tf.function(self._train_step)
         self.eval_step = tf.function(self._eval_step)
 
     def _forward_backward_impl(self, inputs, targets, states, seed, rows, scale):
@@ -160,7 +161,7 @@ class StepFunctions:
 
         The global AR/TAR values of the step go to :attr:`last_penalties`.
         """
-        loss_sum, states, grad_norm, finite, self.last_penalties = self._compiled_train_step(
+        loss_sum, states, grad_norm, finite, self.last_penalties = self.compiled_train_step(
             inputs, targets, states, seed)
         return loss_sum, states, grad_norm, finite
 
