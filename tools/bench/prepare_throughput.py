@@ -114,7 +114,7 @@ def measure(path: Path, level: str, cache: Path, vocab_size: int, sample_chars: 
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     mb = path.stat().st_size / 1e6
     passes = {k: round(v, 2) for k, v in handler.seconds.items()}
-    return {"level": level, "mb": round(mb, 2), "seconds": round(wall, 2), "mb_per_s": round(mb / wall, 1),
+    return {"level": level, "mb": round(mb, 2), "seconds": round(wall, 4), "mb_per_s": round(mb / wall, 1),
             "cpu_seconds": round(cpu, 2), "mb_per_cpu_s": round(mb / max(cpu, 1e-9), 1),
             # Fitting (the subword model's training above all) costs the same for any corpus size:
             # the rest is what grows with the corpus.
