@@ -147,3 +147,21 @@ def assert_one_line_error(code: int, out: str, err: str) -> str:
     assert lines[0].startswith("error:"), err
     assert "Traceback" not in out + err
     return lines[0]
+
+
+def small_sgd_run_args(data, max_steps: int, *sets: str, checkpoint: str = "checkpoint.every_steps=0") -> list[str]:
+    """``--set`` arguments of a tiny SGD run on ``data`` (evaluated every 2 steps), plus ``sets``."""
+    return ["--set", f"data={{corpus: file, path: {data}, split: [0.8, 0.2, 0.0]}}",
+            "--set", "model={num_layers: 1, hidden_size: 16, embedding_size: 8}",
+            "--set", "optimizer={name: sgd, learning_rate: 1.0, clip_norm: 1.0}",
+            "--set", f"train={{batch_size: 4, num_steps: 8, max_steps: {max_steps}, max_epochs: null, "
+                     f"eval_every: 2, log_every: 1, sample_length: 0, deterministic: true}}",
+            "--set", checkpoint, "--set", "logging={tensorboard: false, progress: 'off'}",
+            *[arg for s in sets for arg in ("--set", s)]]
+
+
+def train_ok(capsys, run_dir, *args) -> str:
+    """Runs ``dist-rnn train --run-dir run_dir *args`` in-process, asserts exit 0, returns its stderr."""
+    code, _, err = run_cli(["train", "--run-dir", run_dir, *args], capsys)
+    assert code == 0, err
+    return err

@@ -17,7 +17,7 @@ import pytest
 import tensorflow as tf
 import yaml
 
-from conftest import SHAKESPEARE, assert_one_line_error, run_cli
+from conftest import SHAKESPEARE, assert_one_line_error, run_cli, small_sgd_run_args, train_ok
 from test_stopping import SCRIPT, assert_bitwise_equal, latest_weights, scripted_validation  # noqa: F401
 
 from dist_rnn.training.averaging import WeightAverage
@@ -60,18 +60,10 @@ def data(tmp_path_factory) -> Path:
 
 
 def settings(data: Path, max_steps: int, *sets: str) -> list[str]:
-    return ["--set", f"data={{corpus: file, path: {data}, split: [0.8, 0.2, 0.0]}}",
-            "--set", "model={num_layers: 1, hidden_size: 16, embedding_size: 8}",
-            "--set", "optimizer={name: sgd, learning_rate: 1.0, clip_norm: 1.0}",
-            "--set", f"train={{batch_size: 4, num_steps: 8, max_steps: {max_steps}, max_epochs: null, "
-                     f"eval_every: 2, log_every: 1, sample_length: 0, deterministic: true}}",
-            "--set", "checkpoint={every_steps: 1, keep: 30}", "--set", "logging={tensorboard: false, progress: 'off'}",
-            *[arg for s in sets for arg in ("--set", s)]]
+    return small_sgd_run_args(data, max_steps, *sets, checkpoint='checkpoint={every_steps: 1, keep: 30}')
 
 
-def train(capsys, run_dir: Path, *args) -> None:
-    code, _, err = run_cli(["train", "--run-dir", run_dir, *args], capsys)
-    assert code == 0, err
+train = train_ok
 
 
 def model_weights(run_dir: Path, checkpoint: str, raw: bool = False) -> list[np.ndarray]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import SHAKESPEARE, assert_one_line_error, run_cli
+from conftest import SHAKESPEARE, assert_one_line_error, run_cli, small_sgd_run_args, train_ok
 from dist_rnn.training.stopping import evaluations_without_improvement, ntasgd_switch_index, plateau_decays
 
 # Validation loss after each evaluated step (eval_every 2).
@@ -64,19 +64,10 @@ def scripted_validation(monkeypatch):
 
 
 def settings(data: Path, max_steps: int, *sets: str) -> list[str]:
-    return ["--set", f"data={{corpus: file, path: {data}, split: [0.8, 0.2, 0.0]}}",
-            "--set", "model={num_layers: 1, hidden_size: 16, embedding_size: 8}",
-            "--set", "optimizer={name: sgd, learning_rate: 1.0, clip_norm: 1.0}",
-            "--set", f"train={{batch_size: 4, num_steps: 8, max_steps: {max_steps}, max_epochs: null, "
-                     f"eval_every: 2, log_every: 1, sample_length: 0, deterministic: true}}",
-            "--set", "checkpoint.every_steps=0", "--set", "logging={tensorboard: false, progress: 'off'}",
-            *[arg for s in sets for arg in ("--set", s)]]
+    return small_sgd_run_args(data, max_steps, *sets, checkpoint='checkpoint.every_steps=0')
 
 
-def train(capsys, run_dir: Path, *args) -> str:
-    code, out, err = run_cli(["train", "--run-dir", run_dir, *args], capsys)
-    assert code == 0, err
-    return err
+train = train_ok
 
 
 def records(run_dir: Path) -> list[dict]:
