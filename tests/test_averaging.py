@@ -37,7 +37,8 @@ def test_weight_average_by_hand():
         for average in (ema, mean):
             average.update(tf.constant(True))
         current = [np.array(a), np.array(b)]
-        expected_ema = current if expected_ema is None else [0.75 * e + 0.25 * c for e, c in zip(expected_ema, current)]
+        d = min(0.75, (2 + i) / (11 + i))  # the warm-up: update n = i + 1 decays by min(decay, (1+n)/(10+n))
+        expected_ema = current if expected_ema is None else [d * e + (1 - d) * c for e, c in zip(expected_ema, current)]
     ema.update(tf.constant(False))  # a skipped step changes nothing
     mean.update(tf.constant(False))
     for got, want in zip(ema.averages, expected_ema):
@@ -90,8 +91,9 @@ def test_ema_is_the_hand_average_of_the_steps(data, tmp_path, capsys):
     train(capsys, run, *settings(data, 4, "optimizer.ema_decay=0.5"))
     raws = [raw_at(run, step) for step in range(1, 5)]
     expected = raws[0]
-    for raw in raws[1:]:
-        expected = [0.5 * e + 0.5 * r for e, r in zip(expected, raw)]
+    for n, raw in enumerate(raws[1:], start=2):
+        d = min(0.5, (1 + n) / (10 + n))  # 0.25, 0.31, 0.36: the warm-up is below 0.5 for these steps
+        expected = [d * e + (1 - d) * r for e, r in zip(expected, raw)]
     assert_weights_close(model_weights(run, "latest"), expected)
     assert not np.allclose(model_weights(run, "latest")[0], raws[-1][0])  # not the raw weights
     assert_weights_close(model_weights(run, "latest", raw=True), raws[-1])

@@ -270,8 +270,9 @@ class OptimizerConfig:
         nonmono: ``ntasgd``: how many of the latest evaluations the switch
             test leaves out of the minimum it compares with.
         ema_decay: Keep an exponential moving average of the weights
-            (``avg = ema_decay * avg + (1 - ema_decay) * weights`` after every
-            applied step, starting from the initial weights) and evaluate,
+            (``avg = d * avg + (1 - d) * weights`` after the n-th applied
+            step, ``d = min(ema_decay, (1 + n) / (10 + n))``, starting from
+            the weights after the first step) and evaluate,
             checkpoint as best, sample and export it; 0 (default) is off. The
             raw weights stay in the checkpoints for resume. Not with ``ntasgd``.
     """

@@ -6,9 +6,13 @@ in every checkpoint with the raw weights, which training resumes from.
 Evaluation, the best checkpoint, samples, ``generate`` and ``export`` read the
 average instead (:meth:`WeightAverage.applied`, :func:`load_averaged_weights`).
 
-* EMA: ``avg = decay * avg + (1 - decay) * w`` after each applied step,
-  starting from the weights after the first applied step (of the run, or of
-  a resume from a checkpoint without an average).
+* EMA: ``avg = d * avg + (1 - d) * w`` after the n-th applied step, with
+  ``d = min(decay, (1 + n) / (10 + n))`` (the warm-up of TensorFlow's
+  ``ExponentialMovingAverage`` with ``num_updates``), starting from the
+  weights after the first applied step (of the run, or of a resume from a
+  checkpoint without an average). Without the warm-up a long-horizon average
+  (0.998) still holds a third of the first steps' weights after 500 steps,
+  and averaging weights that far apart gives a model worse than any of them.
 * NT-ASGD (``optimizer.name: ntasgd``): inactive until the switch
   (:func:`dist_rnn.training.stopping.ntasgd_switch_index`); from then on
   ``avg`` is the mean of the weights after every applied step since the
@@ -33,6 +37,20 @@ def averaging_mode(config: Config) -> str | None:
     if config.optimizer.name == "ntasgd":
         return "ntasgd"
     return "ema" if config.optimizer.ema_decay > 0 else None
+
+
+def ema_decay_at(count, decay: float):
+    """The EMA's decay at its ``count``-th update: ``min(decay, (1 + count) / (10 + count))``.
+
+    Args:
+        count: The update's 1-based number (int or integer tensor).
+        decay: ``optimizer.ema_decay``.
+
+    Returns:
+        The decay as a float32 tensor.
+    """
+    count = tf.cast(count, tf.float32)
+    return tf.minimum(tf.constant(decay, tf.float32), (1.0 + count) / (10.0 + count))
 
 
 class WeightAverage(tf.Module):
@@ -62,10 +80,11 @@ class WeightAverage(tf.Module):
         """Folds the current weights into the average after a step that applied (``finite``)."""
         def fold():
             count = self.count + 1
-            # The new weights' share: 1/n for the running mean, 1 - decay for
-            # the EMA, and 1 at its first step (nothing to average yet).
+            # The new weights' share: 1/n for the running mean, 1 - d for
+            # the EMA (see the module docstring), and 1 at its first step
+            # (nothing to average yet).
             if self.mode == "ema":
-                share = tf.where(count == 1, 1.0, 1.0 - self.decay)
+                share = tf.where(count == 1, 1.0, 1.0 - ema_decay_at(count, self.decay))
             else:
                 share = 1.0 / tf.cast(count, tf.float32)
             for avg, v in zip(self.averages, self.model_variables):
