@@ -56,7 +56,7 @@ class DynamicSettings:
                   ("--dynamic-epsilon", self.epsilon, self.epsilon > 0, "> 0"),
                   ("--dynamic-stat-batches", self.stat_batches, self.stat_batches >= 1, ">= 1")]
         for option, value, ok, wanted in checks:
-            if not ok or value != value:  # value != value: NaN
+            if not ok:  # NaN compares False: refused too
                 raise UserError(f"{option} must be {wanted}, got {value}")
 
     def resolved(self, num_steps: int) -> DynamicSettings:
