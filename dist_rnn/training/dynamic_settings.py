@@ -43,7 +43,7 @@ class DynamicSettings:
     segment: int | None = None
     batch: int = 16
     epsilon: float = 1e-3
-    stat_batches: int = 20
+    stat_batches: int = 10
 
     def check(self) -> None:
         """Refuses bad values, naming the ``dist-rnn eval`` option.
