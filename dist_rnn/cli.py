@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parallel streams sharing the adapted weights (default 16; 1 is the paper's setting, slower)")
     e.add_argument("--dynamic-epsilon", type=float, metavar="EPS", help="rms: added to the gradient RMS (default 1e-3)")
     e.add_argument("--dynamic-stat-batches", type=int, metavar="N",
-                   help="rms: training batches of train.batch_size rows the gradient RMS is collected over (default 10)")
+                   help="rms: training batches (train.batch_size rows) the gradient RMS is collected over "
+                        "(default 10)")
 
     g = sub.add_parser("generate", parents=[common], help="sample text from a checkpoint of a run, or from an export")
     source = g.add_mutually_exclusive_group(required=True)
