@@ -216,7 +216,8 @@ def hparams_of(config: Config, num_replicas: int) -> dict:
             "level": config.data.level}
 
 
-def evaluate(run_dir: str, split: str, checkpoint: str = "latest", overrides: list[str] = ()) -> dict:
+def evaluate(run_dir: str, split: str, checkpoint: str = "latest", overrides: list[str] = (),
+             dynamic=None) -> dict:
     """``dist-rnn eval``: loss and perplexity of a checkpoint of a run on a split (one device).
 
     Args:
@@ -226,10 +227,12 @@ def evaluate(run_dir: str, split: str, checkpoint: str = "latest", overrides: li
             :func:`~dist_rnn.training.checkpoints.find_checkpoint`).
         overrides: ``--set`` of :data:`~dist_rnn.config.DATA_LOCATION_KEYS`
             only, for data that moved; the text must be the run's.
+        dynamic: :class:`~dist_rnn.training.dynamic_settings.DynamicSettings` for dynamic evaluation
+            (:mod:`dist_rnn.training.dynamic_eval`), or None for static evaluation.
 
     Returns:
         ``split``, ``loss``, ``perplexity``, ``tokens`` (``bpc``; ``bpb``: bits per source byte), ``step`` and
-        ``checkpoint``.
+        ``checkpoint``; with ``dynamic``, also ``static_loss`` and ``dynamic`` (the settings used).
     """
     rd = RunDirectory(run_dir)
     config = inference_config(rd, overrides, "eval")
@@ -257,7 +260,12 @@ def evaluate(run_dir: str, split: str, checkpoint: str = "latest", overrides: li
         path = trainer.restore()  # the newest that loads, with checkpoint.fallback
     else:
         trainer.checkpointer.restore(path, accepted_fingerprints(config, tokenizer.identity), trainer.state)
-    result = trainer.evaluate(split).as_dict()
+    if dynamic is not None:
+        from dist_rnn.training.dynamic_eval import evaluate_split_dynamically
+
+        result = evaluate_split_dynamically(trainer, split, dynamic)
+    else:
+        result = trainer.evaluate(split).as_dict()
     result["step"] = int(trainer.state.step)
     result["checkpoint"] = path
     return result

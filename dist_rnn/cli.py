@@ -47,6 +47,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", choices=["valid", "test"], default="valid")
     e.add_argument("--checkpoint", default="latest", metavar="best|latest|PATH", help=checkpoint_help)
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=data_set_help)
+    e.add_argument("--dynamic", action="store_true",
+                   help="dynamic evaluation (Krause et al. 2018): a copy of the weights adapts to the text as it is "
+                        "scored, segment by segment; the run directory is not modified")
+    e.add_argument("--dynamic-rule", choices=["sgd", "rms"], help="update rule (default sgd)")
+    e.add_argument("--dynamic-lr", type=float, metavar="LR",
+                   help="learning rate of the updates (default 0.3 for sgd, 0.003 for rms)")
+    e.add_argument("--dynamic-decay", type=float, metavar="LAMBDA",
+                   help="pull back towards the trained weights per segment (default 0.002 for sgd, 0.02 for rms)")
+    e.add_argument("--dynamic-segment", type=int, metavar="TOKENS",
+                   help="tokens per segment, one update each (default the run's train.num_steps)")
+    e.add_argument("--dynamic-batch", type=int, metavar="ROWS",
+                   help="parallel streams sharing the adapted weights (default 16; 1 is the paper's setting, slower)")
+    e.add_argument("--dynamic-epsilon", type=float, metavar="EPS", help="rms: added to the gradient RMS (default 1e-3)")
+    e.add_argument("--dynamic-stat-batches", type=int, metavar="N",
+                   help="rms: training batches (train.batch_size rows) the gradient RMS is collected over "
+                        "(default 10)")
 
     g = sub.add_parser("generate", parents=[common], help="sample text from a checkpoint of a run, or from an export")
     source = g.add_mutually_exclusive_group(required=True)
@@ -94,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "prepare":
             app.print_json_line(app.prepare(args.configs, args.overrides))
         elif args.command == "eval":
-            app.print_json_line(app.evaluate(args.run_dir, args.split, args.checkpoint, args.overrides))
+            app.print_json_line(app.evaluate(args.run_dir, args.split, args.checkpoint, args.overrides,
+                                             dynamic=_dynamic_settings(args)))
         elif args.command == "generate":
             app.generate(args.run_dir, args.prime, args.length, args.temperature, args.top_k, args.top_p,
                          args.seed, args.num_samples, model_dir=args.model, checkpoint=args.checkpoint,
@@ -119,6 +136,28 @@ def main(argv: list[str] | None = None) -> int:
             return LOST_PEER_EXIT_CODE
         raise
     return 0
+
+
+def _dynamic_settings(args):
+    """The :class:`DynamicSettings` of ``eval --dynamic`` (None without it), checked.
+
+    Raises:
+        UserError: A ``--dynamic-*`` option without ``--dynamic``, or a bad value.
+    """
+    from dist_rnn.errors import UserError
+    from dist_rnn.training.dynamic_settings import DynamicSettings
+
+    given = {name: value for name, value in vars(args).items() if name.startswith("dynamic_") and value is not None}
+    if not args.dynamic:
+        if given:
+            raise UserError(f"eval: --{next(iter(given)).replace('_', '-')} needs --dynamic")
+        return None
+    fields = {"dynamic_rule": "rule", "dynamic_lr": "learning_rate", "dynamic_decay": "decay",
+              "dynamic_segment": "segment", "dynamic_batch": "batch", "dynamic_epsilon": "epsilon",
+              "dynamic_stat_batches": "stat_batches"}
+    settings = DynamicSettings(**{fields[name]: value for name, value in given.items()})
+    settings.check()
+    return settings
 
 
 def _is_lost_peer(error: Exception) -> bool:
