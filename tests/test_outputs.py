@@ -284,3 +284,25 @@ def test_sampled_training_scatters_the_untied_kernel_gradient_once():
                 and op.outputs[0].shape.as_list()[:1] == [vocab]]
     assert len(scatters) == 1, [op.name for op in scatters]
 
+
+@pytest.mark.parametrize("output", ["sampled", "adaptive"])
+def test_histogram_pass_builds_full_vocabulary_logits_only_for_the_last_step(output):
+    from types import SimpleNamespace
+
+    from dist_rnn.training.trainer import Trainer
+
+    m = model(output, num_sampled=20)
+    layer = m.projection
+    full = "log_probs" if output == "adaptive" else "logits"
+    shapes, original = [], getattr(layer, full)
+    setattr(layer, full, lambda inputs: shapes.append(tuple(inputs.shape)) or original(inputs))
+    written = {}
+    metrics = SimpleNamespace(histograms=lambda step, weights, grads: written.update(weights=weights, grads=grads))
+    trainer = SimpleNamespace(model=m, metrics=metrics, config=SimpleNamespace(train=SimpleNamespace(seed=5)))
+    Trainer._write_histograms(trainer, 10, tokens([3, 7], 1), tokens([3, 7], 2))
+    assert all(shape[1] == 1 for shape in shapes), shapes  # [batch, time, vocab] never built
+    assert set(written["grads"]) == {v.path for v in m.trainable_variables}
+    for name, grad in written["grads"].items():
+        assert np.all(np.isfinite(grad.numpy())), name
+    output_grads = [g for name, g in written["grads"].items() if name.startswith("language_model/projection")]
+    assert output_grads and all(np.abs(g.numpy()).max() > 0 for g in output_grads)
