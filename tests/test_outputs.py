@@ -242,3 +242,67 @@ def test_sampled_training_of_a_unigram_model_reaches_the_full_softmax_optimum():
         step(tf.constant(i))
     # Measured: KL 1.56 at the start, 0.025 after 400 steps (Adam's noise and the finite sample's bias).
     assert kl() < 0.05 < start / 20, (start, kl())
+
+
+def _training_gradient_graph(m, batch, steps, vocab):
+    """The graph (with its nested functions) of one training loss's gradient of ``m``."""
+    @tf.function
+    def gradient(x, y):
+        with tf.GradientTape() as tape:
+            losses, _ = m(x, training=True, seed=tf.constant([1, 2]), targets=y)
+            loss = tf.reduce_mean(losses)
+        grads = tape.gradient(loss, m.trainable_variables)
+        assert all(g is not None for g in grads)
+        return grads
+
+    spec = tf.TensorSpec([batch, steps], tf.int32)
+    graphs, todo = [], [gradient.get_concrete_function(spec, spec).graph]
+    while todo:
+        graphs.append(todo.pop())
+        todo.extend(f.graph for f in graphs[-1]._functions.values() if hasattr(f, "graph"))
+    return [op for g in graphs for op in g.get_operations()]
+
+
+@pytest.mark.parametrize("output", ["softmax", "sampled", "adaptive"])
+def test_training_gradient_builds_no_tensor_larger_than_the_logits_or_a_weight(output):
+    # A [B, T, D] x [D, V] matmul broadcasts (BatchMatMul) and builds the
+    # kernel's gradient per batch row, [B, D, V] (4 GB at 20 x 512 x 100k).
+    batch, steps, vocab = 6, 3, 500
+    m = model(output, vocab=vocab, num_sampled=20, cutoffs=[50, 200] if output == "adaptive" else [])
+    limit = max(batch * steps * vocab, SIZES["hidden_size"] * vocab, SIZES["embedding_size"] * vocab)
+    sizes = {op.name: int(np.prod(t.shape)) for op in _training_gradient_graph(m, batch, steps, vocab)
+             for t in op.outputs if t.shape.rank and t.shape.is_fully_defined()}
+    assert sizes and max(sizes.values()) <= limit, sorted(sizes.items(), key=lambda kv: -kv[1])[:3]
+
+
+def test_sampled_training_scatters_the_untied_kernel_gradient_once():
+    # Gathering the kernel's columns twice (targets, then candidates) cost two
+    # dense [D, V] scatters, transposes and their sum.
+    vocab = 500
+    ops = _training_gradient_graph(model("sampled", vocab=vocab, num_sampled=20), 6, 3, vocab)
+    scatters = [op for op in ops if op.type == "UnsortedSegmentSum"
+                and op.outputs[0].shape.as_list()[:1] == [vocab]]
+    assert len(scatters) == 1, [op.name for op in scatters]
+
+
+@pytest.mark.parametrize("output", ["sampled", "adaptive"])
+def test_histogram_pass_builds_full_vocabulary_logits_only_for_the_last_step(output):
+    from types import SimpleNamespace
+
+    from dist_rnn.training.trainer import Trainer
+
+    m = model(output, num_sampled=20)
+    layer = m.projection
+    full = "log_probs" if output == "adaptive" else "logits"
+    shapes, original = [], getattr(layer, full)
+    setattr(layer, full, lambda inputs: shapes.append(tuple(inputs.shape)) or original(inputs))
+    written = {}
+    metrics = SimpleNamespace(histograms=lambda step, weights, grads: written.update(weights=weights, grads=grads))
+    trainer = SimpleNamespace(model=m, metrics=metrics, config=SimpleNamespace(train=SimpleNamespace(seed=5)))
+    Trainer._write_histograms(trainer, 10, tokens([3, 7], 1), tokens([3, 7], 2))
+    assert all(shape[1] == 1 for shape in shapes), shapes  # [batch, time, vocab] never built
+    assert set(written["grads"]) == {v.path for v in m.trainable_variables}
+    for name, grad in written["grads"].items():
+        assert np.all(np.isfinite(grad.numpy())), name
+    output_grads = [g for name, g in written["grads"].items() if name.startswith("language_model/projection")]
+    assert output_grads and all(np.abs(g.numpy()).max() > 0 for g in output_grads)

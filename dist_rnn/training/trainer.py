@@ -28,6 +28,7 @@ from dist_rnn.errors import UserError
 from dist_rnn.generation import Sampler, model_step_fn
 from dist_rnn.models.model import LayerKernel
 from dist_rnn.models.outputs import output_summary
+from dist_rnn.models.outputs.histograms import histogram_loss
 from dist_rnn.run_dir import RunDirectory
 from dist_rnn.summaries import MetricsLogger, peak_memory, perplexity
 from dist_rnn.training.checkpoints import Checkpointer, TrainingState, accepted_fingerprints
@@ -35,7 +36,7 @@ from dist_rnn.training.evaluation import EvalResult, evaluate_split
 from dist_rnn.training.gradients import DynamicLossScale
 from dist_rnn.training.preemption import StopRequest
 from dist_rnn.training.recipe import TrainingRecipe
-from dist_rnn.training.steps import StepFunctions, token_losses
+from dist_rnn.training.steps import StepFunctions
 
 log = logging.getLogger("dist_rnn")
 
@@ -384,12 +385,10 @@ class Trainer:
             log.info(f"profiler trace of steps {window[0]}-{window[1]} written to {trace_dir}")
 
     def _write_histograms(self, step: int, inputs, targets) -> None:
-        """Histograms of the weights and of the (unclipped) gradient of the current batch."""
+        """Histograms of the weights and of the (unclipped) gradient of the current batch (:func:`histogram_loss`)."""
         variables = self.model.trainable_variables
-        states = self.model.initial_state(int(inputs.shape[0]))
         with tf.GradientTape() as tape:
-            logits, _ = self.model(inputs, states, training=False)
-            loss = tf.reduce_mean(token_losses(targets, logits))
+            loss = histogram_loss(self.model, inputs, targets, tf.constant([self.config.train.seed, step], tf.int64))
         grads = tape.gradient(loss, variables)
         self.metrics.histograms(step, {v.path: v.value for v in variables},
                                 {v.path: tf.convert_to_tensor(g) for v, g in zip(variables, grads) if g is not None})

@@ -67,9 +67,13 @@ def sampled_token_nll(hidden, targets, vectors, bias, candidates, log_expected_c
         float32 ``[N]``: ``logsumexp([true, sampled]) - true`` with corrected
         logits and accidental hits removed.
     """
-    true_logits = (tf.reduce_sum(hidden * vectors(targets), -1) + tf.gather(bias, targets)
+    # One gather for targets and candidates: each gather of the untied [D, V]
+    # kernel's columns has a dense [D, V] gradient (scatter and transposes).
+    count = tf.shape(targets)[0]
+    rows = vectors(tf.concat([targets, candidates], 0))
+    true_logits = (tf.reduce_sum(hidden * rows[:count], -1) + tf.gather(bias, targets)
                    - log_expected_targets)
-    sampled_logits = (tf.matmul(hidden, vectors(candidates), transpose_b=True) + tf.gather(bias, candidates)
+    sampled_logits = (tf.matmul(hidden, rows[count:], transpose_b=True) + tf.gather(bias, candidates)
                       - log_expected_counts)
     hits = tf.equal(targets[:, None], candidates[None, :])
     sampled_logits = tf.where(hits, tf.constant(REMOVED_LOGIT, tf.float32), sampled_logits)
@@ -125,8 +129,7 @@ class SampledSoftmax(OutputProjection):
             return super().token_nll(hidden, targets, training=False)
         shape = tf.shape(targets)
         flat_targets = tf.reshape(tf.cast(targets, tf.int32), [-1])
-        projected = self._projected(hidden)
-        flat_hidden = tf.reshape(projected, [-1, projected.shape[-1]])
+        flat_hidden = self._projected(tf.reshape(hidden, [-1, hidden.shape[-1]]))
         candidates = draw_candidates(seed, self.num_sampled, self.vocab_size)
         log_count = math.log(self.num_sampled)
         nll = sampled_token_nll(flat_hidden, flat_targets, self._vectors, tf.cast(self.bias, tf.float32), candidates,

@@ -67,7 +67,11 @@ class OutputProjection(keras.layers.Layer):
     def logits(self, inputs):
         """Float32 logits ``[..., vocab]`` of ``inputs`` ``[..., width]``."""
         cdt = tf.as_dtype(self.compute_dtype)
-        inputs = tf.cast(inputs, cdt)
+        # One 2-D matmul over all tokens: a [B, T, D] x [D, V] matmul is a
+        # broadcasting BatchMatMul whose kernel gradient is built per batch row,
+        # [B, D, V] (4 GB at 20 x 512 x 100k), before it is summed.
+        shape = tf.shape(inputs)
+        inputs = tf.reshape(tf.cast(inputs, cdt), [-1, inputs.shape[-1]])
         if self.tied_embedding is not None:
             if self.tie_projection is not None:
                 inputs = tf.matmul(inputs, tf.cast(self.tie_projection, cdt))
@@ -75,7 +79,8 @@ class OutputProjection(keras.layers.Layer):
             logits = tf.matmul(inputs, kernel, transpose_b=True)
         else:
             logits = tf.matmul(inputs, tf.cast(self.kernel, cdt))
-        return tf.cast(logits, tf.float32) + tf.cast(self.bias, tf.float32)
+        logits = tf.cast(logits, tf.float32) + tf.cast(self.bias, tf.float32)
+        return tf.reshape(logits, tf.concat([shape[:-1], [self.vocab_size]], 0))
 
     def exact_token_nll(self, hidden, targets):
         """Float32 ``[B, T]`` cross-entropies of the full softmax (all logits of ``hidden`` at once)."""
