@@ -463,7 +463,7 @@ def test_every_recipe_option_with_ntasgd_on_two_workers_equals_one_device(backen
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # its horovodrun
     proc = subprocess.run([str(REPO / "launch" / f"{backend}.sh"), "-n", "2", "--", "--run-dir", str(run_dir),
                            *_ntasgd_args(shakespeare_slice)], cwd=REPO, capture_output=True, text=True,
-                          timeout=600, env=env)
+                          timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "2 replica(s), 2 worker(s)" in proc.stdout
     one_best, one_latest = _best_and_latest(ntasgd_one_device)
