@@ -2,18 +2,22 @@
 
 Weight drop, embedding dropout and locked dropout draw their masks statelessly
 from (step seed, site, global row); AR/TAR enter the training objective only;
-``optimizer.weight_decay`` adds ``decay * w`` after the clip. The last test
-turns every option on at once and checks 2 mirrored replicas against one
-device and a stop/resume against the uninterrupted run.
+``optimizer.weight_decay`` adds ``decay * w`` after the clip. One test turns
+every option on at once and checks 2 mirrored replicas against one device
+and a stop/resume against the uninterrupted run; two more do the same
+(without the resume) with NT-ASGD on 2 multi-worker processes and 2 Horovod ranks, and check
+the best checkpoint the chief saved holds the averaged weights.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -399,3 +403,88 @@ def test_every_recipe_option_on_mirrored_equals_one_device_and_resume_is_bitwise
     for a, b in zip(train_full, train_mirrored):
         for key in ("loss", "ar_loss", "tar_loss"):
             assert abs(a[key] - b[key]) <= 1e-5 * abs(a[key]), (key, a, b)
+
+
+# ----------------------------------------------------------------------------
+# Every option on with NT-ASGD: 2 worker processes equal one device
+# ----------------------------------------------------------------------------
+
+# The AWD recipe's optimizer at a rate that makes the validation loss bounce:
+# evaluations at steps 2, 4, 6, 8 give 3.67, 4.15, 3.72, 3.49 (measured), so the
+# plateau schedule halves the rate and NT-ASGD switches after step 6, the
+# average of steps 7 and 8 makes the new best at step 8, and early stopping
+# (3 evaluations without a gain of 0.2) ends the run there. The margins of these
+# decisions (>= 0.02) are far above float32 reduction order.
+NTASGD_ALL_ON = [
+    "--set", ALL_ON,
+    "--set", "optimizer={name: ntasgd, nonmono: 1, learning_rate: 30, clip_norm: 0.25, weight_decay: 0.001, "
+             "schedule: {name: plateau, factor: 0.5, patience: 2}}",
+    "--set", "train={batch_size: 4, num_steps: 12, max_steps: 12, max_epochs: null, log_every: 2, sample_length: 0, "
+             "eval_every: 2, ar: 2.0, tar: 1.0, deterministic: true, accumulate_steps: 2, "
+             "early_stopping: {patience: 3, min_delta: 0.2}}",
+    "--set", "checkpoint={every_steps: 1, keep: 30}", "--set", "logging={progress: off, tensorboard: false}",
+]
+
+
+def _ntasgd_args(data) -> list[str]:
+    return ["--set", f"data={{corpus: file, path: {data}, split: [0.9, 0.1, 0.0]}}", *NTASGD_ALL_ON]
+
+
+@pytest.fixture(scope="module")
+def ntasgd_one_device(shakespeare_slice, tmp_path_factory):
+    from dist_rnn.cli import main
+
+    run_dir = tmp_path_factory.mktemp("ntasgd") / "one"
+    assert main(["train", "--run-dir", str(run_dir), *_ntasgd_args(shakespeare_slice)]) == 0
+    return run_dir
+
+
+def _best_and_latest(run_dir) -> tuple[dict, dict]:
+    """The best and the latest checkpoint's values (the validation history's numbers apart)."""
+    values = []
+    for prefix in (str(run_dir / "best" / json.loads((run_dir / "best" / "best.json").read_text())["checkpoint"]),
+                   tf.train.latest_checkpoint(str(run_dir / "checkpoints"))):
+        reader = tf.train.load_checkpoint(prefix)
+        values.append({n: reader.get_tensor(n) for n, _ in tf.train.list_variables(prefix)
+                       if n.endswith("VARIABLE_VALUE") and not n.startswith("save_counter")})
+    return values[0], values[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["multiworker", "horovod"])
+def test_every_recipe_option_with_ntasgd_on_two_workers_equals_one_device(backend, ntasgd_one_device,
+                                                                           shakespeare_slice, tmp_path):
+    if backend == "horovod":
+        pytest.importorskip("horovod.tensorflow", reason="Horovod is not installed (tools/install_horovod.sh)")
+    from test_averaging import assert_weights_close, model_weights, raw_at
+
+    run_dir = tmp_path / backend
+    env = {**os.environ, "PYTHON": sys.executable, "TF_CPP_MIN_LOG_LEVEL": "3",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # its horovodrun
+    proc = subprocess.run([str(REPO / "launch" / f"{backend}.sh"), "-n", "2", "--", "--run-dir", str(run_dir),
+                           *_ntasgd_args(shakespeare_slice)], cwd=REPO, capture_output=True, text=True,
+                          timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "2 replica(s), 2 worker(s)" in proc.stdout
+    one_best, one_latest = _best_and_latest(ntasgd_one_device)
+    two_best, two_latest = _best_and_latest(run_dir)
+    # The same decisions: plateau decay and NT-ASGD's switch after step 6, the best and early stopping at 8.
+    history = "evaluation_history/record_json/.ATTRIBUTES/VARIABLE_VALUE"
+    one, two = (json.loads(run.pop(history)) for run in (one_latest, two_latest))
+    assert [step for step, _ in one] == [step for step, _ in two] == [2, 4, 6, 8], (one, two)
+    assert np.allclose(np.array(_numbers(one)), np.array(_numbers(two)), rtol=1e-5), (one, two)
+    for run in (one_latest, two_latest):
+        assert int(run["training_state/step/.ATTRIBUTES/VARIABLE_VALUE"]) == 8
+        assert int(run["weight_average/count/.ATTRIBUTES/VARIABLE_VALUE"]) == 2  # steps 7 and 8
+    assert json.loads((run_dir / "best" / "best.json").read_text())["step"] == 8
+    assert_close_variables(one_latest, two_latest, TOLERANCE)
+    for run in (one_best, two_best):
+        run.pop(history)
+    assert_close_variables(one_best, two_best, TOLERANCE)
+    # The chief saved the average of the raw weights after steps 7 and 8 as the best model,
+    # and generate/export read the same average from the latest checkpoint.
+    raw7, raw8 = raw_at(run_dir, 7), raw_at(run_dir, 8)
+    mean = [(a + b) / 2 for a, b in zip(raw7, raw8)]
+    assert_weights_close(model_weights(run_dir, "best", raw=True), mean)
+    assert_weights_close(model_weights(run_dir, "latest"), mean)
+    assert not np.allclose(mean[0], raw8[0], rtol=1e-3)  # the average is not the raw weights

@@ -77,7 +77,7 @@ def build_trainer(config: Config, run_dir: RunDirectory | str | Path, *, backend
         optimizer = build_optimizer(config.optimizer)
         optimizer.build(model.trainable_variables)
         loss_scale = DynamicLossScale(t.loss_scale) if t.precision == "mixed_float16" else None
-        recipe = build_recipe(config, model.trainable_variables)
+    recipe = build_recipe(config, model.trainable_variables, backend.scope)
     state = TrainingState([(t.batch_size, size) for size in model.state_sizes],
                           run_fingerprint(config, corpus.tokenizer.identity))
     # adamw decays by itself (decoupled); every other optimizer gets AWD's L2 in the gradient path.

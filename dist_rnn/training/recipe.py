@@ -9,6 +9,7 @@ and the run is exactly as before.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Callable
 
@@ -73,10 +74,21 @@ class TrainingRecipe:
         return objects
 
 
-def build_recipe(config: Config, variables: list) -> TrainingRecipe:
+def build_recipe(config: Config, variables: list, scope: Callable = contextlib.nullcontext) -> TrainingRecipe:
     """The run's recipe: a validation history when a decision reads it, an average when the run averages.
 
-    Call inside the strategy scope (the average's variables are mirrored like the model's).
+    Call outside the strategy scope.
+
+    Args:
+        config: The run config.
+        variables: The model's trainable variables.
+        scope: The backend's strategy scope (``Backend.scope``), in which the
+            average's variables are created (mirrored like the model's).
     """
+    # The history is host state every worker updates alike, as TrainingState: a
+    # plain variable, since MultiWorkerMirroredStrategy broadcasts a variable's
+    # initial value from the chief and its collectives carry no strings.
     history = EvaluationHistory(config) if history_needed(config) else None
-    return TrainingRecipe(history, build_weight_average(config, variables))
+    with scope():
+        average = build_weight_average(config, variables)
+    return TrainingRecipe(history, average)
