@@ -6,7 +6,7 @@ The token stream is cut into ``batch_size`` contiguous rows and walked
 from one batch to the next.
 
 Training (:class:`StreamBatcher`) cuts the split to whole rows and whole
-windows. Evaluation (:class:`EvalBatcher`) scores every token of the split
+windows (variable-length windows: :mod:`dist_rnn.data.variable_length`). Evaluation (:class:`EvalBatcher`) scores every token of the split
 except the first exactly once: rows overlap by one token, may differ in length
 by one (padded, with weight 0) and the last window may be shorter.
 
