@@ -133,9 +133,18 @@ def check_epoch_invariant_keys(saved: Config, config: Config, epoch: int, index:
     carried state. At an epoch boundary (``index`` 0) they may change, and
     apply from that epoch on.
 
+    ``train.variable_length`` may change only at an epoch boundary too: the
+    fixed-length and variable-length walks through an epoch stand at
+    different tokens after the same number of batches.
+
     Raises:
         UserError: Naming the changed keys and the position.
     """
+    if index and saved.train.variable_length != config.train.variable_length:
+        raise UserError(f"cannot resume {rd.path} in the middle of epoch {epoch} (after its batch {index}) with "
+                        f"train.variable_length: {saved.train.variable_length} -> {config.train.variable_length}: "
+                        "the rest of the epoch's windows would not continue where its last one ended; resume "
+                        "without the change (it may change once a run stops at an epoch's end) or use a new --run-dir")
     if index == 0 or not (saved.data.random_offset or config.data.random_offset):
         return
     diffs = [c for c in changed_keys(saved, config) if c.split(":", 1)[0] in EPOCH_INVARIANT_KEYS]

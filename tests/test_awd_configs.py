@@ -44,6 +44,7 @@ def test_word_level_awd_configs_are_the_papers_ntasgd_setting():
         assert (m.dropout_input, m.dropout_hidden, m.dropout_output, m.embedding_dropout, m.weight_drop) == (
             input_dropout, 0.3, 0.4, 0.1, 0.5), name
         assert (t.ar, t.tar, t.num_steps, t.batch_size) == (2.0, 1.0, 70, batch), name
+        assert t.variable_length, name  # AWD's variable-length BPTT around num_steps
 
 
 def test_shakespeare_awd_trains_three_steps_with_ar_and_tar_logged(shakespeare_slice, tmp_path, capsys):

@@ -3,10 +3,11 @@
 Weight drop, embedding dropout and locked dropout draw their masks statelessly
 from (step seed, site, global row); AR/TAR enter the training objective only;
 ``optimizer.weight_decay`` adds ``decay * w`` after the clip. One test turns
-every option on at once and checks 2 mirrored replicas against one device
-and a stop/resume against the uninterrupted run; two more do the same
-(without the resume) with NT-ASGD on 2 multi-worker processes and 2 Horovod ranks, and check
-the best checkpoint the chief saved holds the averaged weights.
+every option on at once (variable-length BPTT too) and checks 2 mirrored
+replicas against one device and a stop/resume against the uninterrupted run;
+two more do the same (without the resume) with NT-ASGD on 2 multi-worker
+processes and 2 Horovod ranks, and check the best checkpoint the chief saved
+holds the averaged weights.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import tensorflow as tf
 from conftest import REPO, assert_one_line_error, run_cli, tiny_config
 from equivalence import TOLERANCE, assert_close_variables
 from dist_rnn.config import ModelConfig
+from dist_rnn.data.variable_length import window_lengths
 from dist_rnn.distribution import Backend
 from dist_rnn.models.awd_dropout import (EMBEDDING_DROPOUT_SALT, LockedDropout, embedding_dropout,
                                          weight_drop_mask)
@@ -346,7 +348,7 @@ SCRIPT = textwrap.dedent("""
                          "schedule: {name: plateau, factor: 0.5, patience: 1}}",
             "--set", "train={batch_size: 4, num_steps: 12, max_steps: 6, max_epochs: null, log_every: 2, "
                      "sample_length: 0, eval_every: 3, ar: 2.0, tar: 1.0, deterministic: true, accumulate_steps: 2, "
-                     "early_stopping: {patience: 3, min_delta: 0.0}}",
+                     "early_stopping: {patience: 3, min_delta: 0.0}, variable_length: true}",
             "--set", "checkpoint.every_steps=0", "--set", "logging={progress: off, tensorboard: false}"]
     def train(name, *extra):
         assert main(["train", "--run-dir", "%s/%s" % (out, name), *base, *extra]) == 0, name
@@ -384,6 +386,9 @@ def test_every_recipe_option_on_mirrored_equals_one_device_and_resume_is_bitwise
     assert proc.returncode == 0, proc.stderr[-3000:]
     full, resumed, mirrored = (_saved(tmp_path / name) for name in ("full", "resumed", "mirrored"))
     assert int(full["training_state/step/.ATTRIBUTES/VARIABLE_VALUE"]) == 6
+    # Variable-length BPTT: the rows stand at the sum of the 6 drawn lengths (seed 0), saved for the resume.
+    assert int(full["stream_position/tokens_in_epoch/.ATTRIBUTES/VARIABLE_VALUE"]) == window_lengths(
+        0, np.arange(6), 12).sum() != 6 * 12
     assert full.keys() == resumed.keys()
     for name in full:
         assert np.array_equal(full[name], resumed[name]), name

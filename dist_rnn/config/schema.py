@@ -377,6 +377,17 @@ class TrainConfig:
             order) with a k-th of the activation memory. Must divide the rows
             per replica (``batch_size`` / replicas).
         early_stopping: Stop on a validation plateau (off by default).
+        variable_length: AWD-LSTM's variable-length BPTT (default false):
+            each step's window is ``num_steps`` tokens with probability 0.95,
+            else ``num_steps / 2``, plus a normal jitter of standard deviation
+            5, truncated, at least 5 and at most ``num_steps + 20`` tokens
+            (see :mod:`dist_rnn.data.variable_length`), drawn from
+            (``seed``, step) so every replica agrees; the step's learning
+            rate (the logged ``learning_rate`` too) is scaled by ``length /
+            num_steps``. The windows tile each row; the epoch's last one is
+            cut to the tokens left. Needs ``loss_normalization: token`` and
+            ``num_steps >= 5``; may be switched only at an epoch's start. With
+            ``jit_compile`` XLA compiles once per distinct length.
     """
 
     batch_size: int = 32
@@ -401,6 +412,8 @@ class TrainConfig:
     # Accumulation and early stopping (issue #19).
     accumulate_steps: int = 1
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    # Variable-length BPTT (issue #19).
+    variable_length: bool = False
 
 
 @dataclass

@@ -235,6 +235,12 @@ def _validate_training_recipe(config: Config) -> None:
              "optimizer.name 'ntasgd' averages the weights itself; set one of them")
     _require(o.name != "ntasgd" or o.momentum == 0, "optimizer.momentum",
              f"optimizer.name 'ntasgd' is plain SGD (NT-ASGD with a non-SGD optimizer is not defined), got {o.momentum}")
+    _require(not t.variable_length or t.loss_normalization == "token", "train.variable_length",
+             "scales each step's learning rate by its window length, which train.loss_normalization 'sequence' "
+             "already does (its loss sums the window's time steps); set loss_normalization to token")
+    _require(not t.variable_length or t.num_steps >= 5, "train.variable_length",
+             f"draws windows of at least 5 tokens around train.num_steps, which must then be at least 5, "
+             f"got {t.num_steps}")
 
 
 def check_divisible(config: Config, num_replicas: int) -> None:

@@ -6,7 +6,7 @@ The token stream is cut into ``batch_size`` contiguous rows and walked
 from one batch to the next.
 
 Training (:class:`StreamBatcher`) cuts the split to whole rows and whole
-windows. Evaluation (:class:`EvalBatcher`) scores every token of the split
+windows (variable-length windows: :mod:`dist_rnn.data.variable_length`). Evaluation (:class:`EvalBatcher`) scores every token of the split
 except the first exactly once: rows overlap by one token, may differ in length
 by one (padded, with weight 0) and the last window may be shorter.
 
@@ -100,16 +100,29 @@ class StreamBatcher:
 
     def window(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Returns batch ``index`` of ``epoch`` as int32 numpy (inputs, targets), each ``[batch, num_steps]``."""
-        start = self.offset(epoch) + index * self.num_steps
-        block = np.zeros((self.batch_size, self.num_steps + 1), np.int32)
+        return self.read(self.offset(epoch) + index * self.num_steps, self.num_steps)
+
+    def read(self, start: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """The int32 (inputs, targets) of every row's tokens ``start .. start + length``, each ``[batch, length]``."""
+        block = np.zeros((self.batch_size, length + 1), np.int32)
         rows = slice(self.local_rows.start, self.local_rows.stop)
-        block[rows] = self.rows[rows, start:start + self.num_steps + 1]
+        block[rows] = self.rows[rows, start:start + length + 1]
         return block[:, :-1], block[:, 1:]
 
-    def dataset(self, epoch: int, start_index: int = 0) -> tf.data.Dataset:
+    def windows_in_epoch(self, epoch: int, step: int, index: int, token: int) -> int:
+        """Windows of ``epoch`` (the position arguments matter only for variable-length windows)."""
+        return self.batches_in_epoch(epoch)
+
+    def steps_through_epoch(self, last_epoch: int, epoch: int, step: int, index: int, token: int) -> int:
+        """The global step count at the end of ``last_epoch``: every epoch's windows from epoch 1 on."""
+        return sum(self.batches_in_epoch(e) for e in range(1, last_epoch + 1))
+
+    def dataset(self, epoch: int, start_index: int = 0, step: int = 0, token: int = 0) -> tf.data.Dataset:
         """A tf.data pipeline of the epoch's windows from ``start_index`` on, prefetched.
 
-        Deterministic: the windows depend only on the data, ``epoch`` and the seed.
+        Deterministic: the windows depend only on the data, ``epoch`` and the
+        seed. ``step`` and ``token`` (the global step and the tokens per row
+        done) are used by variable-length windows only.
         """
         def windows() -> Iterator[tuple[np.ndarray, np.ndarray]]:
             for index in range(start_index, self.batches_in_epoch(epoch)):

@@ -40,6 +40,8 @@ OPTIONAL_OBJECTS = ("loss_scale",)
 # The training recipe's objects (issue #19) exist only when their keys are on:
 # a resume that turns one on starts it fresh.
 OPTIONAL_OBJECTS += ("evaluation_history", "weight_average")
+# Saved only with train.variable_length, which may be turned on only at an epoch's start (position 0).
+OPTIONAL_OBJECTS += ("stream_position",)
 BEST_RECORD = "best.json"  # beside the best checkpoint: its step, loss, perplexity and file name
 # Top-level entries tf.train.Checkpoint writes itself, beside the saved objects.
 _CHECKPOINT_BOOKKEEPING = ("save_counter", "_CHECKPOINTABLE_OBJECT_GRAPH")
@@ -158,6 +160,19 @@ class TrainingState(tf.Module):
         self.fingerprint = tf.Variable(fingerprint, dtype=tf.string, trainable=False, name="fingerprint")
         self.carried = [tf.Variable(tf.zeros(shape, tf.float32), trainable=False, name=f"carried_{i}")
                         for i, shape in enumerate(state_shapes)]
+
+
+class StreamPosition(tf.Module):
+    """Tokens of each row consumed in the current epoch, saved with ``train.variable_length``.
+
+    With variable-length windows the batch count of an epoch does not say
+    where its rows stand; this does, so a resume continues each row exactly
+    where the last window ended.
+    """
+
+    def __init__(self):
+        super().__init__(name="stream_position")
+        self.tokens_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="tokens_in_epoch")
 
 
 class Checkpointer:

@@ -16,11 +16,12 @@ from dist_rnn.config import Config
 from dist_rnn.data.batching import EvalBatcher, StreamBatcher, owned_rows
 from dist_rnn.data.encoding import EncodedCorpus
 from dist_rnn.data.prepared import PreparedCorpus, load_corpus
+from dist_rnn.data.variable_length import VariableLengthBatcher
 from dist_rnn.distribution import Backend, create_backend
 from dist_rnn.models.model import build_model, check_cudnn_requirement, cudnn_excluded_by, kernel_report
 from dist_rnn.run_dir import RunDirectory
 from dist_rnn.summaries import MetricsLogger
-from dist_rnn.training.checkpoints import Checkpointer, TrainingState, run_fingerprint
+from dist_rnn.training.checkpoints import Checkpointer, StreamPosition, TrainingState, run_fingerprint
 from dist_rnn.training.gradients import DynamicLossScale
 from dist_rnn.training.optimizers import build_optimizer
 from dist_rnn.training.recipe import build_recipe
@@ -60,7 +61,8 @@ def build_trainer(config: Config, run_dir: RunDirectory | str | Path, *, backend
     t = config.train
     # Each process reads only the rows of its own replicas from the (memory-mapped) splits.
     replicas = (backend.num_replicas, backend.local_replica_ids())
-    train_batches = StreamBatcher(corpus.train, t.batch_size, t.num_steps, "train", t.seed,
+    batcher = VariableLengthBatcher if t.variable_length else StreamBatcher
+    train_batches = batcher(corpus.train, t.batch_size, t.num_steps, "train", t.seed,
                                   config.data.random_offset, owned_rows(t.batch_size, *replicas))
     eval_batch_size = t.eval_batch_size or t.batch_size
     eval_batches = {split: EvalBatcher(corpus.split(split), eval_batch_size, t.num_steps, split,
@@ -89,7 +91,11 @@ def build_trainer(config: Config, run_dir: RunDirectory | str | Path, *, backend
     objects = dict(model=model, optimizer=optimizer, training_state=state, **recipe.checkpoint_objects())
     if loss_scale is not None:
         objects["loss_scale"] = loss_scale
+    stream_position = StreamPosition() if t.variable_length else None
+    if stream_position is not None:
+        objects["stream_position"] = stream_position
     checkpointer = Checkpointer(rd.checkpoints, config.checkpoint.keep, rd.best, **objects)
     return Trainer(config, rd, backend, corpus, model=model, optimizer=optimizer, loss_scale=loss_scale,
                    steps=steps, state=state, checkpointer=checkpointer, train_batches=train_batches,
-                   eval_batches=eval_batches, kernels=kernels, metrics=metrics, recipe=recipe)
+                   eval_batches=eval_batches, kernels=kernels, metrics=metrics, recipe=recipe,
+                   stream_position=stream_position)

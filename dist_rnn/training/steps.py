@@ -91,6 +91,7 @@ class StepFunctions:
         self.backend = backend
         self.global_batch = global_batch
         self.denominator = loss_denominator(loss_normalization, global_batch, num_steps)
+        self.loss_normalization, self.num_steps = loss_normalization, num_steps
         self.clip_norm = clip_norm
         self.loss_scale = loss_scale
         self.accumulate_steps = accumulate_steps
@@ -120,14 +121,23 @@ class StepFunctions:
             # Loss of this replica's rows as a share of the global objective
             # (the denominator is global, not per replica): the all-reduced
             # SUM of these gradients is the gradient of the global objective.
+            denominator = self._denominator(targets)
             if penalty_terms:
-                objective = (loss_sum / self.denominator + tf.add_n(list(penalty_terms.values()))) * scale
+                objective = (loss_sum / denominator + tf.add_n(list(penalty_terms.values()))) * scale
             else:
-                objective = loss_sum / self.denominator * scale
+                objective = loss_sum / denominator * scale
         grads = tape.gradient(objective, self.variables)
         return loss_sum, new_states, gradients.densify(grads), penalty_terms
 
-    def _replica_train(self, inputs, targets, states, seed):
+    def _denominator(self, targets):
+        """The objective's denominator; per token it counts this window's tokens (``train.variable_length``)."""
+        if self.loss_normalization == "token" and targets.shape[1] != self.num_steps:
+            return tf.cast(self.global_batch * tf.shape(targets)[1], tf.float32)
+        return self.denominator
+
+    def _replica_train(self, inputs, targets, states, seed, length=None):
+        if length is not None:  # a variable-length window, padded to one shape: its first ``length`` steps
+            inputs, targets = inputs[:, :length], targets[:, :length]
         local_rows = tf.shape(inputs)[0]
         rows = tf.stack([self.backend.replica_id() * local_rows, tf.constant(self.global_batch, tf.int32)])
         scale = self.loss_scale.scale.read_value() if self.loss_scale is not None else tf.constant(1.0)
@@ -156,18 +166,22 @@ class StepFunctions:
         if self.weight_average is not None:
             self.weight_average.update(finite)
 
-    def train_step(self, inputs, targets, states, seed):
+    def train_step(self, inputs, targets, states, seed, length=None):
         """One optimizer step; returns (global loss sum, per-replica new states, grad norm, finite flag).
 
         The global AR/TAR values of the step go to :attr:`last_penalties`.
+        ``length`` (an int32 scalar tensor, ``train.variable_length``): the
+        step trains on the first ``length`` time steps of windows padded to one
+        width, so one trace serves every length and the carried state is the
+        one after the window's last real token.
         """
         loss_sum, states, grad_norm, finite, self.last_penalties = self.compiled_train_step(
-            inputs, targets, states, seed)
+            inputs, targets, states, seed, length)
         return loss_sum, states, grad_norm, finite
 
-    def _train_step(self, inputs, targets, states, seed):
-        loss_sum, states, grad_norm, finite, penalty_terms = self.backend.run(
-            self._replica_train, (inputs, targets, states, seed))
+    def _train_step(self, inputs, targets, states, seed, length=None):
+        args = (inputs, targets, states, seed) + ((length,) if length is not None else ())
+        loss_sum, states, grad_norm, finite, penalty_terms = self.backend.run(self._replica_train, args)
         penalties = {name: self.backend.reduce_sum(value) for name, value in penalty_terms.items()}
         return (self.backend.reduce_sum(loss_sum), states, self.backend.first(grad_norm),
                 self.backend.first(finite), penalties)

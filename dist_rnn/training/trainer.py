@@ -23,6 +23,7 @@ from dist_rnn.config import Config
 from dist_rnn.data.batching import EvalBatcher, StreamBatcher
 from dist_rnn.data.encoding import EncodedCorpus
 from dist_rnn.data.prepared import PreparedCorpus
+from dist_rnn.data.variable_length import max_window_length
 from dist_rnn.distribution import Backend
 from dist_rnn.errors import UserError
 from dist_rnn.generation import Sampler, model_step_fn
@@ -31,7 +32,7 @@ from dist_rnn.models.outputs import output_summary
 from dist_rnn.models.outputs.histograms import histogram_loss
 from dist_rnn.run_dir import RunDirectory
 from dist_rnn.summaries import MetricsLogger, peak_memory, perplexity
-from dist_rnn.training.checkpoints import Checkpointer, TrainingState, accepted_fingerprints
+from dist_rnn.training.checkpoints import Checkpointer, StreamPosition, TrainingState, accepted_fingerprints
 from dist_rnn.training.evaluation import EvalResult, evaluate_split
 from dist_rnn.training.gradients import DynamicLossScale
 from dist_rnn.training.preemption import StopRequest
@@ -90,15 +91,16 @@ class SkippedSteps:
 
 @dataclass
 class Position:
-    """Where training is: steps done, the epoch (1-based) and the batches of that epoch done."""
+    """Where training is: steps done, the epoch (1-based), the batches of that epoch done and their tokens per row."""
 
     step: int
     epoch: int
     index: int
+    token: int = 0
 
     def next_epoch(self) -> None:
         """Moves to the start of the next epoch."""
-        self.epoch, self.index = self.epoch + 1, 0
+        self.epoch, self.index, self.token = self.epoch + 1, 0, 0
 
 
 class LogWindow:
@@ -110,12 +112,13 @@ class LogWindow:
 
     def __init__(self, step: int):
         self.losses: list[tf.Tensor] = []
+        self.tokens = 0  # target tokens of the global batch in ``losses`` (window lengths may vary)
         self.start_step = step
         self.start_time = time.perf_counter()
 
     def restart(self, step: int) -> None:
         """Starts a new window after ``step`` (a log point was just written)."""
-        self.losses, self.start_step, self.start_time = [], step, time.perf_counter()
+        self.losses, self.tokens, self.start_step, self.start_time = [], 0, step, time.perf_counter()
 
     def restart_clock(self) -> None:
         """Leaves an evaluation or checkpoint save out of the window's time."""
@@ -149,6 +152,8 @@ class Trainer:
         kernels: Which recurrent kernel each layer runs.
         metrics: Where log points go; :meth:`train` needs it, :meth:`evaluate` does not.
         recipe: Early stopping, plateau decay and averaged weights (none by default).
+        stream_position: The tokens per row consumed in the epoch, saved in
+            checkpoints (``train.variable_length`` only, else None).
     """
 
     def __init__(self, config: Config, run_dir: RunDirectory, backend: Backend,
@@ -156,7 +161,8 @@ class Trainer:
                  model: keras.Model, optimizer: keras.optimizers.Optimizer, loss_scale: DynamicLossScale | None,
                  steps: StepFunctions, state: TrainingState, checkpointer: Checkpointer,
                  train_batches: StreamBatcher, eval_batches: dict[str, EvalBatcher], kernels: list[LayerKernel],
-                 metrics: MetricsLogger | None = None, recipe: TrainingRecipe | None = None):
+                 metrics: MetricsLogger | None = None, recipe: TrainingRecipe | None = None,
+                 stream_position: StreamPosition | None = None):
         self.config = config
         self.run_dir = run_dir
         self.backend = backend
@@ -172,6 +178,7 @@ class Trainer:
         self.kernels = kernels
         self.metrics = metrics
         self.recipe = recipe or TrainingRecipe()
+        self.stream_position = stream_position
         self.stopped_by: str | None = None
         self._sampler: Sampler | None = None  # built once: its tf.functions trace on the first sample only
         self._profiling = False
@@ -206,7 +213,8 @@ class Trainer:
             + (f", LSTM projection {c.model.projection_size}" if c.model.projection_size else ""),
             f"output          {output_summary(c.model, self.model.projection)}",
             f"data            {c.data.corpus}: train {len(self.corpus.train):,} / valid {len(self.corpus.valid):,} / "
-            f"test {len(self.corpus.test):,} tokens; {self.train_batches.batches_in_epoch()} steps per epoch",
+            f"test {len(self.corpus.test):,} tokens; {self.train_batches.windows_in_epoch(1, 0, 0, 0)} steps per epoch"
+            + (" (epoch 1; variable-length BPTT)" if t.variable_length else ""),
             f"optimizer       {c.optimizer.name} lr {c.optimizer.learning_rate:g} ({c.optimizer.schedule.name}), "
             f"clip {c.optimizer.clip_norm:g}",
         ]
@@ -217,11 +225,11 @@ class Trainer:
     def _zero_states(self, batch_size: int):
         return self.backend.shard(self.model.initial_state(batch_size))
 
-    def _total_steps(self) -> int | None:
+    def _total_steps(self, pos: Position) -> int | None:
         t = self.config.train
         by_epochs = None
         if t.max_epochs is not None:
-            by_epochs = sum(self.train_batches.batches_in_epoch(e) for e in range(1, t.max_epochs + 1))
+            by_epochs = self.train_batches.steps_through_epoch(t.max_epochs, pos.epoch, pos.step, pos.index, pos.token)
         if t.max_steps is None:
             return by_epochs
         return t.max_steps if by_epochs is None else min(t.max_steps, by_epochs)
@@ -244,7 +252,9 @@ class Trainer:
             raise ValueError("Trainer.train needs a MetricsLogger: pass metrics to build_trainer")
         t = self.config.train
         pos = Position(int(self.state.step), int(self.state.epoch), int(self.state.batch_in_epoch))
-        total = self._total_steps()
+        pos.token = (int(self.stream_position.tokens_in_epoch.numpy()) if self.stream_position is not None
+                     else pos.index * t.num_steps)
+        total = self._total_steps(pos)
         if pos.index > 0:
             states = self.backend.shard(tuple(v.read_value() for v in self.state.carried))
         else:
@@ -255,10 +265,10 @@ class Trainer:
         with StopRequest() as stop:
             if total is None or pos.step < total:
                 states = self._train_epochs(pos, total, states, window, skips, stop)
-            if pos.index >= self.train_batches.batches_in_epoch(pos.epoch):
+            if pos.index >= self.train_batches.windows_in_epoch(pos.epoch, pos.step, pos.index, pos.token):
                 pos.next_epoch()
             self._report_skips(skips)
-            self._mean_loss(window.losses, pos.step)
+            self._mean_loss(window, pos.step)
             path = self.save(pos, states)
         self._profile(None, before=False)
         if self.stopped_by:
@@ -284,8 +294,8 @@ class Trainer:
                      stop: StopRequest):
         """Trains the rest of epoch ``pos.epoch``; returns the carried state and whether training is over."""
         c, t = self.config, self.config.train
-        n_batches = self.train_batches.batches_in_epoch(pos.epoch)
-        for inputs, targets in self.train_batches.dataset(pos.epoch, pos.index):
+        n_batches = self.train_batches.windows_in_epoch(pos.epoch, pos.step, pos.index, pos.token)
+        for inputs, targets in self.train_batches.dataset(pos.epoch, pos.index, pos.step, pos.token):
             states, lr, grad_norm = self._train_batch(pos, total, inputs, targets, states, window, skips)
             last = total is not None and pos.step >= total
             log_point = due(t.log_every, pos.step) or last or pos.index == n_batches
@@ -303,7 +313,7 @@ class Trainer:
                 last = self.recipe.stop_due()  # early stopping ends the run here as at its last step
             due_by_time = check_stop and not last and self._time_to_save()
             if (due_by_time or due(c.checkpoint.every_steps, pos.step)) and not last:
-                self._mean_loss(window.losses, pos.step)
+                self._mean_loss(window, pos.step)
                 self.save(pos, states)
                 window.restart_clock()
             if last:
@@ -315,12 +325,20 @@ class Trainer:
         """One optimizer step on one batch; advances ``pos``. Returns the new state, learning rate and gradient norm."""
         c, t = self.config, self.config.train
         lr = self.recipe.learning_rate(c.optimizer, pos.step, pos.epoch, total, self.backend.num_replicas)
+        length, step_length = int(inputs.shape[1]), None
+        x, y = inputs, targets
+        if t.variable_length:
+            # AWD-LSTM: the update in proportion to the window's tokens. One padded
+            # width for every length: the step traces once.
+            lr = lr * length / t.num_steps
+            padding = [[0, 0], [0, max_window_length(t.num_steps) - length]]
+            x, y, step_length = tf.pad(x, padding), tf.pad(y, padding), tf.constant(length, tf.int32)
         self.optimizer.learning_rate.assign(lr)
-        x, y = self.backend.shard((inputs, targets))
+        x, y = self.backend.shard((x, y))
         seed = tf.constant([t.seed, pos.step], tf.int64)
         self._profile(pos.step + 1, before=True)
-        loss_sum, states, grad_norm, finite = self.steps.train_step(x, y, states, seed)
-        pos.step, pos.index = pos.step + 1, pos.index + 1
+        loss_sum, states, grad_norm, finite = self.steps.train_step(x, y, states, seed, step_length)
+        pos.step, pos.index, pos.token = pos.step + 1, pos.index + 1, pos.token + length
         if skips.record(pos.step, bool(finite)):
             self._report_skips(skips)
             raise NonFiniteLossError(
@@ -333,6 +351,7 @@ class Trainer:
         if due(c.logging.histograms_every, pos.step) and self.backend.is_chief:
             self._write_histograms(pos.step, inputs, targets)
         window.losses.append(loss_sum)
+        window.tokens += t.batch_size * length
         self.metrics.progress(pos.step, total or 0, f"epoch {pos.epoch}")
         return states, lr, grad_norm
 
@@ -340,9 +359,9 @@ class Trainer:
         """Reports the skipped steps and records one training log point over ``window``, then restarts it."""
         c, t = self.config, self.config.train
         self._report_skips(skips)
-        loss = self._mean_loss(window.losses, pos.step)
+        loss = self._mean_loss(window, pos.step)
         now = time.perf_counter()
-        rate = (pos.step - window.start_step) * t.batch_size * t.num_steps / max(now - window.start_time, 1e-9)
+        rate = window.tokens / max(now - window.start_time, 1e-9)
         norm = float(grad_norm)
         values = {"epoch": pos.epoch, "loss": loss, "learning_rate": lr, "grad_norm": norm,
                   "clip_ratio": min(1.0, c.optimizer.clip_norm / norm) if c.optimizer.clip_norm and norm > 0 else 1.0,
@@ -403,12 +422,11 @@ class Trainer:
         else:
             log.warning(f"warning: {line}")
 
-    def _mean_loss(self, pending: list, step: int) -> float:
-        """Mean token loss of the pending steps; raises if it is not finite in float32."""
-        if not pending:
+    def _mean_loss(self, window: LogWindow, step: int) -> float:
+        """Mean token loss of the window's pending steps; raises if it is not finite in float32."""
+        if not window.losses:
             return float("nan")
-        t = self.config.train
-        loss = float(tf.add_n(pending)) / (len(pending) * t.batch_size * t.num_steps)
+        loss = float(tf.add_n(window.losses)) / window.tokens
         self._check_finite(loss, step)
         return loss
 
@@ -424,6 +442,8 @@ class Trainer:
         self.state.step.assign(pos.step)
         self.state.epoch.assign(pos.epoch)
         self.state.batch_in_epoch.assign(pos.index)
+        if self.stream_position is not None:
+            self.stream_position.tokens_in_epoch.assign(pos.token)
         for var, value in zip(self.state.carried, self.backend.gather(states)):
             var.assign(value)
 
