@@ -357,7 +357,7 @@ class Trainer:
 
     def _log_point(self, pos: Position, lr: float, grad_norm, window: LogWindow, skips: SkippedSteps) -> None:
         """Reports the skipped steps and records one training log point over ``window``, then restarts it."""
-        c, t = self.config, self.config.train
+        c = self.config
         self._report_skips(skips)
         loss = self._mean_loss(window, pos.step)
         now = time.perf_counter()
