@@ -54,8 +54,8 @@ def run(config, run_dir, record=None, interrupt_at=None) -> Trainer:
     record = [] if record is None else record
     step = trainer.steps.train_step
 
-    def recording(inputs, targets, states, seed):
-        out = step(inputs, targets, states, seed)
+    def recording(inputs, targets, states, seed, length=None):
+        out = step(inputs, targets, states, seed, length)
         if len(record) + 1 == interrupt_at:
             os.kill(os.getpid(), signal.SIGINT)
         record.append({"loss": float(out[0]), "inputs": np.asarray(inputs), "targets": np.asarray(targets),
