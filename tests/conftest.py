@@ -98,14 +98,19 @@ SHAKESPEARE = SHARED_DATA / "tinyshakespeare" / "input.txt"
 PTB = SHARED_DATA / "ptb"
 
 
+def shakespeare_prefix(directory: Path, chars: int) -> Path:
+    """Writes the first ``chars`` characters of tiny-shakespeare into ``directory``; skips the test without it."""
+    if not SHAKESPEARE.is_file():
+        pytest.skip(f"needs {SHAKESPEARE} (CI always has ../shared)")
+    path = directory / f"shakespeare_{chars}.txt"
+    path.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:chars], encoding="utf-8")
+    return path
+
+
 @pytest.fixture(scope="session")
 def shakespeare_slice(tmp_path_factory) -> Path:
     """The first 120k characters of tiny-shakespeare as a local file."""
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"needs {SHAKESPEARE} (CI always has ../shared)")
-    path = tmp_path_factory.mktemp("data") / "shakespeare_120k.txt"
-    path.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:120_000], encoding="utf-8")
-    return path
+    return shakespeare_prefix(tmp_path_factory.mktemp("data"), 120_000)
 
 
 def tiny_config(data_path: Path, **sections):

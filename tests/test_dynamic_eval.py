@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import SHAKESPEARE, assert_one_line_error, run_cli, tiny_config
+from conftest import assert_one_line_error, run_cli, shakespeare_prefix, tiny_config
 from dist_rnn.cli import main
 from dist_rnn.data.batching import EvalBatcher
 from dist_rnn.models.model import build_model
@@ -120,11 +120,8 @@ def test_gradient_rms_is_the_root_mean_square_over_windows(tiny_model):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A char LSTM trained 60 steps on 20k characters of tiny-shakespeare, with an EMA of its weights."""
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"needs {SHAKESPEARE} (CI always has ../shared)")
     root = tmp_path_factory.mktemp("dyneval")
-    data = root / "shakespeare_20k.txt"
-    data.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+    data = shakespeare_prefix(root, 20_000)
     run_dir = root / "run"
     code = main(["train", "--run-dir", str(run_dir),
                  "--set", f"data={{corpus: file, path: {data}, split: [0.85, 0.15, 0.0]}}",

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, SHAKESPEARE, assert_one_line_error, run_cli, tiny_config
+from conftest import REPO, assert_one_line_error, run_cli, shakespeare_prefix, tiny_config
 from dist_rnn.distribution import Backend
 from dist_rnn.summaries import MetricsLogger
 from dist_rnn.runtime import set_precision
@@ -29,11 +29,7 @@ from dist_rnn.training.trainer import Trainer
 @pytest.fixture(scope="module")
 def shakespeare_20k(tmp_path_factory):
     """The first 20,000 characters of tiny-shakespeare: a 4,000-token validation split at [0.8, 0.2]."""
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"needs {SHAKESPEARE} (CI always has ../shared)")
-    path = tmp_path_factory.mktemp("data") / "shakespeare_20k.txt"
-    path.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
-    return path
+    return shakespeare_prefix(tmp_path_factory.mktemp("data"), 20_000)
 
 
 def make_trainer(config, run_dir) -> Trainer:

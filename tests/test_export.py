@@ -19,14 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, run_cli, shakespeare_prefix
 
 from dist_rnn.cli import main
 
 # Keras' own model.save(...) under NumPy 2 (keras/src/backend/tensorflow/core.py, not our code).
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 TINY_SETTINGS = [
     "model.cell=lstm", "model.num_layers=2", "model.hidden_size=16", "model.embedding_size=8",
@@ -44,11 +43,8 @@ SAMPLE_ARGS = dict(length=60, temperature=0.8, top_k=0, top_p=0.95, seed=1234, n
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A run trained for 5 steps and its export (through the CLI)."""
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"needs {SHAKESPEARE} (CI always has ../shared)")
     root = tmp_path_factory.mktemp("export")
-    data = root / "shakespeare_20k.txt"
-    data.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:20000], encoding="utf-8")
+    data = shakespeare_prefix(root, 20_000)
     cfg = root / "tiny.yaml"
     cfg.write_text(f"data:\n  corpus: file\n  path: {data}\n", encoding="utf-8")
     run = root / "run"

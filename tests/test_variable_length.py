@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import SHAKESPEARE, assert_one_line_error, run_cli, tiny_config
+from conftest import assert_one_line_error, run_cli, shakespeare_prefix, tiny_config
 from dist_rnn.app import check_epoch_invariant_keys
 from dist_rnn.data.variable_length import VariableLengthBatcher, window_lengths
 from dist_rnn.distribution import Backend
@@ -122,11 +122,7 @@ def test_windows_tile_each_row_without_gap_or_overlap():
 
 @pytest.fixture(scope="module")
 def small_text(tmp_path_factory):
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"needs {SHAKESPEARE} (CI always has ../shared)")
-    path = tmp_path_factory.mktemp("data") / "shakespeare_3k.txt"
-    path.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:3000], encoding="utf-8")
-    return path
+    return shakespeare_prefix(tmp_path_factory.mktemp("data"), 3000)
 
 
 NO_EVALUATION = {"split": [1.0, 0.0, 0.0]}  # the runs below train only (no evaluation to trace)
