@@ -101,7 +101,7 @@ def run_one(vocab: int, output: str, steps: int, sizes: dict | None = None) -> d
     step_time = statistics.median(times)
     return {"vocab": vocab, "output": output, "cutoffs": extra.get("cutoffs"),
             "num_sampled": extra.get("num_sampled"), "steps": steps, **{k: sizes[k] for k in sizes if k != "num_sampled"},
-            "step_seconds": round(step_time, 4), "tokens_per_second": round(batch * bptt / step_time, 1),
+            "step_seconds": round(step_time, 6), "tokens_per_second": round(batch * bptt / step_time, 1),
             "peak_rss_mb": round(peak, 1), "rss_before_first_step_mb": round(before, 1),
             "working_set_mb": round(peak - before, 1),
             "parameters": int(sum(np.prod(v.shape) for v in model.trainable_variables))}
