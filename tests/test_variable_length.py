@@ -5,7 +5,8 @@ windows are compared token by token with the stream they cut; one real
 training step is compared with its SGD update computed by hand. Two mirrored
 replicas against one device and a bitwise stop/resume with this and every
 other recipe option on are in
-``test_awd_regularizers.py::test_every_recipe_option_on_mirrored_equals_one_device_and_resume_is_bitwise``.
+``test_awd_regularizers.py::test_every_recipe_option_on_mirrored_equals_one_device_and_resume_is_bitwise``;
+2 worker processes (multi-worker and Horovod) against one device are at the end of this file.
 """
 
 from __future__ import annotations
@@ -229,3 +230,67 @@ def test_the_padded_step_keeps_cudnn_on_a_gpu(small_text, tmp_path):
             window, window, trainer.model.initial_state(8), tf.constant([0, 0], tf.int64),
             tf.constant(13, tf.int32)).graph.as_graph_def()
     assert "CudnnRNNV3" in op_types(graph)
+
+
+# One device against 2 worker processes (multi-worker and Horovod): every worker must draw the same
+# window lengths from the step seed and advance its rows by them, so the runs stay equal. Adam with
+# clipping and loss normalized per token of the (varying) window.
+TWO_WORKER_ARGS = [
+    "--set", "model={cell: lstm, num_layers: 2, hidden_size: 16, embedding_size: 16}",
+    "--set", "optimizer={name: adam, learning_rate: 0.01, clip_norm: 0.25}",
+    "--set", "train={batch_size: 4, num_steps: 12, max_steps: 6, max_epochs: null, log_every: 1, sample_length: 0, "
+             "eval_every: 3, deterministic: true, variable_length: true}",
+    "--set", "checkpoint={every_steps: 3, keep: 5}", "--set", "logging={progress: off, tensorboard: false}",
+]
+
+
+def _checkpoint_values(run_dir) -> dict:
+    prefix = tf.train.latest_checkpoint(str(run_dir / "checkpoints"))
+    reader = tf.train.load_checkpoint(prefix)
+    return {n: reader.get_tensor(n) for n, _ in tf.train.list_variables(prefix)
+            if n.endswith("VARIABLE_VALUE") and not n.startswith("save_counter")}
+
+
+@pytest.fixture(scope="module")
+def variable_length_one_device(small_text, tmp_path_factory):
+    from dist_rnn.cli import main
+
+    run_dir = tmp_path_factory.mktemp("variable_length") / "one"
+    data = ["--set", f"data={{corpus: file, path: {small_text}, split: [0.9, 0.1, 0.0]}}"]
+    assert main(["train", "--run-dir", str(run_dir), *data, *TWO_WORKER_ARGS]) == 0
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["multiworker", "horovod"])
+def test_two_workers_draw_the_same_windows_and_equal_one_device(backend, variable_length_one_device, small_text,
+                                                                tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import REPO
+    from equivalence import TOLERANCE, assert_close_variables
+
+    if backend == "horovod":
+        pytest.importorskip("horovod.tensorflow", reason="Horovod is not installed (tools/install_horovod.sh)")
+    data = ["--set", f"data={{corpus: file, path: {small_text}, split: [0.9, 0.1, 0.0]}}"]
+    one_dir, two_dir = variable_length_one_device, tmp_path / backend
+    env = {**os.environ, "PYTHON": sys.executable, "TF_CPP_MIN_LOG_LEVEL": "3",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # its horovodrun
+    proc = subprocess.run([str(REPO / "launch" / f"{backend}.sh"), "-n", "2", "--", "--run-dir", str(two_dir),
+                           *data, *TWO_WORKER_ARGS], cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "2 replica(s), 2 worker(s)" in proc.stdout
+    one, two = _checkpoint_values(one_dir), _checkpoint_values(two_dir)
+    position = "stream_position/tokens_in_epoch/.ATTRIBUTES/VARIABLE_VALUE"
+    lengths = window_lengths(0, np.arange(6), 12)
+    assert len(set(lengths.tolist())) > 1  # the windows really vary
+    assert int(one[position]) == int(two[position]) == lengths.sum()
+    assert_close_variables(one, two, TOLERANCE)
+    # The logged rate of step s (1-based) is scaled by the length drawn for step s - 1 (0-based), on both layouts.
+    rates = [[r["learning_rate"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+              if r["split"] == "train"] for d in (one_dir, two_dir)]
+    assert len(rates[0]) == 6 and rates[0] == pytest.approx(rates[1], rel=1e-6)
+    assert np.allclose(np.array(rates[0]) / 0.01, lengths / 12, rtol=1e-5)
