@@ -102,7 +102,9 @@ def test_early_stopping_stops_at_the_right_evaluation(data, tmp_path, capsys, sc
     steps = [r["step"] for r in records(tmp_path / "run") if r["split"] == "train"]
     # Three evaluations without an improvement of 0.1: steps 6, 8, 10.
     assert max(steps) == 10, steps
-    assert scripted_validation == [2, 4, 6, 8, 10, 10]  # the final evaluation repeats step 10's
+    # The final evaluation reuses step 10's result: evaluated and logged once.
+    assert scripted_validation == [2, 4, 6, 8, 10]
+    assert [r["step"] for r in records(tmp_path / "run") if r["split"] == "valid"] == [2, 4, 6, 8, 10]
 
 
 def test_early_stopping_resumed_mid_count_stops_at_the_same_step(data, tmp_path, capsys, scripted_validation):

@@ -182,6 +182,7 @@ class Trainer:
         self.stopped_by: str | None = None
         self._sampler: Sampler | None = None  # built once: its tf.functions trace on the first sample only
         self._profiling = False
+        self._last_valid: tuple[int, EvalResult] | None = None  # (step, result) of the latest validation
 
     # ------------------------------------------------------------------ setup
 
@@ -378,10 +379,17 @@ class Trainer:
         window.restart(pos.step)
 
     def _final_evaluation(self, pos: Position, states) -> dict:
-        """Evaluates valid (saving the best checkpoint and a sample) and test after the last step."""
-        valid = self._evaluate_and_log(pos, states)
-        if self.recipe.history is not None:  # the latest checkpoint holds this evaluation too, for a resume
-            self.save(pos, states)
+        """Evaluates valid (saving the best checkpoint and a sample) and test after the last step.
+
+        A validation result of this very step (early stopping ends the run right
+        after an evaluation) is reused, not recomputed.
+        """
+        if self._last_valid is not None and self._last_valid[0] == pos.step:
+            valid = self._last_valid[1]
+        else:
+            valid = self._evaluate_and_log(pos, states)
+            if self.recipe.history is not None:  # the latest checkpoint holds this evaluation too, for a resume
+                self.save(pos, states)
         test = None
         if "test" in self.eval_batches:
             test = self.evaluate("test")
@@ -474,6 +482,7 @@ class Trainer:
         if "valid" not in self.eval_batches:
             return None
         result = self.evaluate("valid")
+        self._last_valid = (pos.step, result)
         self.metrics.evaluation(pos.step, "valid", result.metrics())
         self.recipe.after_evaluation(pos.step, result.loss)
         self.save_best(pos, states, result)
