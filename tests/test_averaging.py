@@ -17,7 +17,7 @@ import pytest
 import tensorflow as tf
 import yaml
 
-from conftest import SHAKESPEARE, assert_one_line_error, run_cli, small_sgd_run_args, train_ok
+from conftest import assert_one_line_error, run_cli, shakespeare_prefix, small_sgd_run_args, train_ok
 from test_stopping import SCRIPT, assert_bitwise_equal, latest_weights, scripted_validation  # noqa: F401
 
 from dist_rnn.training.averaging import WeightAverage
@@ -53,11 +53,7 @@ def test_weight_average_by_hand():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"needs {SHAKESPEARE} (CI always has ../shared)")
-    path = tmp_path_factory.mktemp("averaging_data") / "shakespeare_20k.txt"
-    path.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
-    return path
+    return shakespeare_prefix(tmp_path_factory.mktemp("averaging_data"), 20_000)
 
 
 def settings(data: Path, max_steps: int, *sets: str) -> list[str]:

@@ -14,12 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, run_cli, shakespeare_prefix
 
 from dist_rnn.cli import build_parser, main
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-SHAKESPEARE = DATA / "tinyshakespeare" / "input.txt"
 
 TINY_SETTINGS = [
     "model.num_layers=1", "model.hidden_size=16", "model.embedding_size=16",
@@ -40,8 +37,7 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 def tiny(tmp_path_factory):
     """A config file, its data file and a run directory trained for 3 steps."""
     root = tmp_path_factory.mktemp("tiny")
-    data = root / "shakespeare_20k.txt"
-    data.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:20000], encoding="utf-8")
+    data = shakespeare_prefix(root, 20_000)
     cfg = root / "tiny.yaml"
     cfg.write_text(f"data:\n  corpus: file\n  path: {data}\n", encoding="utf-8")
     run_dir = root / "run"

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import shakespeare_prefix
 from dist_rnn import report
 from dist_rnn.cli import main
 from dist_rnn.config import Config
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # A char-level run: train log points every 10 steps, validation every 25.
@@ -277,10 +277,7 @@ def test_report_module_does_not_import_tensorflow():
 
 
 def test_report_on_a_real_tiny_run(tmp_path, capsys):
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"needs {SHAKESPEARE}")
-    data = tmp_path / "shakespeare_20k.txt"
-    data.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:20000], encoding="utf-8")
+    data = shakespeare_prefix(tmp_path, 20_000)
     run_dir = tmp_path / "run"
     settings = [
         "data.corpus=file", f"data.path={data}",

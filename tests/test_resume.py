@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import SHAKESPEARE, assert_one_line_error, run_cli
+from conftest import assert_one_line_error, run_cli, shakespeare_prefix
 
 from dist_rnn.training.checkpoints import Checkpointer, TrainingState, fingerprint
 from dist_rnn.config import load_config
@@ -52,11 +52,7 @@ def eval_json(capsys, *args) -> dict:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"needs {SHAKESPEARE} (CI always has ../shared)")
-    path = tmp_path_factory.mktemp("resume_data") / "shakespeare_20k.txt"
-    path.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
-    return path
+    return shakespeare_prefix(tmp_path_factory.mktemp("resume_data"), 20_000)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import SHAKESPEARE, assert_one_line_error, run_cli, small_sgd_run_args, train_ok
+from conftest import assert_one_line_error, run_cli, shakespeare_prefix, small_sgd_run_args, train_ok
 from dist_rnn.training.stopping import evaluations_without_improvement, ntasgd_switch_index, plateau_decays
 
 # Validation loss after each evaluated step (eval_every 2).
@@ -39,11 +39,7 @@ def test_counts_by_hand():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"needs {SHAKESPEARE} (CI always has ../shared)")
-    path = tmp_path_factory.mktemp("stopping_data") / "shakespeare_20k.txt"
-    path.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
-    return path
+    return shakespeare_prefix(tmp_path_factory.mktemp("stopping_data"), 20_000)
 
 
 @pytest.fixture
