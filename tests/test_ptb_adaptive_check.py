@@ -31,7 +31,7 @@ def test_config_is_the_documented_tied_softmax_baseline_and_the_adaptive_overrid
     assert (d.corpus, d.level, d.train_file, d.valid_file) == (
         "file", "word", "../shared/data/ptb/ptb.valid.txt", "../shared/data/ptb/ptb.test.txt")
     assert (m.output, m.tie_embeddings, m.num_layers, m.hidden_size, m.embedding_size) == ("softmax", True, 2, 200, 200)
-    assert (t.batch_size, t.num_steps, t.max_steps, t.eval_every) == (20, 35, 420, 105)
+    assert (t.batch_size, t.num_steps, t.max_steps, t.eval_every) == (20, 35, 840, 105)
     adaptive = load_config([str(CONFIG)], ADAPTIVE)
     assert (adaptive.model.output, adaptive.model.cutoffs, adaptive.model.div_value) == ("adaptive", [2000, 4000], 4.0)
     # The two runs differ only in the output layer (div_value 4 is also the default).
