@@ -72,7 +72,11 @@ def test_committed_runs_used_the_shipped_config_and_differ_only_in_the_output():
     if not RUNS.is_dir():
         pytest.skip("docs/results/runs/ptb_adaptive_check is not committed")
     shipped = load_config([str(CONFIG)])
-    expected = {"softmax": set(), "adaptive": {"model.cutoffs", "model.output"}}
+    expected = {"softmax": set(), "adaptive": {"model.cutoffs", "model.output"},
+                # The diagnostic run of section 5: wider tail projections, half the steps.
+                "adaptive_div2": {"model.cutoffs", "model.output", "model.div_value", "train.max_steps",
+                                  "train.eval_every"}}
+    assert sorted(p.name for p in RUNS.iterdir() if p.is_dir()) == sorted(expected)
     for name, keys in expected.items():
         used = config_from_dict(yaml.safe_load((RUNS / name / "config.yaml").read_text(encoding="utf-8")))
         changes = {c.split(":")[0] for c in changed_keys(shipped, used)} - {"logging.progress"}
