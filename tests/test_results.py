@@ -125,6 +125,28 @@ def test_strong_table_finds_the_first_evaluation_at_the_target(tmp_path):
     assert row[4] == "step 20 (epoch 2.0)" and row[5] == "3.5 min" and row[6] == "5.2 min"
 
 
+def test_adaptive_check_compares_perplexities_at_equal_steps(tmp_path):
+    root = tmp_path / "runs" / results.ADAPTIVE_CHECK
+    # (step, epoch, loss, time, tokens/s): step times 2.0 s (softmax) and 1.5 s (adaptive) a step.
+    write_run(root / "softmax", "lstm", 0, [(10, 1, 6.0, 20.0, 100), (20, 1, 5.5, 40.0, 100)],
+              [(10, math.log(200.0), 25.0), (20, math.log(150.0), 50.0)])
+    write_run(root / "adaptive", "lstm", 0, [(10, 1, 6.0, 15.0, 100), (20, 1, 5.5, 30.0, 100)],
+              [(10, math.log(190.0), 18.0), (20, math.log(160.0), 40.0)])
+    text = results.tables(tmp_path / "runs")
+    per_step = text.split("<!-- table: ptb adaptive check -->\n")[1].splitlines()
+    assert per_step[2:4] == ["| 10 | 200.0 | 190.0 | 0.950 |", "| 20 | 150.0 | 160.0 | 1.067 |"]
+    summary = text.split("<!-- table: ptb adaptive check, summary -->\n")[1].splitlines()
+    assert summary[2] == "| best valid ppl (step) | 150.0 (20) | 160.0 (20) | 1.067 |"
+    assert summary[3] == "| final valid ppl (step 20) | 150.0 | 160.0 | 1.067 |"
+    assert summary[4] == "| seconds per training step (median) | 2.000 | 1.500 | 0.75 |"
+    assert summary[5] == "| wall time | 0.8 min | 0.7 min | 0.80 |"
+    (root / "adaptive" / "metrics.jsonl").unlink()
+    (root / "adaptive" / "config.yaml").unlink()
+    (root / "adaptive").rmdir()
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "runs")], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("error:") and "adaptive" in proc.stderr, proc.stderr
+
+
 def test_missing_metrics_is_a_one_line_error(tmp_path):
     (tmp_path / "runs" / results.COMPARE / "empty").mkdir(parents=True)
     proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "runs")], capture_output=True, text=True)
@@ -138,7 +160,7 @@ def test_docs_results_tables_are_reproduced_from_the_committed_runs():
     assert proc.returncode == 0, proc.stderr
     document = RESULTS_MD.read_text(encoding="utf-8")
     blocks = proc.stdout.split("<!-- table: ")[1:]
-    assert len(blocks) == 3 + 2 * (RUNS / results.FAITHFUL).is_dir()
+    assert len(blocks) == 3 + 2 * (RUNS / results.FAITHFUL).is_dir() + 2 * (RUNS / results.ADAPTIVE_CHECK).is_dir()
     for block in blocks:
         name, table = block.split(" -->\n", 1)
         assert f"<!-- table: {name} -->\n{table.strip()}\n" in document, name

@@ -8,7 +8,8 @@ The input folder holds one folder per experiment, named after its config
 (``shakespeare_compare``: experiment 1, the cell comparison;
 ``shakespeare_compare_faithful``: experiment 1 with the tutorial's initialization
 and whole-file training, whose validation text was also trained on;
-``shakespeare_char``: experiment 2, the strong config), and in it one folder per run with that run's
+``shakespeare_char``: experiment 2, the strong config; ``ptb_adaptive_check``: section 5, ``softmax``
+against ``adaptive`` on the PTB stand-ins), and in it one folder per run with that run's
 ``config.yaml`` and ``metrics.jsonl`` exactly as ``dist-rnn train`` wrote them.
 Nothing else is read: every number of the tables is computed here, so the
 tables in ``docs/results.md`` can be checked against the committed runs
@@ -50,6 +51,7 @@ from dist_rnn.report import effective_records, load_config_dict, load_metrics, s
 COMPARE = "shakespeare_compare"
 FAITHFUL = "shakespeare_compare_faithful"
 STRONG = "shakespeare_char"
+ADAPTIVE_CHECK = "ptb_adaptive_check"
 CELL_ORDER = ("gru", "lstm", "ln_lstm", "ln_gru", "rnn")
 # Experiment 1's reference: final-epoch training loss (nats/char) of the classic
 # TensorFlow char-rnn tutorial, 3 x 100 cells, 20 epochs of tiny-shakespeare.
@@ -263,6 +265,50 @@ def strong_table(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
+def adaptive_check_tables(folder: Path) -> str:
+    """Section 5: validation perplexity of ``adaptive`` against ``softmax`` at each evaluated step.
+
+    Args:
+        folder: Holds the two runs, ``softmax/`` and ``adaptive/``.
+
+    Returns:
+        Two tables under their markers: perplexity per evaluated step with the
+        ratio adaptive / softmax, then best, final, seconds per training step
+        (median of the logged windows) and wall time.
+
+    Raises:
+        UserError: If either run is missing.
+    """
+    for name in ("softmax", "adaptive"):
+        if not (folder / name).is_dir():
+            raise UserError(f"{folder / name}: run folder not found (the check needs softmax/ and adaptive/)")
+    softmax, adaptive = load_run(folder / "softmax"), load_run(folder / "adaptive")
+    ppl_a = {r["step"]: math.exp(r["loss"]) for r in adaptive.valid}
+    lines = [_row(["step", "softmax valid ppl", "adaptive valid ppl", "adaptive / softmax"]), _row(["---"] * 4)]
+    for record in softmax.valid:
+        if record["step"] in ppl_a:
+            s, a = math.exp(record["loss"]), ppl_a[record["step"]]
+            lines.append(_row([str(record["step"]), f"{s:.1f}", f"{a:.1f}", f"{a / s:.3f}"]))
+    best_s, best_a = softmax.best_valid(), adaptive.best_valid()
+    step_s = statistics.median(r["step_time"] for r in softmax.train)
+    step_a = statistics.median(r["step_time"] for r in adaptive.train)
+    final_s, final_a = math.exp(softmax.final_valid_loss()), math.exp(adaptive.final_valid_loss())
+    final_steps = " / ".join(dict.fromkeys(str(run.valid[-1]["step"]) for run in (softmax, adaptive)))
+    summary = [
+        _row(["", "softmax", "adaptive", "adaptive / softmax"]), _row(["---"] * 4),
+        _row(["best valid ppl (step)", f"{math.exp(best_s['loss']):.1f} ({best_s['step']})",
+              f"{math.exp(best_a['loss']):.1f} ({best_a['step']})",
+              f"{math.exp(best_a['loss'] - best_s['loss']):.3f}"]),
+        _row([f"final valid ppl (step {final_steps})",
+              f"{final_s:.1f}", f"{final_a:.1f}", f"{final_a / final_s:.3f}"]),
+        _row(["seconds per training step (median)", f"{step_s:.3f}", f"{step_a:.3f}", f"{step_a / step_s:.2f}"]),
+        _row(["wall time", minutes(softmax.wall_time), minutes(adaptive.wall_time),
+              f"{adaptive.wall_time / softmax.wall_time:.2f}"]),
+    ]
+    return "\n".join(["<!-- table: ptb adaptive check -->", *lines, "",
+                      "<!-- table: ptb adaptive check, summary -->", *summary, ""])
+
+
 def tables(root: Path) -> str:
     """Every table, in the order of ``docs/results.md``, each under a marker line."""
     parts = []
@@ -276,8 +322,10 @@ def tables(root: Path) -> str:
                   "<!-- table: experiment 1, faithful, per epoch -->", compare_epochs_table(runs), ""]
     if (root / STRONG).is_dir():
         parts += ["<!-- table: experiment 2 -->", strong_table(load_experiment(root / STRONG)), ""]
+    if (root / ADAPTIVE_CHECK).is_dir():
+        parts.append(adaptive_check_tables(root / ADAPTIVE_CHECK))
     if not parts:
-        raise UserError(f"{root}: no {COMPARE}/, {FAITHFUL}/ or {STRONG}/ experiment folder")
+        raise UserError(f"{root}: no {COMPARE}/, {FAITHFUL}/, {STRONG}/ or {ADAPTIVE_CHECK}/ experiment folder")
     return "\n".join(parts)
 
 
