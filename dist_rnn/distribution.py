@@ -363,7 +363,13 @@ class HorovodBackend(Backend):
         return tf.constant(self.worker_index, tf.int32)
 
     def all_reduce_sum(self, values):
-        return self.hvd.grouped_allreduce(values, op=self.hvd.Sum)
+        # Horovod 0.28.1's grouped_allreduce pairs tf.IndexedSlices with the wrong
+        # list entries when dense tensors are in the list: row-sparse gradients'
+        # rows (values and indices) are all-gathered here instead, in rank order.
+        dense = [v for v in values if not isinstance(v, tf.IndexedSlices)]
+        summed = iter(self.hvd.grouped_allreduce(dense, op=self.hvd.Sum) if dense else [])
+        return [tf.IndexedSlices(self.hvd.allgather(v.values), self.hvd.allgather(v.indices), v.dense_shape)
+                if isinstance(v, tf.IndexedSlices) else next(summed) for v in values]
 
     def reduce_sum(self, value):
         return self.hvd.allreduce(value, op=self.hvd.Sum)

@@ -109,10 +109,11 @@ def test_log_uniform_sampler_draws_the_zipfian_distribution_from_the_seed():
 def test_sampled_output_trains_on_samples_and_evaluates_the_exact_softmax():
     sampled = model("sampled", num_sampled=20)
     softmax = model("softmax")
-    # Same weights and checkpoint names as softmax (same seed, same initializers).
+    # Same weights and checkpoint names as softmax (same seed, same initializers);
+    # sampled stores its untied kernel [vocab, width], the softmax's transposed.
     assert [v.path for v in sampled.weights] == [v.path for v in softmax.weights]
     for a, b in zip(sampled.weights, softmax.weights):
-        np.testing.assert_array_equal(a.numpy(), b.numpy())
+        np.testing.assert_array_equal(a.numpy(), b.numpy().T if a.path.endswith("projection/kernel") else b.numpy())
     x, y = tokens([2, 5], 5), tokens([2, 5], 6)
     exact, _ = softmax(x, targets=y)
     np.testing.assert_allclose(sampled(x, targets=y)[0].numpy(), exact.numpy(), rtol=1e-5)
@@ -256,7 +257,12 @@ def _training_gradient_graph(m, batch, steps, vocab):
         return grads
 
     spec = tf.TensorSpec([batch, steps], tf.int32)
-    graphs, todo = [], [gradient.get_concrete_function(spec, spec).graph]
+    return _graph_ops(gradient.get_concrete_function(spec, spec).graph)
+
+
+def _graph_ops(graph):
+    """Every op of ``graph`` and of the functions nested in it."""
+    graphs, todo = [], [graph]
     while todo:
         graphs.append(todo.pop())
         todo.extend(f.graph for f in graphs[-1]._functions.values() if hasattr(f, "graph"))
@@ -275,14 +281,51 @@ def test_training_gradient_builds_no_tensor_larger_than_the_logits_or_a_weight(o
     assert sizes and max(sizes.values()) <= limit, sorted(sizes.items(), key=lambda kv: -kv[1])[:3]
 
 
-def test_sampled_training_scatters_the_untied_kernel_gradient_once():
-    # Gathering the kernel's columns twice (targets, then candidates) cost two
-    # dense [D, V] scatters, transposes and their sum.
+def test_sampled_training_gives_the_untied_kernel_a_row_sparse_gradient():
+    # Gathering columns of a [D, V] kernel cost a dense [D, V] scatter and
+    # transposes (two of each when targets and candidates were gathered
+    # apart). The [V, D] kernel's rows are gathered once: its gradient is
+    # tf.IndexedSlices, and nothing is scattered into a vocabulary-sized tensor.
     vocab = 500
-    ops = _training_gradient_graph(model("sampled", vocab=vocab, num_sampled=20), 6, 3, vocab)
+    m = model("sampled", vocab=vocab, num_sampled=20)
+    ops = _training_gradient_graph(m, 6, 3, vocab)
     scatters = [op for op in ops if op.type == "UnsortedSegmentSum"
                 and op.outputs[0].shape.as_list()[:1] == [vocab]]
-    assert len(scatters) == 1, [op.name for op in scatters]
+    assert not scatters, [op.name for op in scatters]
+    assert tuple(m.projection.kernel.shape) == (vocab, SIZES["hidden_size"])
+    # The same initial weights as the full softmax's [D, V] kernel of the same seed, transposed.
+    np.testing.assert_array_equal(m.projection.kernel.numpy(), model("softmax", vocab=vocab).projection.kernel.numpy().T)
+
+
+@pytest.mark.parametrize("sparse", [None, False])
+def test_sampled_adagrad_training_step_builds_no_vocabulary_by_width_tensor(sparse):
+    # The whole step (forward, backward, all-reduce, norm, clip, Adagrad):
+    # row-sparse updates keep the embedding's and the output kernel's
+    # gradients, their accumulators and updates to the rows of the step,
+    # and read those variables by rows only (a dense read of a scattered
+    # variable copies it whole). The dense path (sparse=False) is the control.
+    from dist_rnn.config import OptimizerConfig
+    from dist_rnn.distribution import Backend
+    from dist_rnn.training.optimizers import build_optimizer
+    from dist_rnn.training.steps import StepFunctions
+
+    batch, steps, vocab = 6, 3, 2000
+    m = model("sampled", vocab=vocab, num_sampled=20)
+    optimizer = build_optimizer(OptimizerConfig(name="adagrad", learning_rate=0.1))
+    optimizer.build(m.trainable_variables)
+    step = StepFunctions(m, optimizer, Backend(), batch, steps, clip_norm=1.0, sparse_updates=sparse)
+    spec = tf.TensorSpec([batch, steps], tf.int32)
+    states = tuple(tf.TensorSpec([batch, size], tf.float32) for size in m.state_sizes)
+    graph = step.compiled_train_step.get_concrete_function(spec, spec, states, tf.TensorSpec([2], tf.int64)).graph
+    limit = vocab * min(SIZES["hidden_size"], SIZES["embedding_size"])
+    large = {op.name: int(np.prod(t.shape)) for op in _graph_ops(graph) for t in op.outputs
+             if t.shape.rank and t.shape.is_fully_defined() and np.prod(t.shape) >= limit}
+    if sparse is None:
+        assert step.sparse_rule == "adagrad" and not large, sorted(large.items(), key=lambda kv: -kv[1])[:5]
+        assert step.sparse_variables == ["language_model/embedding/embeddings", "language_model/projection/kernel",
+                                         "language_model/projection/bias"]
+    else:
+        assert step.sparse_rule is None and large  # densified gradients, their all-reduce and update
 
 
 @pytest.mark.parametrize("output", ["sampled", "adaptive"])

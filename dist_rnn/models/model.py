@@ -402,6 +402,31 @@ class LanguageModel(keras.Model):
                                        weight_initializer(config, seed, "projection/tie_projection", fan_in=h_size))
         self.state_counts = [states_per_layer(config.cell)] * config.num_layers
         self.state_sizes = [h_size, config.hidden_size][:states_per_layer(config.cell)] * config.num_layers
+        #: Look tokens up with a sparse read of the embedding (see :meth:`use_row_sparse_reads`).
+        self.embedding_row_reads = False
+
+    def use_row_sparse_reads(self) -> None:
+        """Reads gathered weight rows with sparse reads (``ResourceGather``) in training and evaluation.
+
+        For row-sparse updates (:mod:`dist_rnn.training.sparse_updates`): once
+        a variable is scattered into, TensorFlow copies all of it on every
+        dense read, so the embedding and the sampled softmax's weights are then
+        read by their rows only. The embedding keeps its dense read when the
+        output layer also reads it whole (tied to a full or adaptive softmax):
+        its gradient is dense there anyway. Values are unchanged.
+        """
+        rows_only = getattr(self.projection, "reads_tied_embedding_by_rows", False)
+        self.embedding_row_reads = self.projection.tied_embedding is None or rows_only
+        if hasattr(self.projection, "row_reads"):
+            self.projection.row_reads = True
+
+    def _embed(self, tokens):
+        if not self.embedding_row_reads:
+            return self.embedding(tokens)
+        # The embedding's variable is not autocast: .value is the variable
+        # itself, and tf.gather of a variable is its sparse read.
+        rows = tf.gather(self.embedding.embeddings.value, tf.cast(tokens, tf.int32))
+        return tf.cast(rows, self.embedding.compute_dtype)
 
     @property
     def num_state_tensors(self) -> int:
@@ -443,7 +468,7 @@ class LanguageModel(keras.Model):
         """
         if states is None:
             states = self.initial_state(tf.shape(tokens)[0])
-        x = self.embedding(tokens)
+        x = self._embed(tokens)
         x = embedding_dropout(x, tokens, self.vocab_size, self.model_config.embedding_dropout, training, seed)
         x = self.dropouts[0](x, seed=seed, rows=rows, training=training)
         x = self.locked_dropouts[0](x, seed=seed, rows=rows, training=training)

@@ -3,7 +3,7 @@
 Each block is a contiguous run of the replica's rows with its own carried
 state, so the rows' state streams are the same as without accumulation. The
 blocks' gradients are summed on the replica before the one all-reduce of the
-step (:mod:`dist_rnn.training.gradients`). Every block's objective is its loss
+step (:mod:`dist_rnn.training.gradients`; row-sparse ones are concatenated). Every block's objective is its loss
 sum over the same global denominator as the whole batch's, so the summed
 gradient is the gradient of the global objective, weighted by token counts
 exactly as without accumulation; only the float32 summation order differs.
@@ -16,6 +16,8 @@ from __future__ import annotations
 from typing import Callable
 
 import tensorflow as tf
+
+from dist_rnn.training import gradients
 
 
 def block_slices(structure, index: int, block_rows: tf.Tensor):
@@ -52,7 +54,7 @@ def accumulate(forward_backward: Callable, blocks: int, inputs, targets, states,
         if grads is not None:
             # One block's activations at a time: the next block starts after
             # this one's gradients exist (the point of accumulating).
-            with tf.control_dependencies([g for g in grads if g is not None]):
+            with tf.control_dependencies([gradients.values_of(g) for g in grads if g is not None]):
                 block = tf.nest.map_structure(tf.identity, block)
         block_first_row = tf.stack([rows[0] + index * block_rows, rows[1]])
         block_loss, block_states, block_grads, block_terms = forward_backward(*block, seed, block_first_row, scale)
@@ -63,6 +65,6 @@ def accumulate(forward_backward: Callable, blocks: int, inputs, targets, states,
             loss_sum, grads = block_loss, list(block_grads)
         else:
             loss_sum = loss_sum + block_loss
-            grads = [b if g is None else g if b is None else g + b for g, b in zip(grads, block_grads)]
+            grads = [b if g is None else g if b is None else gradients.add(g, b) for g, b in zip(grads, block_grads)]
     concatenated = tf.nest.map_structure(lambda *parts: tf.concat(parts, axis=0), *new_states)
     return loss_sum, concatenated, grads, penalty_terms

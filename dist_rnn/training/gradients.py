@@ -14,6 +14,11 @@ Order, identical on one device, many replicas and many workers:
    clipping);
 6. apply (skipped on every replica when not finite; the loss scale backs off).
 
+Embedding and sampled-softmax gradients stay ``tf.IndexedSlices`` through
+this path when the optimizer's sparse update is exact
+(:mod:`dist_rnn.training.sparse_updates`); the functions below then work on
+their values.
+
 Keras' optimizers would instead clip and check each replica's local gradient
 before the all-reduce; they are built without clipping and the update is
 applied from cross-replica context, where Keras does not all-reduce again.
@@ -34,14 +39,39 @@ def densify(grads: list) -> list[tf.Tensor]:
     return [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
 
 
-def all_finite(grads: list[tf.Tensor]) -> tf.Tensor:
+def values_of(grad):
+    """The entries of a gradient: the tensor, or the values of ``tf.IndexedSlices``."""
+    return grad.values if isinstance(grad, tf.IndexedSlices) else grad
+
+
+def map_values(fn, grad):
+    """``fn`` applied to a gradient's entries; ``tf.IndexedSlices`` keep their indices."""
+    if isinstance(grad, tf.IndexedSlices):
+        return tf.IndexedSlices(fn(grad.values), grad.indices, grad.dense_shape)
+    return fn(grad)
+
+
+def add(a, b):
+    """Sum of two gradients of one variable (``tf.IndexedSlices``: rows concatenated, indices may repeat)."""
+    if isinstance(a, tf.IndexedSlices) and isinstance(b, tf.IndexedSlices):
+        return tf.IndexedSlices(tf.concat([a.values, b.values], 0), tf.concat([a.indices, b.indices], 0),
+                                a.dense_shape)
+    return tf.convert_to_tensor(a) + tf.convert_to_tensor(b)
+
+
+def all_finite(grads: list) -> tf.Tensor:
     """Returns a scalar bool: every gradient entry is finite."""
-    return tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+    return tf.reduce_all([tf.reduce_all(tf.math.is_finite(values_of(g))) for g in grads])
 
 
-def global_norm(grads: list[tf.Tensor]) -> tf.Tensor:
-    """Returns the float32 global L2 norm of all gradients."""
-    return tf.linalg.global_norm([tf.cast(g, tf.float32) for g in grads])
+def global_norm(grads: list) -> tf.Tensor:
+    """Returns the float32 global L2 norm of all gradients.
+
+    ``tf.IndexedSlices`` must have unique indices (see
+    :func:`~dist_rnn.training.sparse_updates.combine_duplicates`): the norm of
+    a row split over repeated indices is not the norm of its sum.
+    """
+    return tf.linalg.global_norm([tf.cast(values_of(g), tf.float32) for g in grads])
 
 
 def clip_by_global_norm(grads: list[tf.Tensor], clip_norm: float, norm: tf.Tensor) -> list[tf.Tensor]:
@@ -58,7 +88,7 @@ def clip_by_global_norm(grads: list[tf.Tensor], clip_norm: float, norm: tf.Tenso
     if not clip_norm:
         return grads
     scale = tf.minimum(1.0, clip_norm / tf.maximum(norm, 1e-12))
-    return [g * tf.cast(scale, g.dtype) for g in grads]
+    return [map_values(lambda v: v * tf.cast(scale, v.dtype), g) for g in grads]
 
 
 class DynamicLossScale(tf.Module):

@@ -9,6 +9,7 @@ all-reduce. dist-rnn clips the reduced gradient itself (see
 from __future__ import annotations
 
 import keras
+import tensorflow as tf
 
 from dist_rnn.config import OptimizerConfig
 
@@ -58,5 +59,39 @@ def _create(config: OptimizerConfig) -> keras.optimizers.Optimizer:
     if config.name == "rmsprop":
         return keras.optimizers.RMSprop(learning_rate=lr, momentum=config.momentum, epsilon=config.epsilon)
     if config.name == "adagrad":
-        return keras.optimizers.Adagrad(learning_rate=lr, epsilon=config.epsilon)
+        return RowSparseAdagrad(learning_rate=lr, epsilon=config.epsilon)
     raise ValueError(f"unknown optimizer {config.name}")
+
+
+class RowSparseAdagrad(keras.optimizers.Adagrad):
+    """Keras' Adagrad, with an exact row-sparse update for ``tf.IndexedSlices`` gradients.
+
+    Keras' own update accepts slices but divides by ``sqrt(accumulator + eps)``
+    over the whole ``[vocab, width]`` accumulator every step. Here only the
+    gradient's rows are touched, with the same float operations in the same
+    order, so the result equals the dense update (rows outside the slices
+    would change by exactly 0 there)::
+
+        acc[rows] += g ** 2
+        w[rows] -= lr * g / sqrt(acc[rows] + eps)
+
+    The slices' indices must be unique (see
+    :func:`dist_rnn.training.sparse_updates.combine_duplicates`): a repeated
+    row would add the square of each part instead of the square of their sum.
+    Variables and checkpoint names are Keras Adagrad's.
+    """
+
+    def update_step(self, gradient, variable, learning_rate):
+        """One update of ``variable``; row-sparse for ``tf.IndexedSlices``, Keras' rule otherwise."""
+        if not isinstance(gradient, tf.IndexedSlices):
+            return super().update_step(gradient, variable, learning_rate)
+        lr = tf.cast(learning_rate, variable.dtype)
+        values = tf.cast(gradient.values, variable.dtype)
+        rows = gradient.indices
+        accumulator = self._accumulators[self._get_variable_index(variable)]
+        self.assign_add(accumulator, tf.IndexedSlices(tf.square(values), rows, gradient.dense_shape))
+        # A sparse read (ResourceGather) after the scatter: a dense read of a
+        # scattered variable would copy all of it.
+        accumulated = tf.gather(accumulator.value, rows)
+        self.assign_sub(variable, tf.IndexedSlices(lr * values / tf.sqrt(accumulated + self.epsilon), rows,
+                                                   gradient.dense_shape))

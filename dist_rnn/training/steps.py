@@ -9,11 +9,16 @@ decay after the clip).
 
 from __future__ import annotations
 
+import logging
+
 import tensorflow as tf
 
 from dist_rnn.training import accumulation, gradients
+from dist_rnn.training.sparse_updates import combine_duplicates, sparse_update_rule, sparse_variable_names
 from dist_rnn.training.regularization import ActivationPenalties, add_weight_decay
 from dist_rnn.distribution import Backend
+
+log = logging.getLogger("dist_rnn")
 
 
 def token_losses(targets: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
@@ -80,12 +85,17 @@ class StepFunctions:
             (see :mod:`dist_rnn.training.accumulation`).
         weight_average: A :class:`~dist_rnn.training.averaging.WeightAverage`
             updated after every applied step, or None.
+        sparse_updates: Keep row gradients (embedding, sampled softmax)
+            ``tf.IndexedSlices`` and update only their rows
+            (:mod:`dist_rnn.training.sparse_updates`). None (default): when
+            that is exact for the optimizer (SGD without momentum, Adagrad,
+            no weight decay); False: always dense (for comparisons).
     """
 
     def __init__(self, model, optimizer, backend: Backend, global_batch: int, num_steps: int,
                  clip_norm: float, loss_scale=None, jit_compile: bool = False, loss_normalization: str = "token",
                  penalties: ActivationPenalties = ActivationPenalties(), weight_decay: float = 0.0,
-                 accumulate_steps: int = 1, weight_average=None):
+                 accumulate_steps: int = 1, weight_average=None, sparse_updates: bool | None = None):
         self.model = model
         self.optimizer = optimizer
         self.backend = backend
@@ -101,6 +111,14 @@ class StepFunctions:
         self.weight_decay = weight_decay
         #: ``{"ar_loss": float tensor, "tar_loss": ...}`` of the last training step (active penalties only).
         self.last_penalties: dict = {}
+        #: The exact row-sparse rule in use (``"sgd"``, ``"adagrad"``), or None: dense updates.
+        self.sparse_rule = sparse_update_rule(optimizer, weight_decay) if sparse_updates is not False else None
+        if sparse_updates and self.sparse_rule is None:
+            raise ValueError("sparse updates are exact only for sgd without momentum and adagrad, without weight decay")
+        if self.sparse_rule is not None and hasattr(model, "use_row_sparse_reads"):
+            model.use_row_sparse_reads()
+        #: Paths of the variables updated row by row (known once the step is traced).
+        self.sparse_variables: list[str] = []
         self._forward_backward = tf.function(self._forward_backward_impl, jit_compile=jit_compile)
         #: The step as a tf.function (also returns the AR/TAR values); :meth:`train_step` calls it.
         self.compiled_train_step = tf.function(self._train_step)
@@ -127,7 +145,12 @@ class StepFunctions:
             else:
                 objective = loss_sum / denominator * scale
         grads = tape.gradient(objective, self.variables)
-        return loss_sum, new_states, gradients.densify(grads), penalty_terms
+        if self.sparse_rule is None:
+            grads = gradients.densify(grads)
+        elif self.sparse_variables != sparse_variable_names(grads, self.variables):
+            self.sparse_variables = sparse_variable_names(grads, self.variables)
+            log.info(f"row-sparse updates ({self.sparse_rule}, exact): {', '.join(self.sparse_variables) or 'none'}")
+        return loss_sum, new_states, grads, penalty_terms
 
     def _denominator(self, targets):
         """The objective's denominator; per token it counts this window's tokens (``train.variable_length``)."""
@@ -148,8 +171,11 @@ class StepFunctions:
             loss_sum, new_states, grads, penalty_terms = accumulation.accumulate(
                 self._forward_backward, self.accumulate_steps, inputs, targets, states, seed, rows, scale)
         grads = self.backend.all_reduce_sum(grads)
+        # Row-sparse gradients arrive as every replica's rows: one row per index
+        # before the norm (the norm of a row's parts is not the norm of the row).
+        grads = [combine_duplicates(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
         if self.loss_scale is not None:
-            grads = [g / scale for g in grads]
+            grads = [gradients.map_values(lambda v: v / scale, g) for g in grads]
         finite = gradients.all_finite(grads)
         grad_norm = gradients.global_norm(grads)
         grads = gradients.clip_by_global_norm(grads, self.clip_norm, grad_norm)

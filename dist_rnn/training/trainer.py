@@ -135,7 +135,9 @@ class Trainer:
             f"test {len(self.corpus.test):,} tokens; {self.train_batches.windows_in_epoch(1, 0, 0, 0)} steps per epoch"
             + (" (epoch 1; variable-length BPTT)" if t.variable_length else ""),
             f"optimizer       {c.optimizer.name} lr {c.optimizer.learning_rate:g} ({c.optimizer.schedule.name}), "
-            f"clip {c.optimizer.clip_norm:g}",
+            f"clip {c.optimizer.clip_norm:g}"
+            + (f", row-sparse updates of gathered rows ({self.steps.sparse_rule}: exact)"
+               if self.steps.sparse_rule else ""),
         ]
         return lines + [k.line() for k in self.kernels]
 

@@ -58,7 +58,8 @@ def sampled_token_nll(hidden, targets, vectors, bias, candidates, log_expected_c
         hidden: float32 ``[N, D]`` outputs.
         targets: int ``[N]`` target ids.
         vectors: ``ids -> float32 [len(ids), D]`` output vectors of those classes.
-        bias: float32 ``[V]`` output bias.
+        bias: float32 ``[V]`` output bias (a tensor, or the variable: then
+            gathered with sparse reads).
         candidates: int ``[S]`` sampled ids (shared by every row).
         log_expected_counts: float32 ``[S]``: log of each candidate's expected count.
         log_expected_targets: float32 ``[N]``: the same for each target.
@@ -67,8 +68,7 @@ def sampled_token_nll(hidden, targets, vectors, bias, candidates, log_expected_c
         float32 ``[N]``: ``logsumexp([true, sampled]) - true`` with corrected
         logits and accidental hits removed.
     """
-    # One gather for targets and candidates: each gather of the untied [D, V]
-    # kernel's columns has a dense [D, V] gradient (scatter and transposes).
+    # One gather for targets and candidates: one set of gradient rows.
     count = tf.shape(targets)[0]
     rows = vectors(tf.concat([targets, candidates], 0))
     true_logits = (tf.reduce_sum(hidden * rows[:count], -1) + tf.gather(bias, targets)
@@ -86,7 +86,11 @@ class SampledSoftmax(OutputProjection):
     """Full-softmax weights trained with a sampled softmax; computes in float32.
 
     The weights (and their checkpoint names) are those of
-    :class:`~dist_rnn.models.outputs.softmax.OutputProjection`.
+    :class:`~dist_rnn.models.outputs.softmax.OutputProjection`, with the
+    untied kernel laid out ``[vocab, width]``: gathering the classes' rows
+    gives a row-sparse (``tf.IndexedSlices``) gradient, where gathering columns
+    of ``[width, vocab]`` built a dense ``[width, vocab]`` one. Its initial
+    values are the ``[width, vocab]`` layout's, transposed.
 
     Args:
         vocab_size: Number of output classes.
@@ -100,11 +104,22 @@ class SampledSoftmax(OutputProjection):
         kwargs["dtype"] = "float32"
         super().__init__(vocab_size, tied_embedding, kernel_initializer, tie_projection_initializer, **kwargs)
         self.num_sampled = num_sampled
+        #: Read the gathered rows with sparse reads (set for row-sparse updates:
+        #: ``LanguageModel.use_row_sparse_reads``).
+        self.row_reads = False
+
+    class_rows_kernel = True
+    #: Training reads a tied embedding by rows only (a gather), never whole.
+    reads_tied_embedding_by_rows = True
+
+    def _weight(self, variable):
+        # A float32 variable that is not autocast: .value is the variable, and
+        # tf.gather of a variable is its sparse read.
+        return variable.value if self.row_reads else tf.cast(variable, tf.float32)
 
     def _vectors(self, ids):
-        if self.tied_embedding is not None:
-            return tf.gather(tf.cast(self.tied_embedding.embeddings, tf.float32), ids)
-        return tf.transpose(tf.gather(tf.cast(self.kernel, tf.float32), ids, axis=1))
+        weights = self.tied_embedding.embeddings if self.tied_embedding is not None else self.kernel
+        return tf.cast(tf.gather(self._weight(weights), ids), tf.float32)
 
     def _projected(self, hidden):
         hidden = tf.cast(hidden, tf.float32)
@@ -132,7 +147,7 @@ class SampledSoftmax(OutputProjection):
         flat_hidden = self._projected(tf.reshape(hidden, [-1, hidden.shape[-1]]))
         candidates = draw_candidates(seed, self.num_sampled, self.vocab_size)
         log_count = math.log(self.num_sampled)
-        nll = sampled_token_nll(flat_hidden, flat_targets, self._vectors, tf.cast(self.bias, tf.float32), candidates,
+        nll = sampled_token_nll(flat_hidden, flat_targets, self._vectors, self._weight(self.bias), candidates,
                                 log_uniform_log_probs(candidates, self.vocab_size) + log_count,
                                 log_uniform_log_probs(flat_targets, self.vocab_size) + log_count)
         return tf.reshape(nll, shape)

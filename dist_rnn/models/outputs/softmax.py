@@ -27,6 +27,10 @@ class OutputProjection(keras.layers.Layer):
             ``kernel_initializer``).
     """
 
+    #: Lay the untied kernel out ``[vocab, width]`` (one class per row, so a
+    #: gather of classes has a row-sparse gradient) instead of ``[width, vocab]``.
+    class_rows_kernel = False
+
     def __init__(self, vocab_size: int, tied_embedding=None, kernel_initializer="glorot_uniform",
                  tie_projection_initializer=None, **kwargs):
         super().__init__(**kwargs)
@@ -37,7 +41,12 @@ class OutputProjection(keras.layers.Layer):
 
     def build(self, input_shape):
         self.tie_projection = None
-        if self.tied_embedding is None:
+        if self.tied_embedding is None and self.class_rows_kernel:
+            # Not autocast, so that ``.value`` is the variable (sparse reads);
+            # the values are those of the [width, vocab] layout, transposed.
+            self.kernel = self.add_weight(name="kernel", shape=(self.vocab_size, input_shape[-1]),
+                                          initializer=_transposed(self.kernel_initializer), autocast=False)
+        elif self.tied_embedding is None:
             self.kernel = self.add_weight(name="kernel", shape=(input_shape[-1], self.vocab_size),
                                           initializer=self.kernel_initializer)
         elif input_shape[-1] != self.tied_embedding.output_dim:
@@ -77,6 +86,8 @@ class OutputProjection(keras.layers.Layer):
                 inputs = tf.matmul(inputs, tf.cast(self.tie_projection, cdt))
             kernel = tf.cast(self.tied_embedding.embeddings, cdt)
             logits = tf.matmul(inputs, kernel, transpose_b=True)
+        elif self.class_rows_kernel:
+            logits = tf.matmul(inputs, tf.cast(self.kernel, cdt), transpose_b=True)
         else:
             logits = tf.matmul(inputs, tf.cast(self.kernel, cdt))
         logits = tf.cast(logits, tf.float32) + tf.cast(self.bias, tf.float32)
@@ -110,3 +121,10 @@ class OutputProjection(keras.layers.Layer):
         return {**super().get_config(), "vocab_size": self.vocab_size,
                 "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
                 "tie_projection_initializer": keras.initializers.serialize(self.tie_projection_initializer)}
+
+
+def _transposed(initializer):
+    """An initializer of ``[a, b]`` weights: ``initializer``'s ``[b, a]`` values, transposed."""
+    def initialize(shape, dtype=None):
+        return tf.transpose(initializer((shape[1], shape[0]), dtype=dtype))
+    return initialize
