@@ -61,8 +61,8 @@ CATALOGUE: tuple[Mutant, ...] = (
     # ---- the six bugs of the original issue
     Mutant("fp16-not-unscaled", "float16 gradients never divided by the loss scale",
            "dist_rnn/training/steps.py",
-           "grads = [g / scale for g in grads]",
-           "grads = [g for g in grads]",
+           "grads = [gradients.map_values(lambda v: v / scale, g) for g in grads]",
+           "grads = [gradients.map_values(lambda v: v, g) for g in grads]",
            ("tests/test_gradient_numbers.py::test_float16_reports_and_applies_the_unscaled_gradient",)),
     Mutant("clip-per-replica", "each replica's gradient clipped before the all-reduce",
            "dist_rnn/training/steps.py",
