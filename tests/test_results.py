@@ -160,7 +160,7 @@ def test_docs_results_tables_are_reproduced_from_the_committed_runs():
     assert proc.returncode == 0, proc.stderr
     document = RESULTS_MD.read_text(encoding="utf-8")
     blocks = proc.stdout.split("<!-- table: ")[1:]
-    assert len(blocks) == 3 + 2 * (RUNS / results.FAITHFUL).is_dir() + 2 * (RUNS / results.ADAPTIVE_CHECK).is_dir()
+    assert len(blocks) == 3 + 2 * (RUNS / results.FAITHFUL).is_dir() + 2 * (RUNS / results.ADAPTIVE_CHECK).is_dir() + (RUNS / results.AWD_RECIPE).is_dir()
     for block in blocks:
         name, table = block.split(" -->\n", 1)
         assert f"<!-- table: {name} -->\n{table.strip()}\n" in document, name

@@ -52,6 +52,7 @@ COMPARE = "shakespeare_compare"
 FAITHFUL = "shakespeare_compare_faithful"
 STRONG = "shakespeare_char"
 ADAPTIVE_CHECK = "ptb_adaptive_check"
+AWD_RECIPE = "shakespeare_awd_3000"
 CELL_ORDER = ("gru", "lstm", "ln_lstm", "ln_gru", "rnn")
 # Experiment 1's reference: final-epoch training loss (nats/char) of the classic
 # TensorFlow char-rnn tutorial, 3 x 100 cells, 20 epochs of tiny-shakespeare.
@@ -309,6 +310,43 @@ def adaptive_check_tables(folder: Path) -> str:
                       "<!-- table: ptb adaptive check, summary -->", *summary, ""])
 
 
+def recipe_ablation_table(folder: Path, every: int = 300) -> str:
+    """Section 2b: the AWD recipe against its ablation (no regularizers) at equal steps.
+
+    Args:
+        folder: Holds the two runs, ``recipe/`` and ``ablation/``.
+        every: Rows at the evaluated steps that are multiples of this, plus
+            each run's last evaluation and best point.
+
+    Returns:
+        The table under its marker: validation loss (nats/char, the weights
+        evaluated, averaged when the run averages) and the training loss
+        logged at that step, for both runs.
+
+    Raises:
+        UserError: If either run is missing.
+    """
+    for name in ("recipe", "ablation"):
+        if not (folder / name).is_dir():
+            raise UserError(f"{folder / name}: run folder not found (the comparison needs recipe/ and ablation/)")
+    recipe, ablation = load_run(folder / "recipe"), load_run(folder / "ablation")
+    valid = [{r["step"]: r["loss"] for r in run.valid} for run in (recipe, ablation)]
+    train = [{r["step"]: r["loss"] for r in run.train} for run in (recipe, ablation)]
+    last = {run.valid[-1]["step"] for run in (recipe, ablation)}
+    steps = sorted(step for step in set(valid[0]) | set(valid[1]) if step % every == 0 or step in last)
+
+    def cell(values: dict, step: int) -> str:
+        return f"{values[step]:.4f}" if step in values else "-"
+
+    lines = [_row(["step", "recipe valid", "ablation valid", "recipe train", "ablation train"]), _row(["---"] * 5)]
+    for step in steps:
+        lines.append(_row([str(step), cell(valid[0], step), cell(valid[1], step),
+                           cell(train[0], step), cell(train[1], step)]))
+    best = [run.best_valid() for run in (recipe, ablation)]
+    lines.append(_row(["best (step)", *(f"{b['loss']:.4f} ({b['step']})" for b in best), "", ""]))
+    return "\n".join(["<!-- table: awd recipe and ablation -->", *lines, ""])
+
+
 def tables(root: Path) -> str:
     """Every table, in the order of ``docs/results.md``, each under a marker line."""
     parts = []
@@ -322,6 +360,8 @@ def tables(root: Path) -> str:
                   "<!-- table: experiment 1, faithful, per epoch -->", compare_epochs_table(runs), ""]
     if (root / STRONG).is_dir():
         parts += ["<!-- table: experiment 2 -->", strong_table(load_experiment(root / STRONG)), ""]
+    if (root / AWD_RECIPE).is_dir():
+        parts.append(recipe_ablation_table(root / AWD_RECIPE))
     if (root / ADAPTIVE_CHECK).is_dir():
         parts.append(adaptive_check_tables(root / ADAPTIVE_CHECK))
     if not parts:
