@@ -20,6 +20,8 @@ CONFIG = REPO / "configs" / "ptb_adaptive_check.yaml"
 RUNS = REPO / "docs" / "results" / "runs" / "ptb_adaptive_check"
 # The adaptive run's overrides, as the config's header gives them.
 ADAPTIVE = ["model.output=adaptive", "model.cutoffs=[2000, 4000]", "model.div_value=4"]
+# The second pair of runs adds this to both (Zaremba et al.'s dropout on non-recurrent connections).
+DROPOUT = "model.dropout=0.5"
 
 
 def test_config_is_the_documented_tied_softmax_baseline_and_the_adaptive_overrides_validate():
@@ -36,6 +38,8 @@ def test_config_is_the_documented_tied_softmax_baseline_and_the_adaptive_overrid
     assert (adaptive.model.output, adaptive.model.cutoffs, adaptive.model.div_value) == ("adaptive", [2000, 4000], 4.0)
     # The two runs differ only in the output layer (div_value 4 is also the default).
     assert sorted(c.split(":")[0] for c in changed_keys(softmax, adaptive)) == ["model.cutoffs", "model.output"]
+    assert f"--set {DROPOUT} --set train.max_steps=1260" in header
+    assert (softmax.model.dropout, load_config([str(CONFIG)], [DROPOUT, *ADAPTIVE]).model.dropout) == (0.0, 0.5)
 
 
 @pytest.mark.parametrize("overrides", [[], ADAPTIVE], ids=["softmax", "adaptive"])
@@ -75,7 +79,10 @@ def test_committed_runs_used_the_shipped_config_and_differ_only_in_the_output():
     expected = {"softmax": set(), "adaptive": {"model.cutoffs", "model.output"},
                 # The diagnostic run of section 5: wider tail projections, half the steps.
                 "adaptive_div2": {"model.cutoffs", "model.output", "model.div_value", "train.max_steps",
-                                  "train.eval_every"}}
+                                  "train.eval_every"},
+                # The second pair: the same two runs with dropout, resumed from 840 to 1260 steps.
+                "softmax_dropout": {"model.dropout", "train.max_steps"},
+                "adaptive_dropout": {"model.dropout", "model.cutoffs", "model.output", "train.max_steps"}}
     assert sorted(p.name for p in RUNS.iterdir() if p.is_dir()) == sorted(expected)
     for name, keys in expected.items():
         used = config_from_dict(yaml.safe_load((RUNS / name / "config.yaml").read_text(encoding="utf-8")))

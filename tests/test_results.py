@@ -147,6 +147,25 @@ def test_adaptive_check_compares_perplexities_at_equal_steps(tmp_path):
     assert proc.returncode == 2 and proc.stderr.startswith("error:") and "adaptive" in proc.stderr, proc.stderr
 
 
+def test_adaptive_check_dropout_pair_gets_its_own_tables(tmp_path):
+    root = tmp_path / "runs" / results.ADAPTIVE_CHECK
+    for name, ppl in [("softmax", 200.0), ("adaptive", 220.0), ("softmax_dropout", 150.0), ("adaptive_dropout", 153.0)]:
+        write_run(root / name, "lstm", 0, [(10, 1, 6.0, 20.0, 100)], [(10, math.log(ppl), 25.0)])
+    text = results.tables(tmp_path / "runs")
+    first = text.split("<!-- table: ptb adaptive check -->\n")[1].splitlines()
+    assert first[2] == "| 10 | 200.0 | 220.0 | 1.100 |"
+    second = text.split("<!-- table: ptb adaptive check, dropout 0.5 -->\n")[1].splitlines()
+    assert second[2] == "| 10 | 150.0 | 153.0 | 1.020 |"
+    summary = text.split("<!-- table: ptb adaptive check, dropout 0.5, summary -->\n")[1].splitlines()
+    assert summary[2] == "| best valid ppl (step) | 150.0 (10) | 153.0 (10) | 1.020 |"
+    # Half a pair is an error naming the missing run, not a silently dropped table.
+    for leftover in (root / "adaptive_dropout").iterdir():
+        leftover.unlink()
+    (root / "adaptive_dropout").rmdir()
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "runs")], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("error:") and "adaptive_dropout" in proc.stderr, proc.stderr
+
+
 def test_missing_metrics_is_a_one_line_error(tmp_path):
     (tmp_path / "runs" / results.COMPARE / "empty").mkdir(parents=True)
     proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "runs")], capture_output=True, text=True)
@@ -160,7 +179,9 @@ def test_docs_results_tables_are_reproduced_from_the_committed_runs():
     assert proc.returncode == 0, proc.stderr
     document = RESULTS_MD.read_text(encoding="utf-8")
     blocks = proc.stdout.split("<!-- table: ")[1:]
-    assert len(blocks) == 3 + 2 * (RUNS / results.FAITHFUL).is_dir() + 2 * (RUNS / results.ADAPTIVE_CHECK).is_dir() + (RUNS / results.AWD_RECIPE).is_dir()
+    adaptive_pairs = (RUNS / results.ADAPTIVE_CHECK).is_dir() + (RUNS / results.ADAPTIVE_CHECK / "softmax_dropout").is_dir()
+    assert len(blocks) == (3 + 2 * (RUNS / results.FAITHFUL).is_dir() + 2 * adaptive_pairs
+                           + (RUNS / results.AWD_RECIPE).is_dir())
     for block in blocks:
         name, table = block.split(" -->\n", 1)
         assert f"<!-- table: {name} -->\n{table.strip()}\n" in document, name

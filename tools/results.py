@@ -9,7 +9,8 @@ The input folder holds one folder per experiment, named after its config
 ``shakespeare_compare_faithful``: experiment 1 with the tutorial's initialization
 and whole-file training, whose validation text was also trained on;
 ``shakespeare_char``: experiment 2, the strong config; ``ptb_adaptive_check``: section 5, ``softmax``
-against ``adaptive`` on the PTB stand-ins), and in it one folder per run with that run's
+against ``adaptive`` on the PTB stand-ins, ``softmax/`` and ``adaptive/`` and, with dropout 0.5,
+``softmax_dropout/`` and ``adaptive_dropout/``), and in it one folder per run with that run's
 ``config.yaml`` and ``metrics.jsonl`` exactly as ``dist-rnn train`` wrote them.
 Nothing else is read: every number of the tables is computed here, so the
 tables in ``docs/results.md`` can be checked against the committed runs
@@ -53,6 +54,8 @@ FAITHFUL = "shakespeare_compare_faithful"
 STRONG = "shakespeare_char"
 ADAPTIVE_CHECK = "ptb_adaptive_check"
 AWD_RECIPE = "shakespeare_awd_3000"
+# Section 5's second pair of runs: the same check with model.dropout 0.5 (softmax, adaptive).
+ADAPTIVE_CHECK_DROPOUT = ("softmax_dropout", "adaptive_dropout")
 CELL_ORDER = ("gru", "lstm", "ln_lstm", "ln_gru", "rnn")
 # Experiment 1's reference: final-epoch training loss (nats/char) of the classic
 # TensorFlow char-rnn tutorial, 3 x 100 cells, 20 epochs of tiny-shakespeare.
@@ -266,11 +269,14 @@ def strong_table(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
-def adaptive_check_tables(folder: Path) -> str:
+def adaptive_check_tables(folder: Path, names: tuple[str, str] = ("softmax", "adaptive"),
+                          marker: str = "ptb adaptive check") -> str:
     """Section 5: validation perplexity of ``adaptive`` against ``softmax`` at each evaluated step.
 
     Args:
-        folder: Holds the two runs, ``softmax/`` and ``adaptive/``.
+        folder: Holds the runs.
+        names: The softmax run's and the adaptive run's folder names in ``folder``.
+        marker: Name of the tables' marker lines (the summary's gets ", summary").
 
     Returns:
         Two tables under their markers: perplexity per evaluated step with the
@@ -280,10 +286,10 @@ def adaptive_check_tables(folder: Path) -> str:
     Raises:
         UserError: If either run is missing.
     """
-    for name in ("softmax", "adaptive"):
+    for name in names:
         if not (folder / name).is_dir():
-            raise UserError(f"{folder / name}: run folder not found (the check needs softmax/ and adaptive/)")
-    softmax, adaptive = load_run(folder / "softmax"), load_run(folder / "adaptive")
+            raise UserError(f"{folder / name}: run folder not found (the check needs {names[0]}/ and {names[1]}/)")
+    softmax, adaptive = load_run(folder / names[0]), load_run(folder / names[1])
     ppl_a = {r["step"]: math.exp(r["loss"]) for r in adaptive.valid}
     lines = [_row(["step", "softmax valid ppl", "adaptive valid ppl", "adaptive / softmax"]), _row(["---"] * 4)]
     for record in softmax.valid:
@@ -306,8 +312,8 @@ def adaptive_check_tables(folder: Path) -> str:
         _row(["wall time", minutes(softmax.wall_time), minutes(adaptive.wall_time),
               f"{adaptive.wall_time / softmax.wall_time:.2f}"]),
     ]
-    return "\n".join(["<!-- table: ptb adaptive check -->", *lines, "",
-                      "<!-- table: ptb adaptive check, summary -->", *summary, ""])
+    return "\n".join([f"<!-- table: {marker} -->", *lines, "",
+                      f"<!-- table: {marker}, summary -->", *summary, ""])
 
 
 def recipe_ablation_table(folder: Path, every: int = 300) -> str:
@@ -364,6 +370,9 @@ def tables(root: Path) -> str:
         parts.append(recipe_ablation_table(root / AWD_RECIPE))
     if (root / ADAPTIVE_CHECK).is_dir():
         parts.append(adaptive_check_tables(root / ADAPTIVE_CHECK))
+        if any((root / ADAPTIVE_CHECK / name).is_dir() for name in ADAPTIVE_CHECK_DROPOUT):
+            parts.append(adaptive_check_tables(root / ADAPTIVE_CHECK, ADAPTIVE_CHECK_DROPOUT,
+                                               "ptb adaptive check, dropout 0.5"))
     if not parts:
         raise UserError(f"{root}: no {COMPARE}/, {FAITHFUL}/, {STRONG}/ or {ADAPTIVE_CHECK}/ experiment folder")
     return "\n".join(parts)
