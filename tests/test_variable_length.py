@@ -244,13 +244,6 @@ TWO_WORKER_ARGS = [
 ]
 
 
-def _checkpoint_values(run_dir) -> dict:
-    prefix = tf.train.latest_checkpoint(str(run_dir / "checkpoints"))
-    reader = tf.train.load_checkpoint(prefix)
-    return {n: reader.get_tensor(n) for n, _ in tf.train.list_variables(prefix)
-            if n.endswith("VARIABLE_VALUE") and not n.startswith("save_counter")}
-
-
 @pytest.fixture(scope="module")
 def variable_length_one_device(small_text, tmp_path_factory):
     from dist_rnn.cli import main
@@ -271,7 +264,7 @@ def test_two_workers_draw_the_same_windows_and_equal_one_device(backend, variabl
     from pathlib import Path
 
     from conftest import REPO
-    from equivalence import TOLERANCE, assert_close_variables
+    from equivalence import TOLERANCE, assert_close_variables, variables
 
     if backend == "horovod":
         pytest.importorskip("horovod.tensorflow", reason="Horovod is not installed (tools/install_horovod.sh)")
@@ -283,7 +276,7 @@ def test_two_workers_draw_the_same_windows_and_equal_one_device(backend, variabl
                            *data, *TWO_WORKER_ARGS], cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "2 replica(s), 2 worker(s)" in proc.stdout
-    one, two = _checkpoint_values(one_dir), _checkpoint_values(two_dir)
+    one, two = variables(one_dir), variables(two_dir)
     position = "stream_position/tokens_in_epoch/.ATTRIBUTES/VARIABLE_VALUE"
     lengths = window_lengths(0, np.arange(6), 12)
     assert len(set(lengths.tolist())) > 1  # the windows really vary
