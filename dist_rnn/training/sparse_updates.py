@@ -9,9 +9,11 @@ clip and update then sweep every step. Kept sparse, the gradient path of
 
 1. per replica: the slices of the rows it gathered (accumulated blocks'
    slices concatenated);
-2. all-reduce: every backend's own all-reduce gathers indices and values of
-   ``tf.IndexedSlices`` from every replica (``tf.distribute`` and Horovod's
-   ``grouped_allreduce`` both do), in replica order, the same on every replica;
+2. all-reduce: indices and values of ``tf.IndexedSlices`` are gathered from
+   every replica in replica order, the same on every replica (``tf.distribute``'s
+   own all-reduce does this; on Horovod, whose 0.28.1 ``grouped_allreduce``
+   mispairs slices in a mixed list, ``HorovodBackend.all_reduce_sum`` calls
+   ``hvd.allgather`` on them);
 3. :func:`combine_duplicates`: one row per index, summed (a row gathered by
    several tokens or replicas appears once per gather before this);
 4. unscale, finite check, global norm, clip: on the values (the norm is only
