@@ -126,7 +126,7 @@ def run_one(vocab: int, output: str, steps: int, sizes: dict | None = None, opti
             "step_seconds": round(step_time, 6), "tokens_per_second": round(batch * bptt / step_time, 1),
             "peak_rss_mb": round(peak, 1), "rss_before_first_step_mb": round(before, 1),
             "working_set_mb": round(peak - before, 1),
-            "allocator_step_peak_mb": round(max(step_peaks) / 2 ** 20, 1),
+            "allocator_step_peak_mb": round(max(step_peaks) / 2 ** 20, 3),
             "parameters": int(sum(np.prod(v.shape) for v in model.trainable_variables))}
 
 
