@@ -281,6 +281,24 @@ def test_training_gradient_builds_no_tensor_larger_than_the_logits_or_a_weight(o
     assert sizes and max(sizes.values()) <= limit, sorted(sizes.items(), key=lambda kv: -kv[1])[:3]
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_adaptive_training_gradient_keeps_few_token_by_cluster_tensors(tie):
+    # At 267k words the head's [700, 20003] and the 160k-word cluster's
+    # [~90, 160000] tensors are ~56 MB each. log_softmax + gather built seven
+    # of each per softmax (logits, +bias, log-softmax, the gather's dense
+    # gradient, exp, mul, sub); the fused sparse cross-entropy builds four
+    # (logits, +bias, softmax-minus-one-hot, its product with the upstream gradient).
+    batch, steps, vocab, cutoffs = 6, 3, 500, [50, 200]
+    m = model("adaptive", vocab=vocab, cutoffs=cutoffs, tie_embeddings=tie)
+    ops = _training_gradient_graph(m, batch, steps, vocab)
+    sizes = {"head": cutoffs[0] + len(cutoffs), "tail 0": cutoffs[1] - cutoffs[0], "tail 1": vocab - cutoffs[1]}
+    per_softmax = {name: sorted(f"{op.type} {op.name}" for op in ops for t in op.outputs
+                                if t.shape.rank == 2 and t.shape[-1] == size and t.shape[0] in (None, batch * steps))
+                   for name, size in sizes.items()}
+    assert all(0 < len(names) <= 4 for names in per_softmax.values()), per_softmax
+    assert not [op.name for op in ops if op.type == "LogSoftmax"]
+
+
 def test_sampled_training_gives_the_untied_kernel_a_row_sparse_gradient():
     # Gathering columns of a [D, V] kernel cost a dense [D, V] scatter and
     # transposes (two of each when targets and candidates were gathered

@@ -21,7 +21,11 @@ updated row-sparse (``--updates auto``) or, for comparison, dense
 (``--updates dense``). Reported per run: training
 tokens/s (median step), the process's peak resident memory (``ru_maxrss``) and
 that peak minus the resident memory before the first step (the training
-working set: activations, logits, gradients, optimizer slots). Adaptive
+working set: activations, logits, gradients, optimizer slots, and the
+memory of tracing the step and of the C allocator's fragmentation), and the
+largest rise of TensorFlow's CPU allocator over a timed step
+(``allocator_step_peak_mb``: the step's tensors alone, without tracing or
+fragmentation). Adaptive
 cutoffs per vocabulary are in :data:`CUTOFFS`. The last stdout line is the
 JSON list of results; with ``--out`` also ``results.jsonl`` and ``results.md``
 (machine, command, table, ratios to ``softmax``) in that folder.
@@ -104,11 +108,14 @@ def run_one(vocab: int, output: str, steps: int, sizes: dict | None = None, opti
 
     before = rss_mb()
     train_step(ids[0], 0)  # warm-up: tracing
-    times = []
+    times, step_peaks = [], []
     for i in range(1, steps + 1):
+        allocated = tf.config.experimental.get_memory_info("CPU:0")["current"]
+        tf.config.experimental.reset_memory_stats("CPU:0")
         start = time.perf_counter()
         train_step(ids[i], i)
         times.append(time.perf_counter() - start)
+        step_peaks.append(tf.config.experimental.get_memory_info("CPU:0")["peak"] - allocated)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     step_time = statistics.median(times)
     rule = step_functions.sparse_rule
@@ -119,6 +126,7 @@ def run_one(vocab: int, output: str, steps: int, sizes: dict | None = None, opti
             "step_seconds": round(step_time, 6), "tokens_per_second": round(batch * bptt / step_time, 1),
             "peak_rss_mb": round(peak, 1), "rss_before_first_step_mb": round(before, 1),
             "working_set_mb": round(peak - before, 1),
+            "allocator_step_peak_mb": round(max(step_peaks) / 2 ** 20, 3),
             "parameters": int(sum(np.prod(v.shape) for v in model.trainable_variables))}
 
 
@@ -192,7 +200,8 @@ def main(argv=None, command: str | None = None) -> int:
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         results.append(result)
         print(f"vocab {vocab:>7}  {output:<9} {result['updates']:<20} {result['tokens_per_second']:>9.1f} tokens/s  "
-              f"peak {result['peak_rss_mb']:>8.1f} MB  (training working set {result['working_set_mb']:>8.1f} MB)",
+              f"peak {result['peak_rss_mb']:>8.1f} MB  (training working set {result['working_set_mb']:>8.1f} MB, "
+              f"allocator step peak {result['allocator_step_peak_mb']:>8.1f} MB)",
               flush=True)
     if args.out:
         sys.path.insert(0, str(Path(__file__).resolve().parent))

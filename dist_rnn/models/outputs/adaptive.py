@@ -144,20 +144,26 @@ class AdaptiveSoftmax(keras.layers.Layer):
         return tf.reshape(tf.concat(parts, axis=1), tf.concat([shape[:-1], [self.vocab_size]], 0))
 
     def exact_token_nll(self, hidden, targets):
-        """float32 ``[B, T]`` negative log-likelihoods, each tail cluster only for the tokens it holds."""
+        """float32 ``[B, T]`` negative log-likelihoods, each tail cluster only for the tokens it holds.
+
+        The head's and each cluster's part is one fused cross-entropy
+        (``sparse_softmax_cross_entropy_with_logits``): for the backward pass it
+        keeps only its ``[tokens, size]`` softmax-minus-one-hot, not the
+        logits, their log-softmax and a dense gradient of a gather besides.
+        """
         shape = tf.shape(targets)
         h = tf.reshape(tf.cast(hidden, tf.float32), [-1, hidden.shape[-1]])
         t = tf.reshape(tf.cast(targets, tf.int32), [-1])
         c1 = self.cutoffs[0]
         cluster = tf.searchsorted(tf.constant(self.cutoffs, tf.int32), t, side="right")  # 0: head
         head_index = tf.where(cluster == 0, t, c1 + cluster - 1)
-        head = tf.nn.log_softmax(self.head_logits(h))
-        nll = -tf.gather(head, head_index, batch_dims=1)
+        nll = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=head_index, logits=self.head_logits(h))
         for i in range(len(self.cutoffs)):
             rows = tf.where(cluster == i + 1)  # [M, 1]
-            tail = tf.nn.log_softmax(self.tail_logits(i, tf.gather_nd(h, rows)))
             local = tf.gather_nd(t, rows) - self.bounds[i]
-            nll = tf.tensor_scatter_nd_sub(nll, rows, tf.gather(tail, local, batch_dims=1))
+            tail = tf.nn.sparse_softmax_cross_entropy_with_logits(
+                labels=local, logits=self.tail_logits(i, tf.gather_nd(h, rows)))
+            nll = tf.tensor_scatter_nd_add(nll, rows, tail)
         return tf.reshape(nll, shape)
 
     def token_nll(self, hidden, targets, training=False, seed=None):
