@@ -82,7 +82,14 @@ def test_committed_runs_used_the_shipped_config_and_differ_only_in_the_output():
                                   "train.eval_every"},
                 # The second pair: the same two runs with dropout, resumed from 840 to 1260 steps.
                 "softmax_dropout": {"model.dropout", "train.max_steps"},
-                "adaptive_dropout": {"model.dropout", "model.cutoffs", "model.output", "train.max_steps"}}
+                "adaptive_dropout": {"model.dropout", "model.cutoffs", "model.output", "train.max_steps"},
+                # One tail cluster ([4000]) instead of two, and both cutoffs again with seed 1.
+                "adaptive_dropout_4000": {"model.dropout", "model.cutoffs", "model.output", "train.max_steps"},
+                "adaptive_dropout_4000_seed1": {"model.dropout", "model.cutoffs", "model.output", "train.max_steps",
+                                                "train.seed"},
+                "adaptive_dropout_seed1": {"model.dropout", "model.cutoffs", "model.output", "train.max_steps",
+                                           "train.seed"},
+                "softmax_dropout_seed1": {"model.dropout", "train.max_steps", "train.seed"}}
     assert sorted(p.name for p in RUNS.iterdir() if p.is_dir()) == sorted(expected)
     for name, keys in expected.items():
         used = config_from_dict(yaml.safe_load((RUNS / name / "config.yaml").read_text(encoding="utf-8")))

@@ -165,6 +165,32 @@ def test_adaptive_check_dropout_pair_gets_its_own_tables(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "runs")], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error:") and "adaptive_dropout" in proc.stderr, proc.stderr
 
+def test_adaptive_variants_pair_each_cutoff_and_seed_with_the_softmax_run_of_its_seed(tmp_path):
+    root = tmp_path / "runs" / results.ADAPTIVE_CHECK
+    runs = [("softmax", 0, None, 200.0), ("adaptive", 0, [10, 20], 220.0),
+            ("softmax_dropout", 0, None, 150.0), ("adaptive_dropout", 0, [10, 20], 153.0),
+            ("softmax_dropout_seed1", 1, None, 160.0), ("adaptive_dropout_seed1", 1, [10, 20], 168.0),
+            ("adaptive_dropout_one_tail", 0, [20], 156.0)]
+    for name, seed, cutoffs, ppl in runs:
+        write_run(root / name, "lstm", seed, [(10, 1, 6.0, 20.0, 100)], [(10, math.log(ppl), 25.0)])
+        if cutoffs:
+            config = yaml.safe_load((root / name / "config.yaml").read_text())
+            config["model"].update(output="adaptive", cutoffs=cutoffs)
+            (root / name / "config.yaml").write_text(yaml.safe_dump(config))
+    table = results.tables(tmp_path / "runs").split(
+        "<!-- table: ptb adaptive check, dropout 0.5, cutoffs and seeds -->\n")[1].splitlines()
+    # Final perplexities (step 10), each adaptive run against the softmax run of its own seed.
+    assert table[2:5] == ["| [20] | 0 | 10 | 150.0 | 156.0 | 1.040 |",
+                          "| [10, 20] | 0 | 10 | 150.0 | 153.0 | 1.020 |",
+                          "| [10, 20] | 1 | 10 | 160.0 | 168.0 | 1.050 |"], table
+    # An adaptive run without a softmax run of its seed is an error naming it.
+    for leftover in (root / "softmax_dropout_seed1").iterdir():
+        leftover.unlink()
+    (root / "softmax_dropout_seed1").rmdir()
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "runs")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "adaptive_dropout_seed1" in proc.stderr and "seed 1" in proc.stderr, proc.stderr
+
+
 
 def test_missing_metrics_is_a_one_line_error(tmp_path):
     (tmp_path / "runs" / results.COMPARE / "empty").mkdir(parents=True)
@@ -181,7 +207,8 @@ def test_docs_results_tables_are_reproduced_from_the_committed_runs():
     blocks = proc.stdout.split("<!-- table: ")[1:]
     adaptive_pairs = (RUNS / results.ADAPTIVE_CHECK).is_dir() + (RUNS / results.ADAPTIVE_CHECK / "softmax_dropout").is_dir()
     assert len(blocks) == (3 + 2 * (RUNS / results.FAITHFUL).is_dir() + 2 * adaptive_pairs
-                           + (RUNS / results.AWD_RECIPE).is_dir())
+                           + (RUNS / results.AWD_RECIPE).is_dir()
+                           + any((RUNS / results.ADAPTIVE_CHECK).glob("adaptive_dropout?*")))
     for block in blocks:
         name, table = block.split(" -->\n", 1)
         assert f"<!-- table: {name} -->\n{table.strip()}\n" in document, name

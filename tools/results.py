@@ -10,7 +10,8 @@ The input folder holds one folder per experiment, named after its config
 and whole-file training, whose validation text was also trained on;
 ``shakespeare_char``: experiment 2, the strong config; ``ptb_adaptive_check``: section 5, ``softmax``
 against ``adaptive`` on the PTB stand-ins, ``softmax/`` and ``adaptive/`` and, with dropout 0.5,
-``softmax_dropout/`` and ``adaptive_dropout/``), and in it one folder per run with that run's
+``softmax_dropout/`` and ``adaptive_dropout/``, and more dropout-0.5 runs named
+``softmax_dropout*``/``adaptive_dropout*`` for other cutoffs and seeds), and in it one folder per run with that run's
 ``config.yaml`` and ``metrics.jsonl`` exactly as ``dist-rnn train`` wrote them.
 Nothing else is read: every number of the tables is computed here, so the
 tables in ``docs/results.md`` can be checked against the committed runs
@@ -316,6 +317,39 @@ def adaptive_check_tables(folder: Path, names: tuple[str, str] = ("softmax", "ad
                       f"<!-- table: {marker}, summary -->", *summary, ""])
 
 
+def adaptive_variants_table(folder: Path, marker: str = "ptb adaptive check, dropout 0.5, cutoffs and seeds") -> str:
+    """Section 5: every dropout-0.5 ``adaptive`` run against the ``softmax`` run of its seed.
+
+    Args:
+        folder: Holds runs named ``softmax_dropout*`` and ``adaptive_dropout*``.
+        marker: Name of the table's marker line.
+
+    Returns:
+        One table under its marker: cutoffs, seed, both runs' final validation
+        perplexity (at the same step) and the ratio, sorted by cutoffs then seed.
+
+    Raises:
+        UserError: If an adaptive run has no softmax run of its seed, or the two
+            end at different steps.
+    """
+    softmax = {run.seed: run for run in (load_run(p) for p in sorted(folder.glob("softmax_dropout*")) if p.is_dir())}
+    rows = []
+    for path in sorted(folder.glob("adaptive_dropout*")):
+        adaptive = load_run(path)
+        partner = softmax.get(adaptive.seed)
+        if partner is None or partner.valid[-1]["step"] != adaptive.valid[-1]["step"]:
+            raise UserError(f"{path}: no softmax_dropout* run of seed {adaptive.seed} ending at the same step")
+        cutoffs = adaptive.config.get("model", {}).get("cutoffs")
+        ratio = math.exp(adaptive.final_valid_loss() - partner.final_valid_loss())
+        rows.append((list(cutoffs), adaptive.seed, adaptive.valid[-1]["step"],
+                     math.exp(partner.final_valid_loss()), math.exp(adaptive.final_valid_loss()), ratio))
+    lines = [_row(["adaptive cutoffs", "seed", "step", "softmax valid ppl", "adaptive valid ppl",
+                   "adaptive / softmax"]), _row(["---"] * 6)]
+    for cutoffs, seed, step, s, a, ratio in sorted(rows, key=lambda r: (len(r[0]), r[0], r[1]), reverse=False):
+        lines.append(_row([str(cutoffs), str(seed), str(step), f"{s:.1f}", f"{a:.1f}", f"{ratio:.3f}"]))
+    return "\n".join([f"<!-- table: {marker} -->", *lines, ""])
+
+
 def recipe_ablation_table(folder: Path, every: int = 300) -> str:
     """Section 2b: the AWD recipe against its ablation (no regularizers) at equal steps.
 
@@ -373,6 +407,8 @@ def tables(root: Path) -> str:
         if any((root / ADAPTIVE_CHECK / name).is_dir() for name in ADAPTIVE_CHECK_DROPOUT):
             parts.append(adaptive_check_tables(root / ADAPTIVE_CHECK, ADAPTIVE_CHECK_DROPOUT,
                                                "ptb adaptive check, dropout 0.5"))
+        if len(list((root / ADAPTIVE_CHECK).glob("adaptive_dropout?*"))):
+            parts.append(adaptive_variants_table(root / ADAPTIVE_CHECK))
     if not parts:
         raise UserError(f"{root}: no {COMPARE}/, {FAITHFUL}/, {STRONG}/ or {ADAPTIVE_CHECK}/ experiment folder")
     return "\n".join(parts)
