@@ -2,7 +2,7 @@
 
 The library is built at most once per test session, into pytest's cache
 folder (``.pytest_cache/d/dist_rnn_kernels``; the library's name there is keyed
-by the sources, so a changed op is rebuilt): about a minute of CPU time, mostly
+by the sources, so a changed op is rebuilt): about two minutes of CPU time, mostly
 the TensorFlow headers.
 """
 
