@@ -177,3 +177,20 @@ def test_output_layers_option_times_softmax_sampled_and_adaptive(tmp_path):
     text = (out / "results.md").read_text()
     assert "Command: `python tools/benchmark.py --output-layers 200 --quick" in text and "GiB" in text
     assert "| 200 | adaptive [40, 100] |" in text and "| 200 | sampled (16) |" in text
+
+
+def test_step_compiled_row_is_opt_in_lstm_only_and_its_worker_switches_the_compiled_op_on(monkeypatch):
+    bench = _load_module()
+    assert "step-compiled" not in bench.parse_args([]).systems.split(",")  # not in the default run
+    args = bench.parse_args(["--cells", "lstm,gru", "--systems", "step,step-compiled", "--jit", "off"])
+    rows, notes = bench.build_rows(args, torch_ok=False, gpu=False)
+    assert [(r["cell"], r["system"]) for r in rows] == [("lstm", "step"), ("lstm", "step-compiled"), ("gru", "step")]
+    assert notes == ["gru: no compiled op; no 'dist-rnn step compiled' row."]
+    assert bench.label(rows[1]) == "dist-rnn step compiled"
+    runner = importlib.import_module("bench.runner")
+    started = []
+    monkeypatch.setattr(runner.subprocess, "Popen", lambda cmd, **kw: started.append(kw["env"]))
+    monkeypatch.delenv("DIST_RNN_COMPILED_KERNELS", raising=False)
+    runner.Worker(rows[1], timeout=1)
+    runner.Worker(rows[0], timeout=1)
+    assert started[0]["DIST_RNN_COMPILED_KERNELS"] == "on" and "DIST_RNN_COMPILED_KERNELS" not in started[1]

@@ -2,14 +2,17 @@
 
 The library is built at most once per test session, into pytest's cache
 folder (``.pytest_cache/d/dist_rnn_kernels``; the library's name there is keyed
-by the sources, so a changed op is rebuilt): about a minute of CPU time, mostly
+by the sources, so a changed op is rebuilt): about two minutes of CPU time, mostly
 the TensorFlow headers.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import platform
 import shutil
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,9 +84,13 @@ def _run(recurrence, tensors, mask, upstream, units):
     return [o.numpy() for o in outputs], [g.numpy() for g in tape.gradient(loss, tensors)]
 
 
+@pytest.mark.parametrize("gemm", ["auto", "eigen"])
 @pytest.mark.parametrize("dropout", [False, True], ids=["no_mask", "dropout_mask"])
-@pytest.mark.parametrize("size", SIZES, ids=lambda s: "T{}_B{}_U{}".format(*s))
-def test_lstm_forward_and_gradients_equal_graph_kernel(compiled_on, size, dropout):
+@pytest.mark.parametrize("size", SIZES + [(3, 40, 300)], ids=lambda s: "T{}_B{}_U{}".format(*s))
+def test_lstm_forward_and_gradients_equal_graph_kernel(compiled_on, monkeypatch, size, dropout, gemm):
+    # gemm "auto": oneDNN's sgemm where TensorFlow exports it (the 40 x 300 size is large enough for
+    # its multi-threaded path); "eigen": the fallback product.
+    monkeypatch.setenv(compiled.GEMM_ENV, gemm)
     steps, batch, units = size
     tensors, mask, upstream = _lstm_inputs(steps, batch, units, seed=sum(size) + dropout, dropout=dropout)
     want_out, want_grads = _run(plain.lstm, tensors, mask, upstream, units)
@@ -96,6 +103,19 @@ def test_lstm_forward_and_gradients_equal_graph_kernel(compiled_on, size, dropou
     if dropout:
         unmasked, _ = _run(compiled.lstm, tensors, None, upstream, units)
         assert np.max(np.abs(unmasked[0] - got_out[0])) > 1e-3
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="oneDNN's sgemm entry point is x86 only")
+def test_float32_ops_multiply_with_onednn_on_x86_unless_eigen_is_asked(compiled_on, monkeypatch):
+    # The speed of the op rests on oneDNN's GEMM (docs/benchmarks.md, #22): a TensorFlow that stops
+    # exporting the entry point must show up here, not only as a slower benchmark.
+    assert compiled.gemm_backend() == "onednn"
+    tensors, mask, upstream = _lstm_inputs(4, 6, 10, seed=5, dropout=True)
+    onednn_out, onednn_grads = _run(compiled.lstm, tensors, mask, upstream, 10)
+    monkeypatch.setenv(compiled.GEMM_ENV, "eigen")
+    eigen_out, eigen_grads = _run(compiled.lstm, tensors, mask, upstream, 10)
+    for got, want in zip(onednn_out + onednn_grads, eigen_out + eigen_grads):
+        _relative_close(got, want, "oneDNN against Eigen")
 
 
 def test_lstm_compiled_op_inside_tf_function_and_float64(compiled_on):
@@ -197,3 +217,16 @@ def test_lstm_compiled_op_under_bfloat16_computes_in_float32(compiled_on):
     for got, want in zip(outputs, want_out):
         # One rounding to bfloat16 (8 significant bits): at most 2^-9 relative; bfloat16 math would be far off.
         np.testing.assert_allclose(tf.cast(got, tf.float32).numpy(), want, rtol=2.0**-8, atol=1e-6)
+
+
+def test_layer_benchmark_op_gflops_counts_the_ops_gemms_and_times_both_variants(compiled_on):
+    spec = importlib.util.spec_from_file_location("dist_rnn_layer_benchmark",
+                                                  Path(__file__).parents[1] / "tools" / "layer_benchmark.py")
+    layer_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(layer_bench)
+    rates = layer_bench.lstm_op_rates(units=8, batch=2, bptt=3, repeats=2)
+    assert [r["gflop"] for r in rates] == [3 * 2 * 3 * 2 * 8 * 32 / 1e9, 2 * 3 * 2 * 8 * 32 / 1e9]
+    assert rates[0]["what"].startswith("compiled lstm op") and rates[1]["what"].startswith("one MatMul [6, 8]")
+    assert all(len(r["seconds"]) == 2 and all(0 < s < 30 for s in r["seconds"]) for r in rates)
+    row = layer_bench.rates_table(rates).splitlines()[2].split("|")
+    assert float(row[4]) == pytest.approx(rates[0]["gflop"] / np.median(rates[0]["seconds"]), rel=0.01)

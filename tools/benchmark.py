@@ -7,6 +7,8 @@ One command times, on the same model sizes and in the same run::
                              state carrying, loss/grad-norm sync, metrics.jsonl and
                              TensorBoard logging, every log_every steps
     dist-rnn step            StepFunctions.train_step alone (fixed windows, state carried)
+    dist-rnn step compiled   the same with DIST_RNN_COMPILED_KERNELS=on (#22); only when named,
+                             e.g. --systems step,step-compiled (its first use builds the op)
     minimal loop (model)     a hand-written tf.function step (tape, clip, optimizer.apply,
                              state carried) around the *same* dist-rnn model: the floor
                              of framework overhead for identical math
@@ -96,7 +98,8 @@ def parse_args(argv=None):
                    help="mirrored replicas: logical CPU devices without a GPU (with GPUs: all visible GPUs)")
     p.add_argument("--jit", choices=["off", "on", "both"], default="both",
                    help="XLA (train.jit_compile) for the one-device dist-rnn rows")
-    p.add_argument("--systems", default=",".join(SYSTEMS), help="comma list of " + ", ".join(SYSTEMS))
+    p.add_argument("--systems", default=",".join(k for k, s in SYSTEMS.items() if s.default),
+                   help="comma list of " + ", ".join(SYSTEMS))
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per row (median reported)")
     p.add_argument("--steps", type=int, default=10, help="training steps per repeat")
     p.add_argument("--warmup", type=int, default=1, help="untimed repeats first (tracing, XLA compiles)")

@@ -7,6 +7,7 @@ layer, as the model builds it off cuDNN, to show where a cell's cost sits::
     python tools/layer_benchmark.py                                   # lstm, gru, ln_lstm, ln_gru
     python tools/layer_benchmark.py --cells lstm,ln_lstm --repeats 14 --xla
     python tools/layer_benchmark.py --cells lstm --compiled          # + the compiled op (#22)
+    python tools/layer_benchmark.py --cells lstm --compiled --op-gflops   # + its GFLOP/s vs one big MatMul
 
 Each call runs the layer over a ``[batch, bptt, units]`` input from given
 initial states, in a ``tf.function`` (``--xla``: compiled with XLA); the
@@ -119,6 +120,67 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def lstm_op_rates(units: int, batch: int, bptt: int, repeats: int) -> list[dict]:
+    """GFLOP/s of the compiled ``lstm`` op alone and of one big MatMul, timed interleaved.
+
+    The op's count is its GEMMs, forward and backward: ``3 x bptt x 2 x batch x units x 4 units`` (per
+    step ``h @ U`` and ``dz @ U^T``, plus the recurrent-kernel gradient), its element-wise work not
+    counted. The reference is ``tf.matmul`` of ``[bptt x batch, units] x [units, 4 units]`` (the shape of
+    the input projection): this CPU's rate for one large GEMM through the same oneDNN.
+
+    Returns:
+        ``[{"what", "gflop", "seconds": [...]}]`` for the op and the MatMul.
+    """
+    import tensorflow as tf
+
+    from dist_rnn.models.kernels import compiled
+
+    if compiled.library() is None:
+        raise SystemExit(f"error: the compiled op is unavailable: {compiled.unavailable_reason()}")
+    rng = tf.random.Generator.from_seed(1)
+    proj, up = rng.normal([bptt, batch, 4 * units]), rng.normal([bptt, batch, units])
+    h0, c0 = 0.1 * rng.normal([batch, units]), 0.1 * rng.normal([batch, units])
+    rkernel = rng.normal([units, 4 * units]) / units ** 0.5
+    rows, weights = rng.normal([bptt * batch, units]), rng.normal([units, 4 * units])
+
+    @tf.function
+    def op_call():
+        with tf.GradientTape() as tape:
+            tape.watch([proj, h0, c0, rkernel])
+            h_seq, _, _ = compiled.lstm(proj, h0, c0, rkernel, None, units)
+            loss = tf.reduce_sum(h_seq * up)
+        return tf.add_n([tf.reduce_sum(g) for g in tape.gradient(loss, [proj, h0, c0, rkernel])])
+
+    @tf.function
+    def matmul_call():
+        return tf.reduce_sum(tf.matmul(rows, weights))
+
+    gemm = 2.0 * bptt * batch * units * 4 * units
+    variants = [{"what": f"compiled lstm op, forward + backward (gemm: {compiled.gemm_backend()})",
+                 "gflop": 3 * gemm / 1e9, "call": op_call},
+                {"what": f"one MatMul [{bptt * batch}, {units}] x [{units}, {4 * units}]", "gflop": gemm / 1e9,
+                 "call": matmul_call}]
+    for v in variants:
+        float(v["call"]())  # warm-up (tracing)
+        v["seconds"] = []
+    for _ in range(repeats):
+        for v in variants:
+            start = time.perf_counter()
+            float(v["call"]())
+            v["seconds"].append(time.perf_counter() - start)
+    return [{k: v for k, v in var.items() if k != "call"} for var in variants]
+
+
+def rates_table(rates: list[dict]) -> str:
+    """A markdown table of :func:`lstm_op_rates`: ms and GFLOP/s, median and best."""
+    lines = ["| what | GFLOP | ms (median) | GFLOP/s (median) | GFLOP/s (best) |", "|---|---:|---:|---:|---:|"]
+    for r in rates:
+        med, best = statistics.median(r["seconds"]), min(r["seconds"])
+        lines.append(f"| {r['what']} | {r['gflop']:.2f} | {1000 * med:.1f} | {r['gflop'] / med:.3g} | "
+                     f"{r['gflop'] / best:.3g} |")
+    return "\n".join(lines)
+
+
 def parse_args(argv=None):
     """Parses the command line (``--cells`` becomes a list); unknown cells exit with code 2."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -132,6 +194,8 @@ def parse_args(argv=None):
     p.add_argument("--calls", type=int, default=3, help="calls per repeat")
     p.add_argument("--xla", action="store_true", help="compile each call with XLA")
     p.add_argument("--compiled", action="store_true", help="also time the compiled op of each cell that has one")
+    p.add_argument("--op-gflops", action="store_true",
+                   help="also time the bare compiled lstm op and one big MatMul, in GFLOP/s")
     args = p.parse_args(argv)
     args.cells = [c for c in args.cells.split(",") if c]
     unknown = [c for c in args.cells if c not in CELLS]
@@ -147,6 +211,9 @@ def main(argv=None) -> int:
     print(f"one layer, {args.units} units, batch {args.batch}, {args.bptt} steps, "
           f"{'XLA' if args.xla else 'no XLA'}, {args.repeats} repeats of {args.calls} calls")
     print(table(results))
+    if args.op_gflops:
+        print()
+        print(rates_table(lstm_op_rates(args.units, args.batch, args.bptt, args.repeats)))
     return 0
 
 

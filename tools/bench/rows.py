@@ -40,6 +40,13 @@ def build_rows(args, torch_ok: bool, gpu: bool) -> tuple[list[dict], list[str]]:
                                 continue
                             rows.append({**base, "system": system, "backend": backend, "jit": jit,
                                          "replicas": args.replicas if backend == "mirrored" else 1})
+                elif system == "step-compiled":
+                    from dist_rnn.models.kernels.compiled import COMPILED_CELLS
+
+                    if cell not in COMPILED_CELLS:
+                        notes.append(f"{cell}: no compiled op; no 'dist-rnn step compiled' row.")
+                        continue
+                    rows.append({**base, "system": system})
                 elif system == "torch":
                     if not torch_ok:
                         continue

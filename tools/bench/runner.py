@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from bench.protocol import PROTOCOL
-from bench.systems import label
+from bench.systems import SYSTEMS, label
 
 # The worker is the entry script itself (``--worker SPEC``), so it runs with the same sys.path as the parent.
 BENCHMARK_SCRIPT = Path(__file__).resolve().parents[1] / "benchmark.py"
@@ -32,6 +32,7 @@ class Worker:
         self.timeout = timeout
         env = dict(os.environ)
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        env.update(SYSTEMS[spec["system"]].env)
         if spec["system"] == "torch" and spec.get("omp_passive"):
             env["OMP_WAIT_POLICY"] = "PASSIVE"
         self.stderr = tempfile.TemporaryFile()

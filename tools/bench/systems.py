@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -13,15 +13,22 @@ class System:
         label: the row's name in the tables (``label()`` adds backend, replicas and XLA).
         worker: ``"module.function"`` in this package that the row's worker process runs
             as ``function(spec, workdir)``; it speaks ``bench.protocol``.
+        env: environment variables set for the row's worker process.
+        default: whether the row is timed when ``--systems`` is not given.
     """
 
     label: str
     worker: str
+    env: dict = field(default_factory=dict)
+    default: bool = True
 
 
 SYSTEMS: dict[str, System] = {
     "loop": System("dist-rnn loop", "dist_rnn_systems.work_loop"),
     "step": System("dist-rnn step", "dist_rnn_systems.work_step"),
+    # The compiled recurrence (#22), interleaved with "step" in one run; opt-in: its first use builds the op.
+    "step-compiled": System("dist-rnn step compiled", "dist_rnn_systems.work_step",
+                            env={"DIST_RNN_COMPILED_KERNELS": "on"}, default=False),
     "floor": System("minimal loop (dist-rnn model)", "keras_systems.work_minimal"),
     "keras": System("minimal loop (Keras layers)", "keras_systems.work_minimal"),
     "fit": System("Keras model.fit", "keras_systems.work_fit"),

@@ -20,6 +20,8 @@ Environment switches (read at the first use in a process):
 - ``DIST_RNN_CXX``: the C++ compiler (default ``c++`` on the ``PATH``).
 - ``DIST_RNN_KERNEL_CACHE``: the cache folder (default
   ``$XDG_CACHE_HOME/dist_rnn/kernels``, else ``~/.cache/dist_rnn/kernels``).
+- ``DIST_RNN_COMPILED_GEMM``: ``eigen`` makes the ops multiply with Eigen
+  instead of oneDNN's sgemm (see :func:`gemm_choice`; read at trace time).
 
 Numerics: the ops compute in float32 (float64 for float64 inputs); under a
 mixed-precision policy the inputs are cast to float32 and the outputs back to
@@ -46,6 +48,7 @@ from dist_rnn.models.kernels.common import cast, with_custom_gradient
 SWITCH_ENV = "DIST_RNN_COMPILED_KERNELS"
 COMPILER_ENV = "DIST_RNN_CXX"
 CACHE_ENV = "DIST_RNN_KERNEL_CACHE"
+GEMM_ENV = "DIST_RNN_COMPILED_GEMM"
 SOURCE_DIR = Path(__file__).parent / "csrc"
 LIBRARY_NAME = "dist_rnn_ops.so"
 #: Cells with a compiled op.
@@ -78,6 +81,10 @@ def _sources() -> list[Path]:
     return sorted(SOURCE_DIR.glob("*.cc"))
 
 
+def _headers() -> list[Path]:
+    return sorted(SOURCE_DIR.glob("*.h"))
+
+
 def _flag_sets() -> list[list[str]]:
     """Optimization flags to try, fastest first (the portable set if the first fails to build)."""
     native = ["-O2", "-march=native"]
@@ -100,7 +107,7 @@ def _cpu_model() -> str:
 def library_path(opt_flags: list[str]) -> Path:
     """Where the library built with ``opt_flags`` lives: keyed by TF version, sources, compiler, flags, CPU."""
     digest = hashlib.sha256()
-    for src in _sources():
+    for src in _sources() + _headers():
         digest.update(src.name.encode() + b"\0" + src.read_bytes() + b"\0")
     for part in [compiler(), *opt_flags, *tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags(),
                  _cpu_model()]:
@@ -160,6 +167,12 @@ def unavailable_reason() -> str:
     return _state["reason"]
 
 
+def gemm_backend() -> str:
+    """Which GEMM the float32 ops run by default: ``onednn``, ``eigen``, or ``""`` without a library."""
+    lib = library()
+    return "" if lib is None else lib.dist_rnn_gemm_backend().numpy().decode()
+
+
 def uses_compiled(cell: str) -> bool:
     """Whether layers of ``cell`` run the compiled op: switched on, an op exists, and it built."""
     return enabled() and cell in COMPILED_CELLS and library() is not None
@@ -176,18 +189,27 @@ def _mask_arg(mask, dtype):
     return tf.zeros([0, 0], dtype) if mask is None else mask
 
 
-def _lstm_forward(proj, h0, c0, rkernel, mask, units):
+def gemm_choice() -> str:
+    """The ops' ``gemm`` attribute: ``auto`` (oneDNN's sgemm when TensorFlow exports it) or ``eigen``.
+
+    ``DIST_RNN_COMPILED_GEMM=eigen`` forces Eigen's matrix product (read when a layer is traced); the
+    tests use it to check the fallback, which also runs wherever the oneDNN entry point is missing.
+    """
+    return "eigen" if os.environ.get(GEMM_ENV, "auto").strip().lower() == "eigen" else "auto"
+
+
+def _lstm_forward(proj, h0, c0, rkernel, mask, units, gemm):
     del units
-    return tuple(library().dist_rnn_lstm_forward(proj, h0, c0, rkernel, _mask_arg(mask, proj.dtype)))
+    return tuple(library().dist_rnn_lstm_forward(proj, h0, c0, rkernel, _mask_arg(mask, proj.dtype), gemm=gemm))
 
 
-def _lstm_backward(d_outputs, inputs, mask, saved, units):
+def _lstm_backward(d_outputs, inputs, mask, saved, units, gemm):
     del units
     d_h_seq, d_h_last, d_c_last = d_outputs
     proj, h0, c0, rkernel = inputs
     h_seq, _, _, c_seq, gates = saved
     return tuple(library().dist_rnn_lstm_backward(d_h_seq, d_h_last, d_c_last, h0, c0, rkernel,
-                                                  _mask_arg(mask, proj.dtype), h_seq, c_seq, gates))
+                                                  _mask_arg(mask, proj.dtype), h_seq, c_seq, gates, gemm=gemm))
 
 
 def lstm(proj, h0, c0, rkernel, mask, units):
@@ -202,6 +224,6 @@ def lstm(proj, h0, c0, rkernel, mask, units):
     math = tf.float64 if dtype == tf.float64 else tf.float32
     tensors = [cast(t, math) for t in (proj, h0, c0, rkernel)]
     m = None if mask is None else cast(mask, math)
-    outputs = with_custom_gradient(_lstm_forward, _lstm_backward, tensors, m, 3, units=units)
+    outputs = with_custom_gradient(_lstm_forward, _lstm_backward, tensors, m, 3, units=units, gemm=gemm_choice())
     return tuple(cast(o, dtype) for o in outputs)
 

@@ -8,20 +8,22 @@
 // dropout mask (B, U) multiplying h before the recurrent matmul; an empty
 // mask (0 elements) means no dropout.
 //
-// Per step one GEMM (h @ U) on TensorFlow's intra-op thread pool, then the
-// gates and the state update in one pass. The backward pass runs the reverse
-// loop (one GEMM dz @ U^T per step) and computes the recurrent-kernel
-// gradient with one GEMM over all T * B rows.
+// Forward, per step: one GEMM h @ U into the step's gate buffer, then one
+// pass over the batch rows that adds the projection, applies the sigmoid and
+// updates c and h (and the masked h for the next GEMM). Backward, per step in
+// reverse: one pass that turns dh and dc into the gate gradients dz, then one
+// GEMM dz @ U^T (against U^T transposed once per call). The recurrent-kernel
+// gradient is one GEMM over all T * B rows. No allocation inside the loops.
+//
+// The GEMMs (gemm.h) run oneDNN's sgemm through TensorFlow's own MatMul entry
+// point when the installed TensorFlow exports it, else Eigen's matrix product.
 
-#define EIGEN_USE_THREADS
-
-#include <cmath>
 #include <cstring>
 
+#include "gemm.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
-#include "unsupported/Eigen/CXX11/Tensor"
 
 namespace dist_rnn {
 
@@ -36,29 +38,13 @@ using ::tensorflow::errors::InvalidArgument;
 using ::tensorflow::shape_inference::DimensionHandle;
 using ::tensorflow::shape_inference::InferenceContext;
 using ::tensorflow::shape_inference::ShapeHandle;
+using cpu::Gemm;
+using cpu::ParallelRows;
 
 template <typename T>
-using Matrix = Eigen::TensorMap<Eigen::Tensor<T, 2, Eigen::RowMajor>, Eigen::Aligned>;
+using Vec = Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>>;
 template <typename T>
-using ConstMatrix = Eigen::TensorMap<Eigen::Tensor<const T, 2, Eigen::RowMajor>, Eigen::Aligned>;
-template <typename T>
-using UnalignedConstMatrix = Eigen::TensorMap<Eigen::Tensor<const T, 2, Eigen::RowMajor>>;
-template <typename T>
-using UnalignedMatrix = Eigen::TensorMap<Eigen::Tensor<T, 2, Eigen::RowMajor>>;
-
-// a @ b: contract the columns of a with the rows of b.
-const Eigen::array<Eigen::IndexPair<int>, 1> kRowsByCols = {Eigen::IndexPair<int>(1, 0)};
-// a @ b^T: contract the columns of a with the columns of b.
-const Eigen::array<Eigen::IndexPair<int>, 1> kRowsByRows = {Eigen::IndexPair<int>(1, 1)};
-// a^T @ b: contract the rows of a with the rows of b.
-const Eigen::array<Eigen::IndexPair<int>, 1> kColsByCols = {Eigen::IndexPair<int>(0, 0)};
-
-// Runs fn(begin, end) over [0, rows) in shards on the op's thread pool.
-template <typename Fn>
-void ParallelRows(const Eigen::ThreadPoolDevice& device, int64_t rows, double cost_per_row, Fn fn) {
-  device.parallelFor(rows, Eigen::TensorOpCost(0, 0, cost_per_row),
-                     [&fn](Eigen::Index begin, Eigen::Index end) { fn(begin, end); });
-}
+using ConstVec = Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>;
 
 Status LstmForwardShape(InferenceContext* c) {
   ShapeHandle proj, h0, c0, rkernel;
@@ -98,8 +84,10 @@ REGISTER_OP("DistRnnLstmForward")
     .Output("c_seq: T")
     .Output("gates: T")
     .Attr("T: {float, double}")
+    .Attr("gemm: {'auto', 'eigen'} = 'auto'")
     .SetShapeFn(LstmForwardShape)
-    .Doc("LSTM recurrence over a time-major input projection; gates are the sigmoid outputs.");
+    .Doc("LSTM recurrence over a time-major input projection; gates are the sigmoid outputs. "
+         "gemm='eigen' forces Eigen's matrix product instead of oneDNN's (for tests).");
 
 REGISTER_OP("DistRnnLstmBackward")
     .Input("d_h_seq: T")
@@ -117,6 +105,7 @@ REGISTER_OP("DistRnnLstmBackward")
     .Output("d_c0: T")
     .Output("d_rkernel: T")
     .Attr("T: {float, double}")
+    .Attr("gemm: {'auto', 'eigen'} = 'auto'")
     .SetShapeFn(LstmBackwardShape)
     .Doc("Gradients of DistRnnLstmForward with respect to proj, h0, c0 and rkernel.");
 
@@ -136,10 +125,16 @@ Status CheckLstmShapes(const Tensor& proj, const Tensor& h0, const Tensor& c0, c
   return absl::OkStatus();
 }
 
+// Reads the "gemm" attribute: true when oneDNN may be used.
+bool AllowOneDnn(OpKernelConstruction* ctx) {
+  std::string gemm;
+  return !ctx->GetAttr("gemm", &gemm).ok() || gemm != "eigen";
+}
+
 template <typename T>
 class LstmForwardOp : public OpKernel {
  public:
-  explicit LstmForwardOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+  explicit LstmForwardOp(OpKernelConstruction* ctx) : OpKernel(ctx), allow_onednn_(AllowOneDnn(ctx)) {}
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& proj = ctx->input(0);
@@ -157,45 +152,41 @@ class LstmForwardOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, c0.shape(), &c_last));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(3, TensorShape({steps, batch, units}), &c_seq));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(4, proj.shape(), &y_seq));
-    Tensor masked;
-    OP_REQUIRES_OK(ctx, ctx->allocate_temp(proj.dtype(), h0.shape(), &masked));
-
-    const auto& device = ctx->eigen_device<Eigen::ThreadPoolDevice>();
     const bool has_mask = mask.NumElements() > 0;
+    Tensor masked;  // the masked h fed to the next step's GEMM
+    OP_REQUIRES_OK(ctx, ctx->allocate_temp(proj.dtype(), has_mask ? h0.shape() : TensorShape({0}), &masked));
+
+    const Gemm<T> gemm(ctx, allow_onednn_);
     const T* m = has_mask ? mask.flat<T>().data() : nullptr;
     const T* p = proj.flat<T>().data();
+    const T* u = rkernel.flat<T>().data();
     T* hs = h_seq->flat<T>().data();
     T* cs = c_seq->flat<T>().data();
     T* ys = y_seq->flat<T>().data();
-    T* hm = masked.flat<T>().data();
-    ConstMatrix<T> u(rkernel.flat<T>().data(), units, gates);
+    T* hm = has_mask ? masked.flat<T>().data() : nullptr;
     const T* h_prev = h0.flat<T>().data();
     const T* c_prev = c0.flat<T>().data();
+    if (has_mask && steps > 0) {
+      Vec<T>(hm, state_size) = ConstVec<T>(h_prev, state_size) * ConstVec<T>(m, state_size);
+    }
 
     for (int64_t t = 0; t < steps; ++t) {
-      const T* h_in = h_prev;
-      if (has_mask) {
-        for (int64_t i = 0; i < state_size; ++i) hm[i] = h_prev[i] * m[i];
-        h_in = hm;
-      }
       T* y = ys + t * batch * gates;
-      UnalignedMatrix<T> y_t(y, batch, gates);
-      UnalignedConstMatrix<T> p_t(p + t * batch * gates, batch, gates);
-      UnalignedConstMatrix<T> h_t(h_in, batch, units);
-      y_t.device(device) = h_t.contract(u, kRowsByCols);
-      y_t.device(device) = (y_t + p_t).sigmoid();
+      const T* p_t = p + t * batch * gates;
+      gemm(false, batch, gates, units, has_mask ? hm : h_prev, units, u, gates, y, gates);
       T* h = hs + t * state_size;
       T* c = cs + t * state_size;
       const T* cp = c_prev;
-      ParallelRows(device, batch, 30.0 * units, [&](int64_t begin, int64_t end) {
+      ParallelRows(ctx, batch, 60.0 * gates, [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) {
-          const T* yb = y + b * gates;
-          for (int64_t j = 0; j < units; ++j) {
-            const int64_t k = b * units + j;
-            const T c_new = cp[k] * yb[units + j] + yb[j] * (T(2) * yb[2 * units + j] - T(1));
-            c[k] = c_new;
-            h[k] = std::tanh(c_new) * yb[3 * units + j];
-          }
+          Vec<T> yb(y + b * gates, gates);
+          yb = (yb + ConstVec<T>(p_t + b * gates, gates)).logistic();
+          const auto i = yb.segment(0, units), f = yb.segment(units, units);
+          const auto g = yb.segment(2 * units, units), o = yb.segment(3 * units, units);
+          Vec<T> cb(c + b * units, units), hb(h + b * units, units);
+          cb = ConstVec<T>(cp + b * units, units) * f + i * (T(2) * g - T(1));
+          hb = cb.tanh() * o;
+          if (has_mask) Vec<T>(hm + b * units, units) = hb * ConstVec<T>(m + b * units, units);
         }
       });
       h_prev = h;
@@ -204,12 +195,15 @@ class LstmForwardOp : public OpKernel {
     std::memcpy(h_last->flat<T>().data(), h_prev, state_size * sizeof(T));
     std::memcpy(c_last->flat<T>().data(), c_prev, state_size * sizeof(T));
   }
+
+ private:
+  const bool allow_onednn_;
 };
 
 template <typename T>
 class LstmBackwardOp : public OpKernel {
  public:
-  explicit LstmBackwardOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+  explicit LstmBackwardOp(OpKernelConstruction* ctx) : OpKernel(ctx), allow_onednn_(AllowOneDnn(ctx)) {}
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& d_h_seq = ctx->input(0);
@@ -236,12 +230,13 @@ class LstmBackwardOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, h0.shape(), &d_h0));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, c0.shape(), &d_c0));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(3, rkernel.shape(), &d_rkernel));
-    Tensor dh_carry_t, h_prev_t;
-    OP_REQUIRES_OK(ctx, ctx->allocate_temp(y_seq.dtype(), h0.shape(), &dh_carry_t));
+    Tensor u_transposed_t, tanh_c_t, h_prev_t;
+    OP_REQUIRES_OK(ctx, ctx->allocate_temp(y_seq.dtype(), TensorShape({gates, units}), &u_transposed_t));
+    OP_REQUIRES_OK(ctx, ctx->allocate_temp(y_seq.dtype(), h0.shape(), &tanh_c_t));
     // The (masked) h fed to the recurrent matmul at every step, for the weight gradient.
     OP_REQUIRES_OK(ctx, ctx->allocate_temp(y_seq.dtype(), seq, &h_prev_t));
 
-    const auto& device = ctx->eigen_device<Eigen::ThreadPoolDevice>();
+    const Gemm<T> gemm(ctx, allow_onednn_);
     const bool has_mask = mask.NumElements() > 0;
     const T* m = has_mask ? mask.flat<T>().data() : nullptr;
     const T* dhs = d_h_seq.flat<T>().data();
@@ -251,10 +246,14 @@ class LstmBackwardOp : public OpKernel {
     T* dz_all = d_proj->flat<T>().data();
     T* dh_carry = d_h0->flat<T>().data();  // d_h0/d_c0 double as the carries
     T* dc_carry = d_c0->flat<T>().data();
-    T* dh_rec = dh_carry_t.flat<T>().data();
+    T* tanh_cs = tanh_c_t.flat<T>().data();
     std::memcpy(dh_carry, d_h_last.flat<T>().data(), state_size * sizeof(T));
     std::memcpy(dc_carry, d_c_last.flat<T>().data(), state_size * sizeof(T));
-    ConstMatrix<T> u(rkernel.flat<T>().data(), units, gates);
+    // dz @ U^T runs faster against U^T laid out in memory than with a transposed operand.
+    T* ut = u_transposed_t.flat<T>().data();
+    Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>(ut, gates, units) =
+        Eigen::Map<const Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>(
+            rkernel.flat<T>().data(), units, gates).transpose();
 
     for (int64_t t = steps - 1; t >= 0; --t) {
       const T* y = ys + t * batch * gates;
@@ -262,50 +261,66 @@ class LstmBackwardOp : public OpKernel {
       const T* cp = t > 0 ? cs + (t - 1) * state_size : c0.flat<T>().data();
       const T* dho = dhs + t * state_size;
       T* dz = dz_all + t * batch * gates;
-      ParallelRows(device, batch, 40.0 * units, [&](int64_t begin, int64_t end) {
+      ParallelRows(ctx, batch, 40.0 * gates, [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) {
-          const T* yb = y + b * gates;
-          T* dzb = dz + b * gates;
-          for (int64_t j = 0; j < units; ++j) {
-            const int64_t k = b * units + j;
-            const T yi = yb[j], yf = yb[units + j], yc = yb[2 * units + j], yo = yb[3 * units + j];
-            const T tanh_c = std::tanh(c[k]);
-            const T dh = dho[k] + dh_carry[k];
-            const T dc = dh * (yo * (T(1) - tanh_c * tanh_c)) + dc_carry[k];
-            dzb[j] = dc * (T(2) * yc - T(1)) * (yi * (T(1) - yi));
-            dzb[units + j] = dc * cp[k] * (yf * (T(1) - yf));
-            dzb[2 * units + j] = dc * (T(2) * yi) * (yc * (T(1) - yc));
-            dzb[3 * units + j] = dh * tanh_c * (yo * (T(1) - yo));
-            dc_carry[k] = dc * yf;
-          }
+          const int64_t k = b * units;
+          ConstVec<T> yb(y + b * gates, gates);
+          const auto i = yb.segment(0, units), f = yb.segment(units, units);
+          const auto g = yb.segment(2 * units, units), o = yb.segment(3 * units, units);
+          Vec<T> dzb(dz + b * gates, gates), dcb(dc_carry + k, units), dhb(dh_carry + k, units);
+          Vec<T> tanh_c(tanh_cs + k, units);
+          tanh_c = ConstVec<T>(c + k, units).tanh();
+          dhb += ConstVec<T>(dho + k, units);  // dh of this step: from above and from step t + 1
+          dcb += dhb * o * (T(1) - tanh_c.square());
+          dzb.segment(0, units) = dcb * (T(2) * g - T(1)) * i * (T(1) - i);
+          dzb.segment(units, units) = dcb * ConstVec<T>(cp + k, units) * f * (T(1) - f);
+          dzb.segment(2 * units, units) = dcb * (T(2) * i) * g * (T(1) - g);
+          dzb.segment(3 * units, units) = dhb * tanh_c * o * (T(1) - o);
+          dcb *= f;
         }
       });
-      UnalignedConstMatrix<T> dz_t(dz, batch, gates);
-      UnalignedMatrix<T> dh_rec_t(dh_rec, batch, units);
-      dh_rec_t.device(device) = dz_t.contract(u, kRowsByRows);
-      for (int64_t i = 0; i < state_size; ++i) dh_carry[i] = has_mask ? dh_rec[i] * m[i] : dh_rec[i];
+      gemm(false, batch, units, gates, dz, gates, ut, units, dh_carry, units);
+      if (has_mask) Vec<T>(dh_carry, state_size) *= ConstVec<T>(m, state_size);
     }
 
     // Weight gradient: (masked h_{t-1})^T @ dz over all T * B rows in one GEMM.
+    if (steps == 0) {
+      std::memset(d_rkernel->flat<T>().data(), 0, rkernel.NumElements() * sizeof(T));
+      return;
+    }
     T* hp = h_prev_t.flat<T>().data();
-    if (steps > 0) {
-      std::memcpy(hp, h0.flat<T>().data(), state_size * sizeof(T));
-      std::memcpy(hp + state_size, hs, (steps - 1) * state_size * sizeof(T));
-      if (has_mask) {
-        for (int64_t t = 0; t < steps; ++t)
-          for (int64_t i = 0; i < state_size; ++i) hp[t * state_size + i] *= m[i];
-      }
+    std::memcpy(hp, h0.flat<T>().data(), state_size * sizeof(T));
+    std::memcpy(hp + state_size, hs, (steps - 1) * state_size * sizeof(T));
+    if (has_mask) {
+      for (int64_t t = 0; t < steps; ++t) Vec<T>(hp + t * state_size, state_size) *= ConstVec<T>(m, state_size);
     }
-    UnalignedConstMatrix<T> h_rows(hp, steps * batch, units);
-    UnalignedConstMatrix<T> dz_rows(dz_all, steps * batch, gates);
-    UnalignedMatrix<T> d_u(d_rkernel->flat<T>().data(), units, gates);
-    if (steps > 0) {
-      d_u.device(device) = h_rows.contract(dz_rows, kColsByCols);
-    } else {
-      d_u.setZero();
-    }
+    gemm(true, units, gates, steps * batch, hp, units, dz_all, gates, d_rkernel->flat<T>().data(), gates);
+  }
+
+ private:
+  const bool allow_onednn_;
+};
+
+REGISTER_OP("DistRnnGemmBackend")
+    .Output("backend: string")
+    .SetShapeFn([](InferenceContext* c) {
+      c->set_output(0, c->Scalar());
+      return absl::OkStatus();
+    })
+    .Doc("Which GEMM the float32 ops use with gemm='auto': 'onednn' or 'eigen'.");
+
+class GemmBackendOp : public OpKernel {
+ public:
+  explicit GemmBackendOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    Tensor* out;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({}), &out));
+    out->scalar<::tensorflow::tstring>()() = Gemm<float>(ctx, true).onednn() ? "onednn" : "eigen";
   }
 };
+
+REGISTER_KERNEL_BUILDER(Name("DistRnnGemmBackend").Device(DEVICE_CPU), GemmBackendOp);
 
 #define REGISTER_LSTM_KERNELS(T)                                                                   \
   REGISTER_KERNEL_BUILDER(                                                                         \
