@@ -62,6 +62,12 @@ template <typename T>
 using ConstMatrixMap = Eigen::Map<const RowMajorMatrix<T>>;
 template <typename T>
 using RowVectorMap = Eigen::Map<Eigen::Matrix<T, 1, Eigen::Dynamic>>;
+// Elementwise work on a run of units: Eigen's vectorized logistic and tanh (std::exp/std::tanh per
+// element cost more than the step's GEMM).
+template <typename T>
+using ArrayMap = Eigen::Map<Eigen::Array<T, 1, Eigen::Dynamic>>;
+template <typename T>
+using ConstArrayMap = Eigen::Map<const Eigen::Array<T, 1, Eigen::Dynamic>>;
 
 // Units per shard block: a multiple of the SIMD width, so that the column
 // blocks of every shard's GEMM start on full packets where the width allows.
@@ -78,11 +84,6 @@ void ParallelBlocks(OpKernelContext* ctx, int64_t size, int64_t block, double co
                       const int64_t first = begin * block;
                       fn(first, std::min(end * block, size) - first);
                     });
-}
-
-template <typename T>
-inline T Sigmoid(T a) {
-  return T(1) / (T(1) + std::exp(-a));
 }
 
 Status GruForwardShape(InferenceContext* c) {
@@ -223,24 +224,21 @@ class GruForwardOp : public OpKernel {
         for (int64_t g = 0; g < 3; ++g) {
           hu_m.middleCols(g * units + first, count).noalias() = h_in_m * u.middleCols(g * units + first, count);
         }
+        // Gate g's columns of units [first, first + count) in row b of a (B, 3U) matrix.
+        auto gate = [&](const T* rows, int64_t b, int64_t g) {
+          return ConstArrayMap<T>(rows + b * gates + g * units + first, count);
+        };
+        auto rb_gate = [&](int64_t g) { return ConstArrayMap<T>(rb + g * units + first, count); };
         for (int64_t b = 0; b < batch; ++b) {
-          const T* pb = pt + b * gates;
-          const T* hub = hu + b * gates;
-          T* zrb = zr + b * 2 * units;
-          for (int64_t j = first; j < first + count; ++j) {
-            const int64_t k = b * units + j;
-            const T z = Sigmoid(pb[j] + (hub[j] + rb[j]));
-            const T r = Sigmoid(pb[units + j] + (hub[units + j] + rb[units + j]));
-            const T hu_c = hub[2 * units + j] + rb[2 * units + j];
-            const T cand = std::tanh(pb[2 * units + j] + r * hu_c);
-            const T h_new = cand + z * (hp[k] - cand);
-            zrb[j] = z;
-            zrb[units + j] = r;
-            hu_h[k] = hu_c;
-            hh[k] = cand;
-            h[k] = h_new;
-            if (has_mask) masked_next[k] = h_new * m[k];
-          }
+          const int64_t k = b * units + first;
+          ArrayMap<T> z(zr + b * 2 * units + first, count), r(zr + b * 2 * units + units + first, count);
+          ArrayMap<T> hu_c(hu_h + k, count), cand(hh + k, count), h_new(h + k, count);
+          z = (gate(pt, b, 0) + (gate(hu, b, 0) + rb_gate(0))).logistic();
+          r = (gate(pt, b, 1) + (gate(hu, b, 1) + rb_gate(1))).logistic();
+          hu_c = gate(hu, b, 2) + rb_gate(2);
+          cand = (gate(pt, b, 2) + r * hu_c).tanh();
+          h_new = cand + z * (ConstArrayMap<T>(hp + k, count) - cand);
+          if (has_mask) ArrayMap<T>(masked_next + k, count) = h_new * ConstArrayMap<T>(m + k, count);
         }
       });
       h_prev = h;
