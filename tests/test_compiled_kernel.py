@@ -2,8 +2,8 @@
 
 The library is built at most once per test session, into pytest's cache
 folder (``.pytest_cache/d/dist_rnn_kernels``; the library's name there is keyed
-by the sources, so a changed op is rebuilt): about two minutes of CPU time, mostly
-the TensorFlow headers.
+by the sources, so a changed op is rebuilt): about 1.8 minutes of CPU time for
+lstm_ops.cc and 1.3 for gru_ops.cc, compiled side by side (docs/benchmarks.md, #22).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from dist_rnn.config import ModelConfig
 from dist_rnn.models.kernels import compiled, plain
-from dist_rnn.models.keras_rnn import LSTM
+from dist_rnn.models.keras_rnn import GRU, LSTM
 from dist_rnn.models.model import kernel_report
 
 # (steps, batch, units): odd batches, units not a multiple of 8, a length-1 sequence.
@@ -76,6 +76,26 @@ def _lstm_inputs(steps, batch, units, seed, dropout):
     return [proj, h0, c0, rkernel], mask, upstream
 
 
+def _gru_inputs(steps, batch, units, seed, dropout):
+    rng = np.random.default_rng(seed)
+    f32 = lambda *shape: tf.constant(rng.normal(size=shape).astype(np.float32))  # noqa: E731
+    proj, h0, rbias = f32(steps, batch, 3 * units), f32(batch, units), f32(3 * units)
+    rkernel = tf.constant((rng.normal(size=(units, 3 * units)) / np.sqrt(units)).astype(np.float32))
+    mask = None
+    if dropout:
+        keep = rng.uniform(size=(batch, units)) >= 0.3
+        mask = tf.constant(np.where(keep, 1 / 0.7, 0.0).astype(np.float32))
+    upstream = [f32(steps, batch, units), f32(batch, units)]
+    return [proj, h0, rkernel, rbias], mask, upstream
+
+
+# cell -> (graph kernel, compiled op, inputs, output names, gradient names)
+CELLS = {
+    "lstm": (plain.lstm, compiled.lstm, _lstm_inputs, ["h_seq", "h_T", "c_T"], ["d_proj", "d_h0", "d_c0", "d_rkernel"]),
+    "gru": (plain.gru, compiled.gru, _gru_inputs, ["h_seq", "h_T"], ["d_proj", "d_h0", "d_rkernel", "d_rbias"]),
+}
+
+
 def _run(recurrence, tensors, mask, upstream, units):
     with tf.GradientTape() as tape:
         tape.watch(tensors)
@@ -84,25 +104,28 @@ def _run(recurrence, tensors, mask, upstream, units):
     return [o.numpy() for o in outputs], [g.numpy() for g in tape.gradient(loss, tensors)]
 
 
-@pytest.mark.parametrize("gemm", ["auto", "eigen"])
 @pytest.mark.parametrize("dropout", [False, True], ids=["no_mask", "dropout_mask"])
 @pytest.mark.parametrize("size", SIZES + [(3, 40, 300)], ids=lambda s: "T{}_B{}_U{}".format(*s))
-def test_lstm_forward_and_gradients_equal_graph_kernel(compiled_on, monkeypatch, size, dropout, gemm):
-    # gemm "auto": oneDNN's sgemm where TensorFlow exports it (the 40 x 300 size is large enough for
-    # its multi-threaded path); "eigen": the fallback product.
+# The LSTM op multiplies with oneDNN's sgemm where TensorFlow exports it ("auto"; the 40 x 300 size is
+# large enough for its multi-threaded path) or with Eigen's product ("eigen", the fallback); the GRU
+# op has the Eigen product only.
+@pytest.mark.parametrize("cell,gemm", [("lstm", "auto"), ("lstm", "eigen"), ("gru", "auto")])
+def test_forward_and_gradients_equal_graph_kernel(compiled_on, monkeypatch, cell, gemm, size, dropout):
+    graph_op, compiled_op, make_inputs, output_names, grad_names = CELLS[cell]
     monkeypatch.setenv(compiled.GEMM_ENV, gemm)
     steps, batch, units = size
-    tensors, mask, upstream = _lstm_inputs(steps, batch, units, seed=sum(size) + dropout, dropout=dropout)
-    want_out, want_grads = _run(plain.lstm, tensors, mask, upstream, units)
-    got_out, got_grads = _run(compiled.lstm, tensors, mask, upstream, units)
-    for name, got, want in zip(["h_seq", "h_T", "c_T"], got_out, want_out):
+    tensors, mask, upstream = make_inputs(steps, batch, units, seed=sum(size) + dropout, dropout=dropout)
+    want_out, want_grads = _run(graph_op, tensors, mask, upstream, units)
+    got_out, got_grads = _run(compiled_op, tensors, mask, upstream, units)
+    for name, got, want in zip(output_names, got_out, want_out):
         _relative_close(got, want, name)
-    for name, got, want in zip(["d_proj", "d_h0", "d_c0", "d_rkernel"], got_grads, want_grads):
+    for name, got, want in zip(grad_names, got_grads, want_grads):
         _relative_close(got, want, name)
     # The mask matters: without it the compiled result differs (the test can see a dropped mask).
     if dropout:
-        unmasked, _ = _run(compiled.lstm, tensors, None, upstream, units)
+        unmasked, unmasked_grads = _run(compiled_op, tensors, None, upstream, units)
         assert np.max(np.abs(unmasked[0] - got_out[0])) > 1e-3
+        assert np.max(np.abs(unmasked_grads[0] - got_grads[0])) > 1e-3
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="oneDNN's sgemm entry point is x86 only")
@@ -118,13 +141,15 @@ def test_float32_ops_multiply_with_onednn_on_x86_unless_eigen_is_asked(compiled_
         _relative_close(got, want, "oneDNN against Eigen")
 
 
-def test_lstm_compiled_op_inside_tf_function_and_float64(compiled_on):
-    tensors, mask, upstream = _lstm_inputs(5, 3, 7, seed=1, dropout=True)
+@pytest.mark.parametrize("cell", CELLS)
+def test_compiled_op_inside_tf_function_and_float64(compiled_on, cell):
+    graph_op, compiled_op, make_inputs, _, _ = CELLS[cell]
+    tensors, mask, upstream = make_inputs(5, 3, 7, seed=1, dropout=True)
     as64 = [tf.cast(t, tf.float64) for t in tensors]
     mask64 = tf.cast(mask, tf.float64)
     up64 = [tf.cast(u, tf.float64) for u in upstream]
-    want_out, want_grads = _run(plain.lstm, as64, mask64, up64, 7)
-    got_out, got_grads = tf.function(lambda: _run_tensors(compiled.lstm, as64, mask64, up64, 7))()
+    want_out, want_grads = _run(graph_op, as64, mask64, up64, 7)
+    got_out, got_grads = tf.function(lambda: _run_tensors(compiled_op, as64, mask64, up64, 7))()
     assert got_out[0].dtype == tf.float64
     for got, want in zip(list(got_out) + list(got_grads), want_out + want_grads):
         _relative_close(got.numpy(), want, "float64", rtol=1e-12)
@@ -141,19 +166,25 @@ def _run_tensors(recurrence, tensors, mask, upstream, units):
 def _layer_step(layer, x, seed):
     """Outputs and weight gradients of ``layer`` on ``x`` with recurrent dropout active."""
     with tf.GradientTape() as tape:
-        out, h, c = layer(x, training=True, seed=seed)
-        loss = tf.reduce_sum(out * tf.range(1.0, 1.0 + out.shape[-1])) + tf.reduce_sum(h * c)
-    return [out.numpy(), h.numpy(), c.numpy()] + [g.numpy() for g in tape.gradient(loss, layer.trainable_variables)]
+        out, *states = layer(x, training=True, seed=seed)
+        # LSTM: h * c; GRU: h * h.
+        loss = tf.reduce_sum(out * tf.range(1.0, 1.0 + out.shape[-1])) + tf.reduce_sum(states[0] * states[-1])
+    return [out.numpy()] + [s.numpy() for s in states] + [
+        g.numpy() for g in tape.gradient(loss, layer.trainable_variables)]
 
 
-def test_lstm_layer_runs_compiled_op_with_same_results_and_kernel_report_says_so(compiled_on, monkeypatch):
-    layer = LSTM(11, recurrent_dropout=0.25, return_sequences=True, return_state=True)
+LAYERS = {"lstm": LSTM, "gru": GRU}
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_layer_runs_compiled_op_with_same_results_and_kernel_report_says_so(compiled_on, monkeypatch, cell):
+    layer = LAYERS[cell](11, recurrent_dropout=0.25, return_sequences=True, return_state=True)
     x = tf.random.stateless_normal([5, 4, 6], seed=[3, 4])
     seed = tf.constant([7, 8], tf.int64)
     layer(x)  # build
     calls = []
-    real_lstm = compiled.lstm
-    monkeypatch.setattr(compiled, "lstm", lambda *a, **k: calls.append(1) or real_lstm(*a, **k))
+    real_op = getattr(compiled, cell)
+    monkeypatch.setattr(compiled, cell, lambda *a, **k: calls.append(1) or real_op(*a, **k))
     got = _layer_step(layer, x, seed)
     assert calls, "the layer did not run the compiled op"
     monkeypatch.setenv(compiled.SWITCH_ENV, "off")
@@ -162,17 +193,18 @@ def test_lstm_layer_runs_compiled_op_with_same_results_and_kernel_report_says_so
     for i, (g, w) in enumerate(zip(got, want)):
         _relative_close(g, w, f"layer result {i}")
     monkeypatch.setenv(compiled.SWITCH_ENV, "on")
-    lines = [k.line() for k in kernel_report(ModelConfig(cell="lstm", num_layers=2, hidden_size=11), False)]
-    assert lines == [f"layer {i}  lstm  11 units  kernel: dist-rnn compiled recurrence (no GPU visible)"
+    lines = [k.line() for k in kernel_report(ModelConfig(cell=cell, num_layers=2, hidden_size=11), False)]
+    assert lines == [f"layer {i}  {cell}  11 units  kernel: dist-rnn compiled recurrence (no GPU visible)"
                      for i in range(2)]
-    gru_line = kernel_report(ModelConfig(cell="gru", num_layers=1, hidden_size=11), False)[0].line()
-    assert gru_line.endswith("kernel: dist-rnn fused recurrence (no GPU visible)")  # no compiled gru yet
+    ln_report = kernel_report(ModelConfig(cell="ln_" + cell, num_layers=1, hidden_size=11), False)[0]
+    assert not ln_report.compiled and "kernel: dist-rnn fused recurrence (" in ln_report.line()  # no ln_* op yet
 
 
 
+@pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("broken", ["missing", "failing"])
 def test_compiler_missing_or_failing_falls_back_to_graph_with_one_warning_and_a_report_line(
-        broken, tmp_path, monkeypatch):
+        broken, cell, tmp_path, monkeypatch):
     # "failing": a compiler that exits 1 (/bin/false): both flag sets fail, no library is left behind.
     cxx = str(tmp_path / "no-such-g++") if broken == "missing" else "/bin/false"
     reason = f"no C++ compiler ({cxx} not found)" if broken == "missing" else "build failed: /bin/false failed: "
@@ -181,19 +213,19 @@ def test_compiler_missing_or_failing_falls_back_to_graph_with_one_warning_and_a_
     monkeypatch.setenv(compiled.COMPILER_ENV, cxx)
     compiled.reset()
     try:
-        layer = LSTM(9, recurrent_dropout=0.25, return_sequences=True, return_state=True)
+        layer = LAYERS[cell](9, recurrent_dropout=0.25, return_sequences=True, return_state=True)
         x = tf.random.stateless_normal([3, 4, 5], seed=[1, 2])
         seed = tf.constant([5, 6], tf.int64)
         with pytest.warns(RuntimeWarning, match="compiled recurrence unavailable"):
             got = _layer_step(layer, x, seed)
         assert compiled.unavailable_reason() == reason
-        report = kernel_report(ModelConfig(cell="lstm", num_layers=1, hidden_size=9), False)[0]
+        report = kernel_report(ModelConfig(cell=cell, num_layers=1, hidden_size=9), False)[0]
         assert not report.compiled
-        assert report.line() == ("layer 0  lstm  9 units  kernel: dist-rnn fused recurrence (no GPU visible; "
+        assert report.line() == (f"layer 0  {cell}  9 units  kernel: dist-rnn fused recurrence (no GPU visible; "
                                  f"compiled op unavailable: {reason})")
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # warned once: no second warning
-            assert not compiled.uses_compiled("lstm")
+            assert not compiled.uses_compiled(cell)
         monkeypatch.setenv(compiled.SWITCH_ENV, "off")
         want = _layer_step(layer, x, seed)
         for i, (g, w) in enumerate(zip(got, want)):
@@ -204,16 +236,18 @@ def test_compiler_missing_or_failing_falls_back_to_graph_with_one_warning_and_a_
         compiled.reset()
 
 
-def test_lstm_compiled_op_under_bfloat16_computes_in_float32(compiled_on):
+@pytest.mark.parametrize("cell", CELLS)
+def test_compiled_op_under_bfloat16_computes_in_float32(compiled_on, cell):
     # mixed_bfloat16: bfloat16 in and out (gradients too), float32 math inside; so its result is the
     # float32 result of the bfloat16-rounded inputs, rounded once to bfloat16.
-    tensors, mask, upstream = _lstm_inputs(4, 3, 6, seed=2, dropout=True)
+    graph_op, compiled_op, make_inputs, _, _ = CELLS[cell]
+    tensors, mask, upstream = make_inputs(4, 3, 6, seed=2, dropout=True)
     bf16 = [tf.cast(t, tf.bfloat16) for t in tensors]
     mask16 = tf.cast(mask, tf.bfloat16)
-    outputs, grads = _run_tensors(compiled.lstm, bf16, mask16, [tf.cast(u, tf.bfloat16) for u in upstream], 6)
+    outputs, grads = _run_tensors(compiled_op, bf16, mask16, [tf.cast(u, tf.bfloat16) for u in upstream], 6)
     assert all(o.dtype == tf.bfloat16 for o in outputs) and all(g.dtype == tf.bfloat16 for g in grads)
     rounded = [tf.cast(t, tf.float32) for t in bf16]
-    want_out, _ = _run(plain.lstm, rounded, tf.cast(mask16, tf.float32), upstream, 6)
+    want_out, _ = _run(graph_op, rounded, tf.cast(mask16, tf.float32), upstream, 6)
     for got, want in zip(outputs, want_out):
         # One rounding to bfloat16 (8 significant bits): at most 2^-9 relative; bfloat16 math would be far off.
         np.testing.assert_allclose(tf.cast(got, tf.float32).numpy(), want, rtol=2.0**-8, atol=1e-6)

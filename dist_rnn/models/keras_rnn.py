@@ -194,4 +194,6 @@ class GRU(_FusedFallback, keras.layers.GRU):
         units = self.cell.units
         bias = self._weight(self.cell.bias, cdt)  # (2, 3U): input bias, recurrent bias
         proj = time_major_projection(x, self._weight(self.cell.kernel, cdt), bias[0])
-        return gru(proj, states[0], self._weight(self.cell.recurrent_kernel, cdt), bias[1], rmask, units=units)
+        recurrence = compiled.gru if compiled.uses_compiled("gru") else gru
+        return recurrence(proj, states[0], self._weight(self.cell.recurrent_kernel, cdt), bias[1], rmask,
+                          units=units)

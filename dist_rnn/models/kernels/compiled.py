@@ -3,7 +3,7 @@
 The graph kernels of :mod:`.plain` run a ``tf.while_loop`` of small ops per
 step; the ops here run the whole recurrence, forward and backward, as one C++
 kernel each, with the same inputs, outputs, layouts and semantics (so weights
-and checkpoints are unaffected). Only :func:`lstm` exists so far.
+and checkpoints are unaffected). So far :func:`lstm` and :func:`gru`.
 
 The shared library is compiled against the installed TensorFlow
 (``tf.sysconfig`` compile and link flags) the first time it is needed, into
@@ -52,7 +52,7 @@ GEMM_ENV = "DIST_RNN_COMPILED_GEMM"
 SOURCE_DIR = Path(__file__).parent / "csrc"
 LIBRARY_NAME = "dist_rnn_ops.so"
 #: Cells with a compiled op.
-COMPILED_CELLS = ("lstm",)
+COMPILED_CELLS = ("lstm", "gru")
 _BUILD_TIMEOUT_SECONDS = 1800
 
 _lock = threading.Lock()
@@ -255,3 +255,32 @@ def lstm(proj, h0, c0, rkernel, mask, units):
     outputs = with_custom_gradient(_lstm_forward, _lstm_backward, tensors, m, 3, units=units, gemm=gemm_choice())
     return tuple(cast(o, dtype) for o in outputs)
 
+
+def _gru_forward(proj, h0, rkernel, rbias, mask, units):
+    del units
+    return tuple(library().dist_rnn_gru_forward(proj, h0, rkernel, rbias, _mask_arg(mask, proj.dtype)))
+
+
+def _gru_backward(d_outputs, inputs, mask, saved, units):
+    del units
+    d_h_seq, d_h_last = d_outputs
+    proj, h0, rkernel, _ = inputs
+    h_seq, _, zr, hu_h, hh = saved
+    return tuple(library().dist_rnn_gru_backward(d_h_seq, d_h_last, h0, rkernel, _mask_arg(mask, proj.dtype),
+                                                 h_seq, zr, hu_h, hh))
+
+
+def gru(proj, h0, rkernel, rbias, mask, units):
+    """:func:`~.plain.gru` as the compiled op (same arguments, results and gradients).
+
+    Call only when :func:`uses_compiled` is true for ``"gru"``.
+
+    Returns:
+        ``h_seq, h_T`` in the dtype of ``proj``.
+    """
+    dtype = proj.dtype
+    math = tf.float64 if dtype == tf.float64 else tf.float32
+    tensors = [cast(t, math) for t in (proj, h0, rkernel, rbias)]
+    m = None if mask is None else cast(mask, math)
+    outputs = with_custom_gradient(_gru_forward, _gru_backward, tensors, m, 2, units=units)
+    return tuple(cast(o, dtype) for o in outputs)
