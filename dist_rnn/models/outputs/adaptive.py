@@ -150,6 +150,8 @@ class AdaptiveSoftmax(keras.layers.Layer):
         (``sparse_softmax_cross_entropy_with_logits``): for the backward pass it
         keeps only its ``[tokens, size]`` softmax-minus-one-hot, not the
         logits, their log-softmax and a dense gradient of a gather besides.
+        With op determinism on (``train.deterministic: true``) TensorFlow computes
+        that op as log-softmax and gather, so those runs do not get the saving.
         """
         shape = tf.shape(targets)
         h = tf.reshape(tf.cast(hidden, tf.float32), [-1, hidden.shape[-1]])
