@@ -104,8 +104,8 @@ def _ln_lstm_inputs(steps, batch, units, seed, dropout):
 CELLS = {
     "lstm": (plain.lstm, compiled.lstm, _lstm_inputs, ["h_seq", "h_T", "c_T"], ["d_proj", "d_h0", "d_c0", "d_rkernel"]),
     "gru": (plain.gru, compiled.gru, _gru_inputs, ["h_seq", "h_T"], ["d_proj", "d_h0", "d_rkernel", "d_rbias"]),
-    "ln_lstm": (functools.partial(layer_norm.ln_lstm, eps=LN_EPSILON), functools.partial(compiled.ln_lstm, eps=LN_EPSILON),
-                _ln_lstm_inputs, ["h_seq", "h_T", "c_T"],
+    "ln_lstm": (functools.partial(layer_norm.ln_lstm, eps=LN_EPSILON),
+                functools.partial(compiled.ln_lstm, eps=LN_EPSILON), _ln_lstm_inputs, ["h_seq", "h_T", "c_T"],
                 ["d_proj", "d_h0", "d_c0", "d_rkernel", "d_gain", "d_bias", "d_cell_gamma", "d_cell_beta"]),
 }
 

@@ -113,9 +113,9 @@ class LayerNormLSTM(FusedRecurrentLayer):
         bias = cast(tf.convert_to_tensor(self.gate_beta), sdt) * scale + shift
         recurrence = compiled.ln_lstm if compiled.uses_compiled("ln_lstm") else ln_lstm
         return recurrence(proj, states[0], states[1], rkernel, gain, bias,
-                       cast(tf.convert_to_tensor(self.cell_gamma), sdt),
-                       cast(tf.convert_to_tensor(self.cell_beta), sdt),
-                       mask, units=self.units, eps=LN_EPSILON)
+                          cast(tf.convert_to_tensor(self.cell_gamma), sdt),
+                          cast(tf.convert_to_tensor(self.cell_beta), sdt),
+                          mask, units=self.units, eps=LN_EPSILON)
 
     def get_config(self):
         """Returns the constructor arguments (plus the base layer's) as a dict."""
