@@ -3,11 +3,12 @@
 The library is built at most once per test session, into pytest's cache
 folder (``.pytest_cache/d/dist_rnn_kernels``; the library's name there is keyed
 by the sources, so a changed op is rebuilt): about 1.8 minutes of CPU time for
-lstm_ops.cc and 1.3 for gru_ops.cc, compiled side by side (docs/benchmarks.md, #22).
+lstm_ops.cc, 1.3 for gru_ops.cc and 1.4 for ln_lstm_ops.cc, compiled side by side (docs/benchmarks.md, #22).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import platform
 import shutil
@@ -19,8 +20,9 @@ import pytest
 import tensorflow as tf
 
 from dist_rnn.config import ModelConfig
-from dist_rnn.models.kernels import compiled, plain
+from dist_rnn.models.kernels import compiled, layer_norm, plain
 from dist_rnn.models.keras_rnn import GRU, LSTM
+from dist_rnn.models.layer_norm import LN_EPSILON, LayerNormLSTM
 from dist_rnn.models.model import kernel_report
 
 # (steps, batch, units): odd batches, units not a multiple of 8, a length-1 sequence.
@@ -89,10 +91,22 @@ def _gru_inputs(steps, batch, units, seed, dropout):
     return [proj, h0, rkernel, rbias], mask, upstream
 
 
+def _ln_lstm_inputs(steps, batch, units, seed, dropout):
+    # Gains/shifts away from 1/0, so that a gradient that ignores them is seen.
+    (proj, h0, c0, rkernel), mask, upstream = _lstm_inputs(steps, batch, units, seed, dropout)
+    rng = np.random.default_rng(seed + 1000)
+    vec = lambda n, center: tf.constant((center + 0.5 * rng.normal(size=n)).astype(np.float32))  # noqa: E731
+    gain, bias, cell_gamma, cell_beta = vec(4 * units, 1.0), vec(4 * units, 0.0), vec(units, 1.0), vec(units, 0.0)
+    return [proj, h0, c0, rkernel, gain, bias, cell_gamma, cell_beta], mask, upstream
+
+
 # cell -> (graph kernel, compiled op, inputs, output names, gradient names)
 CELLS = {
     "lstm": (plain.lstm, compiled.lstm, _lstm_inputs, ["h_seq", "h_T", "c_T"], ["d_proj", "d_h0", "d_c0", "d_rkernel"]),
     "gru": (plain.gru, compiled.gru, _gru_inputs, ["h_seq", "h_T"], ["d_proj", "d_h0", "d_rkernel", "d_rbias"]),
+    "ln_lstm": (functools.partial(layer_norm.ln_lstm, eps=LN_EPSILON),
+                functools.partial(compiled.ln_lstm, eps=LN_EPSILON), _ln_lstm_inputs, ["h_seq", "h_T", "c_T"],
+                ["d_proj", "d_h0", "d_c0", "d_rkernel", "d_gain", "d_bias", "d_cell_gamma", "d_cell_beta"]),
 }
 
 
@@ -108,8 +122,9 @@ def _run(recurrence, tensors, mask, upstream, units):
 @pytest.mark.parametrize("size", SIZES + [(3, 40, 300)], ids=lambda s: "T{}_B{}_U{}".format(*s))
 # The LSTM op multiplies with oneDNN's sgemm where TensorFlow exports it ("auto"; the 40 x 300 size is
 # large enough for its multi-threaded path) or with Eigen's product ("eigen", the fallback); the GRU
-# op has the Eigen product only.
-@pytest.mark.parametrize("cell,gemm", [("lstm", "auto"), ("lstm", "eigen"), ("gru", "auto")])
+# op has the Eigen product only; the ln_lstm op multiplies like the LSTM op.
+@pytest.mark.parametrize("cell,gemm", [("lstm", "auto"), ("lstm", "eigen"), ("gru", "auto"), ("ln_lstm", "auto"),
+                                       ("ln_lstm", "eigen")])
 def test_forward_and_gradients_equal_graph_kernel(compiled_on, monkeypatch, cell, gemm, size, dropout):
     graph_op, compiled_op, make_inputs, output_names, grad_names = CELLS[cell]
     monkeypatch.setenv(compiled.GEMM_ENV, gemm)
@@ -173,7 +188,9 @@ def _layer_step(layer, x, seed):
         g.numpy() for g in tape.gradient(loss, layer.trainable_variables)]
 
 
-LAYERS = {"lstm": LSTM, "gru": GRU}
+LAYERS = {"lstm": LSTM, "gru": GRU, "ln_lstm": LayerNormLSTM}
+# Why each cell's layer runs no cuDNN kernel here (the reason the kernel report gives).
+NO_CUDNN = {"lstm": "no GPU visible", "gru": "no GPU visible", "ln_lstm": LayerNormLSTM.fused_kernel_reason}
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -194,10 +211,10 @@ def test_layer_runs_compiled_op_with_same_results_and_kernel_report_says_so(comp
         _relative_close(g, w, f"layer result {i}")
     monkeypatch.setenv(compiled.SWITCH_ENV, "on")
     lines = [k.line() for k in kernel_report(ModelConfig(cell=cell, num_layers=2, hidden_size=11), False)]
-    assert lines == [f"layer {i}  {cell}  11 units  kernel: dist-rnn compiled recurrence (no GPU visible)"
+    assert lines == [f"layer {i}  {cell}  11 units  kernel: dist-rnn compiled recurrence ({NO_CUDNN[cell]})"
                      for i in range(2)]
-    ln_report = kernel_report(ModelConfig(cell="ln_" + cell, num_layers=1, hidden_size=11), False)[0]
-    assert not ln_report.compiled and "kernel: dist-rnn fused recurrence (" in ln_report.line()  # no ln_* op yet
+    ln_report = kernel_report(ModelConfig(cell="ln_gru", num_layers=1, hidden_size=11), False)[0]
+    assert not ln_report.compiled and "kernel: dist-rnn fused recurrence (" in ln_report.line()  # no ln_gru op yet
 
 
 
@@ -221,7 +238,7 @@ def test_compiler_missing_or_failing_falls_back_to_graph_with_one_warning_and_a_
         assert compiled.unavailable_reason() == reason
         report = kernel_report(ModelConfig(cell=cell, num_layers=1, hidden_size=9), False)[0]
         assert not report.compiled
-        assert report.line() == (f"layer 0  {cell}  9 units  kernel: dist-rnn fused recurrence (no GPU visible; "
+        assert report.line() == (f"layer 0  {cell}  9 units  kernel: dist-rnn fused recurrence ({NO_CUDNN[cell]}; "
                                  f"compiled op unavailable: {reason})")
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # warned once: no second warning

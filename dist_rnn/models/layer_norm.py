@@ -13,6 +13,7 @@ import keras
 import tensorflow as tf
 
 from dist_rnn.models.fused_layer import FusedRecurrentLayer
+from dist_rnn.models.kernels import compiled
 from dist_rnn.models.kernels.common import cast
 from dist_rnn.models.kernels.layer_norm import ln_gru, ln_lstm
 
@@ -110,10 +111,11 @@ class LayerNormLSTM(FusedRecurrentLayer):
         shift = tf.concat([zeros, zeros, self.forget_bias * ones, zeros], 0)
         gain = cast(tf.convert_to_tensor(self.gate_gamma), sdt) * scale
         bias = cast(tf.convert_to_tensor(self.gate_beta), sdt) * scale + shift
-        return ln_lstm(proj, states[0], states[1], rkernel, gain, bias,
-                       cast(tf.convert_to_tensor(self.cell_gamma), sdt),
-                       cast(tf.convert_to_tensor(self.cell_beta), sdt),
-                       mask, units=self.units, eps=LN_EPSILON)
+        recurrence = compiled.ln_lstm if compiled.uses_compiled("ln_lstm") else ln_lstm
+        return recurrence(proj, states[0], states[1], rkernel, gain, bias,
+                          cast(tf.convert_to_tensor(self.cell_gamma), sdt),
+                          cast(tf.convert_to_tensor(self.cell_beta), sdt),
+                          mask, units=self.units, eps=LN_EPSILON)
 
     def get_config(self):
         """Returns the constructor arguments (plus the base layer's) as a dict."""
