@@ -26,35 +26,13 @@
 
 #include <cmath>
 #include <cstring>
-#include <string>
 
-#include "gemm.h"
-#include "tensorflow/core/framework/op.h"
-#include "tensorflow/core/framework/op_kernel.h"
-#include "tensorflow/core/framework/shape_inference.h"
+#include "op_common.h"
 
 namespace dist_rnn {
-// File-local helpers: lstm_ops.cc has helpers of its own in namespace dist_rnn.
 namespace {
 
-using ::tensorflow::DEVICE_CPU;
-using ::tensorflow::OpKernel;
-using ::tensorflow::OpKernelConstruction;
-using ::tensorflow::OpKernelContext;
-using ::tensorflow::Status;
-using ::tensorflow::Tensor;
-using ::tensorflow::TensorShape;
-using ::tensorflow::errors::InvalidArgument;
-using ::tensorflow::shape_inference::DimensionHandle;
-using ::tensorflow::shape_inference::InferenceContext;
-using ::tensorflow::shape_inference::ShapeHandle;
-using cpu::Gemm;
-using cpu::ParallelRows;
-
-template <typename T>
-using Vec = Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>>;
-template <typename T>
-using ConstVec = Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>;
+using namespace ::dist_rnn::ops;  // NOLINT(build/namespaces): the shared op vocabulary
 
 Status LnLstmForwardShape(InferenceContext* c) {
   ShapeHandle proj, h0, c0, rkernel;
@@ -166,12 +144,6 @@ Status CheckShapes(const Tensor& proj, const Tensor& h0, const Tensor& c0, const
   if (mask.NumElements() != 0 && mask.shape() != state)
     return InvalidArgument("mask must be empty or ", state.DebugString());
   return absl::OkStatus();
-}
-
-// Reads the "gemm" attribute: true when oneDNN may be used.
-bool AllowOneDnn(OpKernelConstruction* ctx) {
-  std::string gemm;
-  return !ctx->GetAttr("gemm", &gemm).ok() || gemm != "eigen";
 }
 
 // In place: x becomes (x - mean) * rstd over its elements; returns rstd = 1 / sqrt(biased var + eps).
