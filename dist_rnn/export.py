@@ -25,7 +25,9 @@ Signatures of the SavedModel (all token ids int32, all other tensors float32):
 The signatures are traced with ``lstm``/``gru`` off cuDNN (dist-rnn's fused
 recurrence, same weights), even when exporting on a GPU machine: a traced
 ``CudnnRNNV3`` op has no CPU kernel, so such a SavedModel would serve on GPUs
-only. One export serves on CPU and GPU.
+only. One export serves on CPU and GPU. Likewise the compiled CPU ops
+(``DIST_RNN_COMPILED_KERNELS=on``) are not traced: the export loads without
+dist-rnn's op library.
 
 :class:`ExportedModel` loads an export with ``tf.saved_model.load`` only (it
 never imports :mod:`dist_rnn.models.model`), reads the tokenizer from the
@@ -127,6 +129,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "late
         UserError: Bad ``out_dir``, run directory or checkpoint.
     """
     from dist_rnn.inference import load_model_for_inference
+    from dist_rnn.models.kernels import compiled
 
     out = Path(out_dir)
     _check_out_dir(out)
@@ -140,8 +143,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "late
     try:
         files = tokenizer.save(staging, record_name=VOCAB_FILE)
         module = _ServingModule(model, [staging / name for name in files])
-        tf.saved_model.save(module, str(staging / SAVED_MODEL_DIR),
-                            signatures={"serve": module.serve, "step": module.step.get_concrete_function()})
+        with compiled.graph_recurrence_only():  # the export must load without dist-rnn's op library
+            tf.saved_model.save(module, str(staging / SAVED_MODEL_DIR),
+                                signatures={"serve": module.serve, "step": module.step.get_concrete_function()})
         model.save(str(staging / KERAS_FILE))
         info = _export_info(model, tokenizer, config, run_dir, checkpoint)
         (staging / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")

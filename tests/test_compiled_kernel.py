@@ -9,6 +9,7 @@ lstm_ops.cc, 1.3 for gru_ops.cc and 1.4 for ln_lstm_ops.cc, compiled side by sid
 from __future__ import annotations
 
 import functools
+import json
 import importlib.util
 import platform
 import shutil
@@ -281,3 +282,47 @@ def test_layer_benchmark_op_gflops_counts_the_ops_gemms_and_times_both_variants(
     assert all(len(r["seconds"]) == 2 and all(0 < s < 30 for s in r["seconds"]) for r in rates)
     row = layer_bench.rates_table(rates).splitlines()[2].split("|")
     assert float(row[4]) == pytest.approx(rates[0]["gflop"] / np.median(rates[0]["seconds"]), rel=0.01)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_xla_traces_keep_the_graph_recurrence_and_the_report_says_why(compiled_on, cell):
+    # train.jit_compile with the switch on: XLA has no kernel for the op, so a layer traced for XLA must
+    # run the graph recurrence (before, tracing raised "No registered 'DistRnn...' OpKernel for XLA_CPU_JIT").
+    layer = LAYERS[cell](7, return_sequences=True, return_state=True)
+    x = tf.random.stateless_normal([3, 4, 5], seed=[1, 2])
+    layer(x)  # build
+    got = tf.function(lambda v: layer(v), jit_compile=True)(x)
+    want = layer(x)  # eager: the compiled op
+    for i, (g, w) in enumerate(zip(got, want)):
+        _relative_close(g.numpy(), w.numpy(), f"XLA result {i}")
+    assert compiled.uses_compiled(cell)
+    line = kernel_report(ModelConfig(cell=cell, num_layers=1, hidden_size=7), False, jit_compile=True)[0].line()
+    no_cudnn = "train.jit_compile: XLA cannot compile cuDNN" if cell in ("lstm", "gru") else NO_CUDNN[cell]
+    assert line == (f"layer 0  {cell}  7 units  kernel: dist-rnn fused recurrence ({no_cudnn}; "
+                    "compiled op unavailable: train.jit_compile (XLA has no kernel for it))")
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")  # Keras' model.save
+def test_export_with_the_switch_on_traces_no_compiled_op(compiled_on, tmp_path, capsys):
+    # The SavedModel must load where dist-rnn's op library was never built: no DistRnn* op may be in it.
+    from conftest import shakespeare_prefix
+
+    from dist_rnn.cli import main
+
+    data = shakespeare_prefix(tmp_path, 5_000)
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(f"data:\n  corpus: file\n  path: {data}\n", encoding="utf-8")
+    settings = ["model.cell=lstm", "model.num_layers=1", "model.hidden_size=8", "model.embedding_size=4",
+                "train.batch_size=2", "train.num_steps=8", "train.max_steps=2", "train.max_epochs=null",
+                "train.sample_length=0", "checkpoint.every_steps=0", "logging.tensorboard=false",
+                'logging.progress="off"']
+    run, out = tmp_path / "run", tmp_path / "export"
+    assert main(["train", str(cfg), "--run-dir", str(run), *sum((["--set", s] for s in settings), [])]) == 0
+    assert main(["export", "--run-dir", str(run), "--out", str(out)]) == 0
+    capsys.readouterr()
+    saved = b"".join(p.read_bytes() for p in (out / "saved_model").rglob("*.pb"))
+    assert b"ReadVariableOp" in saved  # the graphs are in these bytes
+    assert b"DistRnn" not in saved
+    kernels = json.loads((out / "export.json").read_text())["kernels"]
+    assert kernels == ["layer 0  lstm  8 units  kernel: dist-rnn fused recurrence (export: portable to CPU and GPU; "
+                       "compiled op unavailable: export (the op library may be missing where it loads))"]

@@ -139,8 +139,13 @@ def kernel_report(config: ModelConfig, gpu_visible: bool, jit_compile: bool = Fa
             fused, reason = True, ""
         compiled_op, note = False, ""
         if not fused and compiled.enabled() and config.cell in compiled.COMPILED_CELLS:
-            compiled_op = compiled.uses_compiled(config.cell)
-            note = "" if compiled_op else compiled.unavailable_reason()
+            if export:
+                note = "export (the op library may be missing where it loads)"
+            elif jit_compile:
+                note = "train.jit_compile (XLA has no kernel for it)"
+            else:
+                compiled_op = compiled.uses_compiled(config.cell)
+                note = "" if compiled_op else compiled.unavailable_reason()
         report.append(LayerKernel(i, config.cell, config.hidden_size, fused, reason, compiled_op, note))
     return report
 

@@ -31,6 +31,7 @@ graph kernels compute in the compute dtype instead).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
@@ -42,6 +43,7 @@ import warnings
 from pathlib import Path
 
 import tensorflow as tf
+from tensorflow.python.ops import control_flow_util
 
 from dist_rnn.models.kernels.common import cast, with_custom_gradient
 
@@ -57,6 +59,7 @@ _BUILD_TIMEOUT_SECONDS = 1800
 
 _lock = threading.Lock()
 _state: dict = {}  # "library" (module or None), "reason" (str), "warned" (bool)
+_graph_only_depth = 0  # > 0 inside graph_recurrence_only()
 
 
 def enabled() -> bool:
@@ -202,8 +205,38 @@ def gemm_backend() -> str:
 
 
 def uses_compiled(cell: str) -> bool:
-    """Whether layers of ``cell`` run the compiled op: switched on, an op exists, and it built."""
-    return enabled() and cell in COMPILED_CELLS and library() is not None
+    """Whether a layer of ``cell`` traced here runs the compiled op.
+
+    True when the switch is on, the cell has an op and the library built, unless
+    the trace is for XLA (``train.jit_compile``: XLA has no kernel for the op)
+    or inside :func:`graph_recurrence_only` (export). Layers call this at trace time.
+    """
+    if not enabled() or cell not in COMPILED_CELLS or _graph_only_depth > 0 or _in_xla_trace():
+        return False
+    return library() is not None
+
+
+def _in_xla_trace() -> bool:
+    # TensorFlow's own test for "this graph, or a function it is nested in, is compiled with XLA".
+    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+
+
+@contextlib.contextmanager
+def graph_recurrence_only():
+    """Layers traced inside this context run the graph recurrence even with the switch on.
+
+    ``dist-rnn export`` traces its SavedModel inside it, so that the export
+    loads where the op library is not built (any machine, any TensorFlow
+    serving the same version).
+    """
+    global _graph_only_depth
+    with _lock:
+        _graph_only_depth += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _graph_only_depth -= 1
 
 
 def reset() -> None:
