@@ -271,14 +271,17 @@ def test_compiled_op_under_bfloat16_computes_in_float32(compiled_on, cell):
         np.testing.assert_allclose(tf.cast(got, tf.float32).numpy(), want, rtol=2.0**-8, atol=1e-6)
 
 
-def test_layer_benchmark_op_gflops_counts_the_ops_gemms_and_times_both_variants(compiled_on):
+@pytest.mark.parametrize("cell,gates", [("lstm", 4), ("gru", 3), ("ln_lstm", 4)])
+def test_layer_benchmark_op_gflops_counts_the_ops_gemms_and_times_both_variants(compiled_on, cell, gates):
     spec = importlib.util.spec_from_file_location("dist_rnn_layer_benchmark",
                                                   Path(__file__).parents[1] / "tools" / "layer_benchmark.py")
     layer_bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(layer_bench)
-    rates = layer_bench.lstm_op_rates(units=8, batch=2, bptt=3, repeats=2)
-    assert [r["gflop"] for r in rates] == [3 * 2 * 3 * 2 * 8 * 32 / 1e9, 2 * 3 * 2 * 8 * 32 / 1e9]
-    assert rates[0]["what"].startswith("compiled lstm op") and rates[1]["what"].startswith("one MatMul [6, 8]")
+    rates = layer_bench.op_rates(cell, units=8, batch=2, bptt=3, repeats=2)
+    gemm = 2 * 3 * 2 * 8 * (gates * 8)  # 2 x bptt x batch x units x (gates x units)
+    assert [r["gflop"] for r in rates] == [3 * gemm / 1e9, gemm / 1e9]
+    assert rates[0]["what"].startswith(f"compiled {cell} op")
+    assert rates[1]["what"].startswith(f"one MatMul [6, 8] x [8, {gates * 8}]")
     assert all(len(r["seconds"]) == 2 and all(0 < s < 30 for s in r["seconds"]) for r in rates)
     row = layer_bench.rates_table(rates).splitlines()[2].split("|")
     assert float(row[4]) == pytest.approx(rates[0]["gflop"] / np.median(rates[0]["seconds"]), rel=0.01)

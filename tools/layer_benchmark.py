@@ -7,7 +7,7 @@ layer, as the model builds it off cuDNN, to show where a cell's cost sits::
     python tools/layer_benchmark.py                                   # lstm, gru, ln_lstm, ln_gru
     python tools/layer_benchmark.py --cells lstm,ln_lstm --repeats 14 --xla
     python tools/layer_benchmark.py --cells lstm --compiled          # + the compiled op (#22)
-    python tools/layer_benchmark.py --cells lstm --compiled --op-gflops   # + its GFLOP/s vs one big MatMul
+    python tools/layer_benchmark.py --cells lstm,gru --compiled --op-gflops   # + GFLOP/s vs one big MatMul
 
 Each call runs the layer over a ``[batch, bptt, units]`` input from given
 initial states, in a ``tf.function`` (``--xla``: compiled with XLA); the
@@ -120,13 +120,33 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def lstm_op_rates(units: int, batch: int, bptt: int, repeats: int) -> list[dict]:
-    """GFLOP/s of the compiled ``lstm`` op alone and of one big MatMul, timed interleaved.
+def _op_arguments(cell: str, units: int, batch: int, bptt: int, rng):
+    """Random inputs of ``cell``'s compiled op (no dropout mask) and the number of gates per unit."""
+    gates = 3 if cell in ("gru", "ln_gru") else 4
+    proj = rng.normal([bptt, batch, gates * units])
+    h0 = 0.1 * rng.normal([batch, units])
+    rkernel = rng.normal([units, gates * units]) / units ** 0.5
+    ones, zeros = (lambda n: 1.0 + 0.1 * rng.normal([n])), (lambda n: 0.1 * rng.normal([n]))
+    if cell == "lstm":
+        tensors = [proj, h0, 0.1 * rng.normal([batch, units]), rkernel]
+    elif cell == "gru":
+        tensors = [proj, h0, rkernel, zeros(3 * units)]
+    elif cell == "ln_lstm":
+        tensors = [proj, h0, 0.1 * rng.normal([batch, units]), rkernel, ones(4 * units), zeros(4 * units),
+                   ones(units), zeros(units)]
+    else:
+        raise SystemExit(f"error: --op-gflops does not know the compiled op of {cell!r}")
+    return tensors, gates
 
-    The op's count is its GEMMs, forward and backward: ``3 x bptt x 2 x batch x units x 4 units`` (per
-    step ``h @ U`` and ``dz @ U^T``, plus the recurrent-kernel gradient), its element-wise work not
-    counted. The reference is ``tf.matmul`` of ``[bptt x batch, units] x [units, 4 units]`` (the shape of
-    the input projection): this CPU's rate for one large GEMM through the same oneDNN.
+
+def op_rates(cell: str, units: int, batch: int, bptt: int, repeats: int) -> list[dict]:
+    """GFLOP/s of ``cell``'s compiled op alone and of one big MatMul, timed interleaved.
+
+    The op's count is its GEMMs, forward and backward: ``3 x bptt x 2 x batch x units x G units``
+    with ``G`` gates (4 for the LSTMs, 3 for the GRUs; per step ``h @ U`` and ``dz @ U^T``, plus the
+    recurrent-kernel gradient); its element-wise work (gates, layer norms) is not counted. The
+    reference is ``tf.matmul`` of ``[bptt x batch, units] x [units, G units]`` (the shape of the input
+    projection): this CPU's rate for one large GEMM through the same oneDNN.
 
     Returns:
         ``[{"what", "gflop", "seconds": [...]}]`` for the op and the MatMul.
@@ -134,31 +154,35 @@ def lstm_op_rates(units: int, batch: int, bptt: int, repeats: int) -> list[dict]
     import tensorflow as tf
 
     from dist_rnn.models.kernels import compiled
+    from dist_rnn.models.layer_norm import LN_EPSILON
 
     if compiled.library() is None:
         raise SystemExit(f"error: the compiled op is unavailable: {compiled.unavailable_reason()}")
+    if cell not in compiled.COMPILED_CELLS:
+        raise SystemExit(f"error: {cell!r} has no compiled op")
     rng = tf.random.Generator.from_seed(1)
-    proj, up = rng.normal([bptt, batch, 4 * units]), rng.normal([bptt, batch, units])
-    h0, c0 = 0.1 * rng.normal([batch, units]), 0.1 * rng.normal([batch, units])
-    rkernel = rng.normal([units, 4 * units]) / units ** 0.5
-    rows, weights = rng.normal([bptt * batch, units]), rng.normal([units, 4 * units])
+    tensors, gates = _op_arguments(cell, units, batch, bptt, rng)
+    extra = {"eps": LN_EPSILON} if cell.startswith("ln_") else {}
+    op = getattr(compiled, cell)
+    up = rng.normal([bptt, batch, units])
+    rows, weights = rng.normal([bptt * batch, units]), rng.normal([units, gates * units])
 
     @tf.function
     def op_call():
         with tf.GradientTape() as tape:
-            tape.watch([proj, h0, c0, rkernel])
-            h_seq, _, _ = compiled.lstm(proj, h0, c0, rkernel, None, units)
+            tape.watch(tensors)
+            h_seq = op(*tensors, None, units, **extra)[0]
             loss = tf.reduce_sum(h_seq * up)
-        return tf.add_n([tf.reduce_sum(g) for g in tape.gradient(loss, [proj, h0, c0, rkernel])])
+        return tf.add_n([tf.reduce_sum(g) for g in tape.gradient(loss, tensors)])
 
     @tf.function
     def matmul_call():
         return tf.reduce_sum(tf.matmul(rows, weights))
 
-    gemm = 2.0 * bptt * batch * units * 4 * units
-    variants = [{"what": f"compiled lstm op, forward + backward (gemm: {compiled.gemm_backend()})",
+    gemm = 2.0 * bptt * batch * units * gates * units
+    variants = [{"what": f"compiled {cell} op, forward + backward (gemm: {compiled.gemm_backend()})",
                  "gflop": 3 * gemm / 1e9, "call": op_call},
-                {"what": f"one MatMul [{bptt * batch}, {units}] x [{units}, {4 * units}]", "gflop": gemm / 1e9,
+                {"what": f"one MatMul [{bptt * batch}, {units}] x [{units}, {gates * units}]", "gflop": gemm / 1e9,
                  "call": matmul_call}]
     for v in variants:
         float(v["call"]())  # warm-up (tracing)
@@ -172,7 +196,7 @@ def lstm_op_rates(units: int, batch: int, bptt: int, repeats: int) -> list[dict]
 
 
 def rates_table(rates: list[dict]) -> str:
-    """A markdown table of :func:`lstm_op_rates`: ms and GFLOP/s, median and best."""
+    """A markdown table of :func:`op_rates`: ms and GFLOP/s, median and best."""
     lines = ["| what | GFLOP | ms (median) | GFLOP/s (median) | GFLOP/s (best) |", "|---|---:|---:|---:|---:|"]
     for r in rates:
         med, best = statistics.median(r["seconds"]), min(r["seconds"])
@@ -195,7 +219,7 @@ def parse_args(argv=None):
     p.add_argument("--xla", action="store_true", help="compile each call with XLA")
     p.add_argument("--compiled", action="store_true", help="also time the compiled op of each cell that has one")
     p.add_argument("--op-gflops", action="store_true",
-                   help="also time the bare compiled lstm op and one big MatMul, in GFLOP/s")
+                   help="also time each cell's bare compiled op and one big MatMul of its shape, in GFLOP/s")
     args = p.parse_args(argv)
     args.cells = [c for c in args.cells.split(",") if c]
     unknown = [c for c in args.cells if c not in CELLS]
@@ -212,8 +236,11 @@ def main(argv=None) -> int:
           f"{'XLA' if args.xla else 'no XLA'}, {args.repeats} repeats of {args.calls} calls")
     print(table(results))
     if args.op_gflops:
-        print()
-        print(rates_table(lstm_op_rates(args.units, args.batch, args.bptt, args.repeats)))
+        from dist_rnn.models.kernels import compiled
+
+        for cell in [c for c in args.cells if c in compiled.COMPILED_CELLS]:
+            print()
+            print(rates_table(op_rates(cell, args.units, args.batch, args.bptt, args.repeats)))
     return 0
 
 
