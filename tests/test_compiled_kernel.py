@@ -148,7 +148,8 @@ def test_forward_and_gradients_equal_graph_kernel(compiled_on, monkeypatch, cell
 def test_float32_ops_multiply_with_onednn_on_x86_unless_eigen_is_asked(compiled_on, monkeypatch):
     # The speed of the op rests on oneDNN's GEMM (docs/benchmarks.md, #22): a TensorFlow that stops
     # exporting the entry point must show up here, not only as a slower benchmark.
-    assert compiled.gemm_backend() == "onednn"
+    assert compiled.gemm_backend() == "onednn" and compiled.gemm_backend("ln_lstm") == "onednn"
+    assert compiled.gemm_backend("gru") == "eigen"
     tensors, mask, upstream = _lstm_inputs(4, 6, 10, seed=5, dropout=True)
     onednn_out, onednn_grads = _run(compiled.lstm, tensors, mask, upstream, 10)
     monkeypatch.setenv(compiled.GEMM_ENV, "eigen")
@@ -280,7 +281,8 @@ def test_layer_benchmark_op_gflops_counts_the_ops_gemms_and_times_both_variants(
     rates = layer_bench.op_rates(cell, units=8, batch=2, bptt=3, repeats=2)
     gemm = 2 * 3 * 2 * 8 * (gates * 8)  # 2 x bptt x batch x units x (gates x units)
     assert [r["gflop"] for r in rates] == [3 * gemm / 1e9, gemm / 1e9]
-    assert rates[0]["what"].startswith(f"compiled {cell} op")
+    backend = "eigen" if cell == "gru" else "onednn"  # the GRU op has Eigen's product only
+    assert rates[0]["what"] == f"compiled {cell} op, forward + backward (gemm: {backend})"
     assert rates[1]["what"].startswith(f"one MatMul [6, 8] x [8, {gates * 8}]")
     assert all(len(r["seconds"]) == 2 and all(0 < s < 30 for s in r["seconds"]) for r in rates)
     row = layer_bench.rates_table(rates).splitlines()[2].split("|")

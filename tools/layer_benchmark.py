@@ -180,7 +180,7 @@ def op_rates(cell: str, units: int, batch: int, bptt: int, repeats: int) -> list
         return tf.reduce_sum(tf.matmul(rows, weights))
 
     gemm = 2.0 * bptt * batch * units * gates * units
-    variants = [{"what": f"compiled {cell} op, forward + backward (gemm: {compiled.gemm_backend()})",
+    variants = [{"what": f"compiled {cell} op, forward + backward (gemm: {compiled.gemm_backend(cell)})",
                  "gflop": 3 * gemm / 1e9, "call": op_call},
                 {"what": f"one MatMul [{bptt * batch}, {units}] x [{units}, {gates * units}]", "gflop": gemm / 1e9,
                  "call": matmul_call}]

@@ -55,6 +55,8 @@ SOURCE_DIR = Path(__file__).parent / "csrc"
 LIBRARY_NAME = "dist_rnn_ops.so"
 #: Cells with a compiled op.
 COMPILED_CELLS = ("lstm", "gru", "ln_lstm")
+#: Cells whose op always multiplies with Eigen (no ``gemm`` attribute).
+EIGEN_ONLY_CELLS = ("gru",)
 _BUILD_TIMEOUT_SECONDS = 1800
 
 _lock = threading.Lock()
@@ -198,10 +200,16 @@ def unavailable_reason() -> str:
     return _state["reason"]
 
 
-def gemm_backend() -> str:
-    """Which GEMM the float32 ops run by default: ``onednn``, ``eigen``, or ``""`` without a library."""
+def gemm_backend(cell: str = "lstm") -> str:
+    """Which GEMM ``cell``'s float32 op runs by default: ``onednn``, ``eigen``, or ``""`` without a library.
+
+    The ``gru`` op multiplies with Eigen's product only (its own sharding by units); the others
+    use oneDNN's sgemm where TensorFlow exports it.
+    """
     lib = library()
-    return "" if lib is None else lib.dist_rnn_gemm_backend().numpy().decode()
+    if lib is None:
+        return ""
+    return "eigen" if cell in EIGEN_ONLY_CELLS else lib.dist_rnn_gemm_backend().numpy().decode()
 
 
 def uses_compiled(cell: str) -> bool:
