@@ -9,10 +9,14 @@ lstm_ops.cc, 1.3 for gru_ops.cc and 1.4 for ln_lstm_ops.cc, compiled side by sid
 from __future__ import annotations
 
 import functools
-import json
 import importlib.util
+import json
+import os
 import platform
 import shutil
+import subprocess
+import sys
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -250,7 +254,7 @@ def test_compiler_missing_or_failing_falls_back_to_graph_with_one_warning_and_a_
         for i, (g, w) in enumerate(zip(got, want)):
             np.testing.assert_array_equal(g, w, err_msg=f"result {i}")  # the very same graph path
         leftovers = list((tmp_path / "cache").rglob("*")) if (tmp_path / "cache").exists() else []
-        assert not [p for p in leftovers if p.is_file()]
+        assert not [p for p in leftovers if p.is_file() and p.name != ".build.lock"]
     finally:
         compiled.reset()
 
@@ -331,3 +335,42 @@ def test_export_with_the_switch_on_traces_no_compiled_op(compiled_on, tmp_path, 
     kernels = json.loads((out / "export.json").read_text())["kernels"]
     assert kernels == ["layer 0  lstm  8 units  kernel: dist-rnn fused recurrence (export: portable to CPU and GPU; "
                        "compiled op unavailable: export (the op library may be missing where it loads))"]
+
+
+# Two processes that need the library at the same time (the workers of one job): a stand-in build
+# that takes 2 s and logs its start, and a stand-in loader, so no compiler runs.
+_CONCURRENT_LOADER = textwrap.dedent("""
+    import os, sys, time
+    from pathlib import Path
+    import tensorflow as tf
+    from dist_rnn.models.kernels import compiled
+
+    log, ready = Path(sys.argv[1]), Path(sys.argv[2])
+
+    def build(target, opt_flags):
+        with open(log, "a") as f:
+            f.write(f"build {os.getpid()}\\n")
+        time.sleep(2)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text("library")
+
+    compiled._build = build
+    tf.load_op_library = lambda path: Path(path).read_text()
+    (ready / str(os.getpid())).touch()
+    deadline = time.time() + 120
+    while len(list(ready.iterdir())) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    print(compiled._load())
+""")
+
+
+def test_processes_starting_together_build_the_library_once(tmp_path):
+    log, ready = tmp_path / "builds.log", tmp_path / "ready"
+    ready.mkdir()
+    env = {**os.environ, compiled.CACHE_ENV: str(tmp_path / "cache"), compiled.COMPILER_ENV: shutil.which("true"),
+           "PYTHONPATH": str(Path(__file__).parents[1])}
+    procs = [subprocess.Popen([sys.executable, "-c", _CONCURRENT_LOADER, str(log), str(ready)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0].strip().splitlines()[-1] for p in procs]
+    assert outputs == ["('library', '')"] * 2  # both loaded the one library
+    assert len(log.read_text().splitlines()) == 1  # without the lock each process compiled its own

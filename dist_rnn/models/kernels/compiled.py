@@ -8,8 +8,9 @@ and checkpoints are unaffected). So far :func:`lstm`, :func:`gru` and :func:`ln_
 The shared library is compiled against the installed TensorFlow
 (``tf.sysconfig`` compile and link flags) the first time it is needed, into
 a cache folder keyed by the TensorFlow version, the sources, the compiler
-and its flags; a build writes a temporary file and renames it, so concurrent
-processes never load a half-written library. When the compiler is missing or
+and its flags; a build writes a temporary file and renames it, so no process
+ever loads a half-written library, and holds a lock on the folder, so the
+workers of a job that start together compile it once. When the compiler is missing or
 the build or load fails, :func:`unavailable_reason` says why, a one-time
 warning is issued and the callers keep the graph recurrence.
 
@@ -32,6 +33,7 @@ graph kernels compute in the compute dtype instead).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import platform
@@ -161,6 +163,22 @@ def _build(target: Path, opt_flags: list[str]) -> None:
             os.unlink(tmp)
 
 
+@contextlib.contextmanager
+def _build_lock(folder: Path):
+    """Holds an exclusive lock on ``folder`` across processes (the workers of one job start together).
+
+    Only one process compiles; the others wait and then load its library. The lock
+    is ``flock`` on a file in the folder, released by the kernel if the holder dies.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".build.lock", "a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
 def _first_error(stderr: str) -> str:
     """The compiler's first error line (else the end of its output), for a one-line reason."""
     return next((ln for ln in stderr.splitlines() if "error" in ln), stderr[-300:]).strip()
@@ -175,7 +193,9 @@ def _load():
         path = library_path(opt_flags)
         try:
             if not path.exists():
-                _build(path, opt_flags)
+                with _build_lock(path.parent):
+                    if not path.exists():  # another process may have built it while this one waited
+                        _build(path, opt_flags)
             return tf.load_op_library(str(path)), ""
         except (OSError, RuntimeError, subprocess.SubprocessError, tf.errors.OpError) as e:
             errors.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
