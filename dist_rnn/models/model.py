@@ -138,8 +138,9 @@ def kernel_report(config: ModelConfig, gpu_visible: bool, jit_compile: bool = Fa
         else:
             fused, reason = True, ""
         compiled_op, note = False, ""
-        if not fused and compiled.enabled() and config.cell in compiled.COMPILED_CELLS:
-            compiled_op = compiled.uses_compiled(config.cell)
+        recurrence = compiled.recurrence_name(config.cell, config.projection_size)
+        if not fused and compiled.enabled() and recurrence in compiled.COMPILED_RECURRENCES:
+            compiled_op = compiled.uses_compiled(recurrence)
             note = "" if compiled_op else compiled.unavailable_reason()
         report.append(LayerKernel(i, config.cell, config.hidden_size, fused, reason, compiled_op, note))
     return report
