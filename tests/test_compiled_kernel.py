@@ -3,7 +3,8 @@
 The library is built at most once per test session, into pytest's cache
 folder (``.pytest_cache/d/dist_rnn_kernels``; the library's name there is keyed
 by the sources, so a changed op is rebuilt): about 1.8 minutes of CPU time for
-lstm_ops.cc, 1.3 for gru_ops.cc and 1.4 for ln_lstm_ops.cc, compiled side by side (docs/benchmarks.md, #22).
+lstm_ops.cc, 1.3 for gru_ops.cc, 1.4 for ln_lstm_ops.cc and 1.3 for lstmp_ops.cc, compiled side by side
+(docs/benchmarks.md, #22).
 """
 
 from __future__ import annotations

@@ -108,7 +108,8 @@ def cudnn_excluded_by(jit_compile: bool = False, precision: str = "float32", exp
 
 def kernel_report(config: ModelConfig, gpu_visible: bool, jit_compile: bool = False, precision: str = "float32",
                   export: bool = False) -> list[LayerKernel]:
-    """Says for each layer whether it runs the fused cuDNN kernel, as ``keras_rnn.LSTM``/``GRU`` decide.
+    """Says for each layer whether it runs the fused cuDNN kernel, as ``keras_rnn.LSTM``/``GRU`` decide,
+    and otherwise whether its recurrence (``lstmp`` for a projected LSTM) is the compiled op.
 
     Args:
         config: The ``model`` section.
