@@ -24,8 +24,8 @@ from dist_rnn.config import ModelConfig
 from dist_rnn.models.kernels import compiled, layer_norm, plain, projected
 from dist_rnn.models.keras_rnn import GRU, LSTM
 from dist_rnn.models.layer_norm import LN_EPSILON, LayerNormLSTM
-from dist_rnn.models.projected_lstm import ProjectedLSTM
 from dist_rnn.models.model import kernel_report
+from dist_rnn.models.projected_lstm import ProjectedLSTM
 
 # (steps, batch, units): odd batches, units not a multiple of 8, a length-1 sequence.
 SIZES = [(1, 3, 5), (6, 5, 13), (4, 1, 9), (3, 7, 17)]
