@@ -130,6 +130,23 @@ def test_layer_benchmark_times_each_cell_and_relates_ln_cells_to_plain_ones():
     assert row.split("|")[5].strip() == f"{expected:.2f}x lstm"
 
 
+def test_layer_benchmark_projection_times_a_projected_lstm_layer():
+    spec = importlib.util.spec_from_file_location("dist_rnn_layer_benchmark", REPO / "tools" / "layer_benchmark.py")
+    layer_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(layer_bench)
+    args = layer_bench.parse_args(["--cells", "lstm,gru", "--projection", "3", "--units", "8", "--batch", "2",
+                                   "--bptt", "4", "--repeats", "2", "--calls", "1"])
+    layer = layer_bench.build_layer("lstm", 8, projection=args.projection)
+    assert type(layer).__name__ == "ProjectedLSTM" and layer.projection_size == 3
+    assert type(layer_bench.build_layer("gru", 8, projection=3)).__name__ == "GRU"  # lstm layers only
+    results = layer_bench.run(args)
+    assert [(r["cell"], r["pass"]) for r in results] == [
+        ("lstm", "forward"), ("lstm", "forward + backward"), ("gru", "forward"), ("gru", "forward + backward")]
+    assert all(len(r["seconds"]) == 2 and all(0 < s < 30 for s in r["seconds"]) for r in results)
+    with pytest.raises(SystemExit):
+        layer_bench.parse_args(["--projection", "0"])
+
+
 def test_a_group_whose_workers_all_fail_to_start_is_noted_and_the_run_goes_on(tmp_path, monkeypatch):
     bench = _load_module()
     runner = importlib.import_module("bench.runner")

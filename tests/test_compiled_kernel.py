@@ -3,7 +3,8 @@
 The library is built at most once per test session, into pytest's cache
 folder (``.pytest_cache/d/dist_rnn_kernels``; the library's name there is keyed
 by the sources, so a changed op is rebuilt): about 1.8 minutes of CPU time for
-lstm_ops.cc, 1.3 for gru_ops.cc and 1.4 for ln_lstm_ops.cc, compiled side by side (docs/benchmarks.md, #22).
+lstm_ops.cc, 1.3 for gru_ops.cc, 1.4 for ln_lstm_ops.cc and 1.3 for lstmp_ops.cc, compiled side by side
+(docs/benchmarks.md, #22).
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ import pytest
 import tensorflow as tf
 
 from dist_rnn.config import ModelConfig
-from dist_rnn.models.kernels import compiled, layer_norm, plain
+from dist_rnn.models.kernels import compiled, layer_norm, plain, projected
 from dist_rnn.models.keras_rnn import GRU, LSTM
 from dist_rnn.models.layer_norm import LN_EPSILON, LayerNormLSTM
 from dist_rnn.models.model import kernel_report
+from dist_rnn.models.projected_lstm import ProjectedLSTM
 
 # (steps, batch, units): odd batches, units not a multiple of 8, a length-1 sequence.
 SIZES = [(1, 3, 5), (6, 5, 13), (4, 1, 9), (3, 7, 17)]
@@ -105,6 +107,33 @@ def _ln_lstm_inputs(steps, batch, units, seed, dropout):
     return [proj, h0, c0, rkernel, gain, bias, cell_gamma, cell_beta], mask, upstream
 
 
+def _projection_size(units):
+    # P > U for small units, P < U otherwise; never equal to U, never a multiple of 8 at the SIZES.
+    return units + 2 if units < 8 else (2 * units) // 3 + 1
+
+
+def _lstmp_inputs(steps, batch, units, seed, dropout):
+    rng = np.random.default_rng(seed)
+    size = _projection_size(units)
+    f32 = lambda *shape: tf.constant(rng.normal(size=shape).astype(np.float32))  # noqa: E731
+    proj, h0, c0 = f32(steps, batch, 4 * units), f32(batch, size), f32(batch, units)
+    rkernel = tf.constant((rng.normal(size=(size, 4 * units)) / np.sqrt(size)).astype(np.float32))
+    pkernel = tf.constant((rng.normal(size=(units, size)) / np.sqrt(units)).astype(np.float32))
+    mask = None
+    if dropout:
+        keep = rng.uniform(size=(batch, size)) >= 0.3
+        mask = tf.constant(np.where(keep, 1 / 0.7, 0.0).astype(np.float32))
+    upstream = [f32(steps, batch, size), f32(batch, size), f32(batch, units)]
+    return [proj, h0, c0, rkernel, pkernel], mask, upstream
+
+
+def _with_projection_size(recurrence):
+    """``recurrence`` (an lstmp) called as the other cells' are, ``projection_size`` read off ``pkernel``."""
+    def call(proj, h0, c0, rkernel, pkernel, mask, units):
+        return recurrence(proj, h0, c0, rkernel, pkernel, mask, units, pkernel.shape[-1])
+    return call
+
+
 # cell -> (graph kernel, compiled op, inputs, output names, gradient names)
 CELLS = {
     "lstm": (plain.lstm, compiled.lstm, _lstm_inputs, ["h_seq", "h_T", "c_T"], ["d_proj", "d_h0", "d_c0", "d_rkernel"]),
@@ -112,6 +141,8 @@ CELLS = {
     "ln_lstm": (functools.partial(layer_norm.ln_lstm, eps=LN_EPSILON),
                 functools.partial(compiled.ln_lstm, eps=LN_EPSILON), _ln_lstm_inputs, ["h_seq", "h_T", "c_T"],
                 ["d_proj", "d_h0", "d_c0", "d_rkernel", "d_gain", "d_bias", "d_cell_gamma", "d_cell_beta"]),
+    "lstmp": (_with_projection_size(projected.lstmp), _with_projection_size(compiled.lstmp), _lstmp_inputs,
+              ["h_seq", "h_T", "c_T"], ["d_proj", "d_h0", "d_c0", "d_rkernel", "d_pkernel"]),
 }
 
 
@@ -127,9 +158,9 @@ def _run(recurrence, tensors, mask, upstream, units):
 @pytest.mark.parametrize("size", SIZES + [(3, 40, 300)], ids=lambda s: "T{}_B{}_U{}".format(*s))
 # The LSTM op multiplies with oneDNN's sgemm where TensorFlow exports it ("auto"; the 40 x 300 size is
 # large enough for its multi-threaded path) or with Eigen's product ("eigen", the fallback); the GRU
-# op has the Eigen product only; the ln_lstm op multiplies like the LSTM op.
+# op has the Eigen product only; the ln_lstm and lstmp (projected LSTM) ops multiply like the LSTM op.
 @pytest.mark.parametrize("cell,gemm", [("lstm", "auto"), ("lstm", "eigen"), ("gru", "auto"), ("ln_lstm", "auto"),
-                                       ("ln_lstm", "eigen")])
+                                       ("ln_lstm", "eigen"), ("lstmp", "auto"), ("lstmp", "eigen")])
 def test_forward_and_gradients_equal_graph_kernel(compiled_on, monkeypatch, cell, gemm, size, dropout):
     graph_op, compiled_op, make_inputs, output_names, grad_names = CELLS[cell]
     monkeypatch.setenv(compiled.GEMM_ENV, gemm)
@@ -188,15 +219,31 @@ def _layer_step(layer, x, seed):
     """Outputs and weight gradients of ``layer`` on ``x`` with recurrent dropout active."""
     with tf.GradientTape() as tape:
         out, *states = layer(x, training=True, seed=seed)
-        # LSTM: h * c; GRU: h * h.
-        loss = tf.reduce_sum(out * tf.range(1.0, 1.0 + out.shape[-1])) + tf.reduce_sum(states[0] * states[-1])
+        # LSTM: h * c; GRU: h * h; projected LSTM: h * (c's first projection_size units).
+        h, c = states[0], states[-1][:, :states[0].shape[-1]]
+        loss = tf.reduce_sum(out * tf.range(1.0, 1.0 + out.shape[-1])) + tf.reduce_sum(h * c)
     return [out.numpy()] + [s.numpy() for s in states] + [
         g.numpy() for g in tape.gradient(loss, layer.trainable_variables)]
 
 
-LAYERS = {"lstm": LSTM, "gru": GRU, "ln_lstm": LayerNormLSTM}
+PROJECTION_SIZE = 7  # of the projected LSTM layers below (units 9 or 11)
+LAYERS = {"lstm": LSTM, "gru": GRU, "ln_lstm": LayerNormLSTM,
+          "lstmp": functools.partial(ProjectedLSTM, projection_size=PROJECTION_SIZE)}
 # Why each cell's layer runs no cuDNN kernel here (the reason the kernel report gives).
-NO_CUDNN = {"lstm": "no GPU visible", "gru": "no GPU visible", "ln_lstm": LayerNormLSTM.fused_kernel_reason}
+NO_CUDNN = {"lstm": "no GPU visible", "gru": "no GPU visible", "ln_lstm": LayerNormLSTM.fused_kernel_reason,
+            "lstmp": ProjectedLSTM.fused_kernel_reason}
+
+
+def _model_config(cell, **kwargs):
+    """The ``model`` section whose layers run ``cell``'s recurrence (``lstmp``: an lstm with a projection)."""
+    if cell == "lstmp":
+        return ModelConfig(cell="lstm", projection_size=PROJECTION_SIZE, **kwargs)
+    return ModelConfig(cell=cell, **kwargs)
+
+
+def _report_cell(cell):
+    """How the kernel report names ``cell``'s layers (``model.cell``)."""
+    return "lstm" if cell == "lstmp" else cell
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -216,9 +263,9 @@ def test_layer_runs_compiled_op_with_same_results_and_kernel_report_says_so(comp
     for i, (g, w) in enumerate(zip(got, want)):
         _relative_close(g, w, f"layer result {i}")
     monkeypatch.setenv(compiled.SWITCH_ENV, "on")
-    lines = [k.line() for k in kernel_report(ModelConfig(cell=cell, num_layers=2, hidden_size=11), False)]
-    assert lines == [f"layer {i}  {cell}  11 units  kernel: dist-rnn compiled recurrence ({NO_CUDNN[cell]})"
-                     for i in range(2)]
+    lines = [k.line() for k in kernel_report(_model_config(cell, num_layers=2, hidden_size=11), False)]
+    assert lines == [f"layer {i}  {_report_cell(cell)}  11 units  kernel: dist-rnn compiled recurrence "
+                     f"({NO_CUDNN[cell]})" for i in range(2)]
     ln_report = kernel_report(ModelConfig(cell="ln_gru", num_layers=1, hidden_size=11), False)[0]
     assert not ln_report.compiled and "kernel: dist-rnn fused recurrence (" in ln_report.line()  # no ln_gru op yet
 
@@ -242,10 +289,10 @@ def test_compiler_missing_or_failing_falls_back_to_graph_with_one_warning_and_a_
         with pytest.warns(RuntimeWarning, match="compiled recurrence unavailable"):
             got = _layer_step(layer, x, seed)
         assert compiled.unavailable_reason() == reason
-        report = kernel_report(ModelConfig(cell=cell, num_layers=1, hidden_size=9), False)[0]
+        report = kernel_report(_model_config(cell, num_layers=1, hidden_size=9), False)[0]
         assert not report.compiled
-        assert report.line() == (f"layer 0  {cell}  9 units  kernel: dist-rnn fused recurrence ({NO_CUDNN[cell]}; "
-                                 f"compiled op unavailable: {reason})")
+        assert report.line() == (f"layer 0  {_report_cell(cell)}  9 units  kernel: dist-rnn fused recurrence "
+                                 f"({NO_CUDNN[cell]}; compiled op unavailable: {reason})")
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # warned once: no second warning
             assert not compiled.uses_compiled(cell)

@@ -8,6 +8,7 @@ layer, as the model builds it off cuDNN, to show where a cell's cost sits::
     python tools/layer_benchmark.py --cells lstm,ln_lstm --repeats 14 --xla
     python tools/layer_benchmark.py --cells lstm --compiled          # + the compiled op (#22)
     python tools/layer_benchmark.py --cells lstm,gru --compiled --op-gflops   # + GFLOP/s vs one big MatMul
+    python tools/layer_benchmark.py --cells lstm --projection 128 --compiled   # projected LSTM (lstmp op)
 
 Each call runs the layer over a ``[batch, bptt, units]`` input from given
 initial states, in a ``tf.function`` (``--xla``: compiled with XLA); the
@@ -20,7 +21,8 @@ relative to its plain cell (``ln_lstm`` / ``lstm``, ``ln_gru`` / ``gru``).
 ``--compiled`` adds a ``<cell> (compiled)`` variant for each cell with a
 compiled op (:mod:`dist_rnn.models.kernels.compiled`), traced with
 ``DIST_RNN_COMPILED_KERNELS=on``, and gives its time relative to the graph
-recurrence of the same cell.
+recurrence of the same cell. ``--projection P`` makes every ``lstm`` layer a
+projected LSTM (``model.projection_size: P``; ``h`` and its state are ``P`` wide).
 """
 
 from __future__ import annotations
@@ -36,24 +38,34 @@ from dist_rnn.config import CELLS, TWO_STATE_CELLS
 PLAIN = {"ln_lstm": "lstm", "ln_gru": "gru"}
 
 
-def build_layer(cell: str, units: int, xla: bool = False):
-    """One layer exactly as dist-rnn's model builds it for ``cell`` (defaults, no dropout; off cuDNN under XLA)."""
+def _projection_size(cell: str, projection):
+    return projection if cell == "lstm" else None
+
+
+def build_layer(cell: str, units: int, xla: bool = False, projection=None):
+    """One layer exactly as dist-rnn's model builds it for ``cell`` (defaults, no dropout; off cuDNN under XLA).
+
+    ``projection``: ``model.projection_size`` for an ``lstm`` layer (a projected LSTM), else None.
+    """
     from dist_rnn.config import ModelConfig
     from dist_rnn.models.model import cudnn_excluded_by, recurrent_layer
 
-    return recurrent_layer(ModelConfig(cell=cell, num_layers=1, hidden_size=units, embedding_size=units), 0,
+    return recurrent_layer(ModelConfig(cell=cell, num_layers=1, hidden_size=units, embedding_size=units,
+                                       projection_size=_projection_size(cell, projection)), 0,
                            allow_cudnn=not cudnn_excluded_by(jit_compile=xla))
 
 
-def make_calls(cell: str, units: int, batch: int, bptt: int, xla: bool):
+def make_calls(cell: str, units: int, batch: int, bptt: int, xla: bool, projection=None):
     """``(forward, forward_backward)``: zero-argument callables that run the layer once and block."""
     import tensorflow as tf
 
-    layer = build_layer(cell, units, xla)
+    layer = build_layer(cell, units, xla, projection)
     rng = tf.random.Generator.from_seed(0)
     x = rng.normal([batch, bptt, units])
     n_states = 2 if cell in TWO_STATE_CELLS else 1
-    states = [0.1 * rng.normal([batch, units]) for _ in range(n_states)]
+    # A projected LSTM's h is projection wide, its c units wide.
+    widths = [_projection_size(cell, projection) or units, units][:n_states]
+    states = [0.1 * rng.normal([batch, width]) for width in widths]
     layer(x, initial_state=states)
 
     def loss_of(outputs):
@@ -86,9 +98,10 @@ def run(args) -> list[dict]:
     for cell, mode in runs:
         os.environ[compiled.SWITCH_ENV] = mode  # read while the calls are traced (warm-up)
         label = f"{cell} (compiled)" if mode == "on" else cell
-        if mode == "on" and not compiled.uses_compiled(cell):
+        if mode == "on" and not compiled.uses_compiled(
+                compiled.recurrence_name(cell, _projection_size(cell, args.projection))):
             raise SystemExit(f"error: the compiled op is unavailable: {compiled.unavailable_reason()}")
-        fwd, both = make_calls(cell, args.units, args.batch, args.bptt, args.xla)
+        fwd, both = make_calls(cell, args.units, args.batch, args.bptt, args.xla, args.projection)
         for name, call in (("forward", fwd), ("forward + backward", both)):
             call()  # warm-up: tracing (and XLA compile)
             variants.append({"cell": label, "pass": name, "call": call, "seconds": []})
@@ -217,6 +230,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=8, help="timed repeats per variant (median reported)")
     p.add_argument("--calls", type=int, default=3, help="calls per repeat")
     p.add_argument("--xla", action="store_true", help="compile each call with XLA")
+    p.add_argument("--projection", type=int, default=None,
+                   help="lstm layers become projected LSTMs with this projection size")
     p.add_argument("--compiled", action="store_true", help="also time the compiled op of each cell that has one")
     p.add_argument("--op-gflops", action="store_true",
                    help="also time each cell's bare compiled op and one big MatMul of its shape, in GFLOP/s")
@@ -225,6 +240,8 @@ def parse_args(argv=None):
     unknown = [c for c in args.cells if c not in CELLS]
     if unknown:
         p.error(f"unknown cell {unknown[0]!r}; choose from {', '.join(CELLS)}")
+    if args.projection is not None and args.projection < 1:
+        p.error(f"--projection must be positive, got {args.projection}")
     return args
 
 
@@ -232,7 +249,8 @@ def main(argv=None) -> int:
     """Times the requested cells and prints the markdown table."""
     args = parse_args(argv)
     results = run(args)
-    print(f"one layer, {args.units} units, batch {args.batch}, {args.bptt} steps, "
+    projection = f", lstm projection {args.projection}" if args.projection else ""
+    print(f"one layer, {args.units} units{projection}, batch {args.batch}, {args.bptt} steps, "
           f"{'XLA' if args.xla else 'no XLA'}, {args.repeats} repeats of {args.calls} calls")
     print(table(results))
     if args.op_gflops:

@@ -108,7 +108,8 @@ def cudnn_excluded_by(jit_compile: bool = False, precision: str = "float32", exp
 
 def kernel_report(config: ModelConfig, gpu_visible: bool, jit_compile: bool = False, precision: str = "float32",
                   export: bool = False) -> list[LayerKernel]:
-    """Says for each layer whether it runs the fused cuDNN kernel, as ``keras_rnn.LSTM``/``GRU`` decide.
+    """Says for each layer whether it runs the fused cuDNN kernel, as ``keras_rnn.LSTM``/``GRU`` decide,
+    and otherwise whether its recurrence (``lstmp`` for a projected LSTM) is the compiled op.
 
     Args:
         config: The ``model`` section.
@@ -138,13 +139,14 @@ def kernel_report(config: ModelConfig, gpu_visible: bool, jit_compile: bool = Fa
         else:
             fused, reason = True, ""
         compiled_op, note = False, ""
-        if not fused and compiled.enabled() and config.cell in compiled.COMPILED_CELLS:
+        recurrence = compiled.recurrence_name(config.cell, config.projection_size)
+        if not fused and compiled.enabled() and recurrence in compiled.COMPILED_RECURRENCES:
             if export:
                 note = "export (the op library may be missing where it loads)"
             elif jit_compile:
                 note = "train.jit_compile (XLA has no kernel for it)"
             else:
-                compiled_op = compiled.uses_compiled(config.cell)
+                compiled_op = compiled.uses_compiled(recurrence)
                 note = "" if compiled_op else compiled.unavailable_reason()
         report.append(LayerKernel(i, config.cell, config.hidden_size, fused, reason, compiled_op, note))
     return report

@@ -11,8 +11,10 @@ Per step, with gates in Keras' order (i, f, c, o)::
 fed to the recurrent matmul; ``c`` keeps ``units``. The input projection of all
 timesteps is one matmul; the recurrence is
 :func:`dist_rnn.models.kernels.projected.lstmp` (hand-written backward pass, as
-the other kernels of :mod:`dist_rnn.models.kernels`). Recurrent dropout masks
-the ``h`` fed to ``h @ U`` (one stateless mask of ``projection_size`` per call).
+the other kernels of :mod:`dist_rnn.models.kernels`), or with
+``DIST_RNN_COMPILED_KERNELS=on`` its compiled op
+:func:`dist_rnn.models.kernels.compiled.lstmp`. Recurrent dropout masks the
+``h`` fed to ``h @ U`` (one stateless mask of ``projection_size`` per call).
 
 No cuDNN path: TensorFlow's ``CudnnRNNV3`` op has a ``num_proj`` argument, but
 Keras' ``LSTM`` layer (the only cuDNN LSTM dist-rnn builds) exposes none, so
@@ -25,6 +27,7 @@ import keras
 import tensorflow as tf
 
 from dist_rnn.models.dropout import call_dropout_mask
+from dist_rnn.models.kernels import compiled
 from dist_rnn.models.kernels.common import cast, time_major_projection
 from dist_rnn.models.kernels.projected import lstmp
 
@@ -105,8 +108,9 @@ class ProjectedLSTM(keras.layers.Layer):
         scale = tf.concat([one, one, 2.0 * one, one], 0)  # c gate: tanh(a) = 2 sigmoid(2a) - 1
         weight = lambda v: cast(tf.convert_to_tensor(v), cdt)  # noqa: E731
         proj = time_major_projection(x, weight(self.kernel) * scale, weight(self.bias) * scale)
-        h_seq, h_last, c_last = lstmp(proj, h0, c0, weight(self.recurrent_kernel) * scale,
-                                      weight(self.projection_kernel), mask, self.units, self.projection_size)
+        recurrence = compiled.lstmp if compiled.uses_compiled("lstmp") else lstmp
+        h_seq, h_last, c_last = recurrence(proj, h0, c0, weight(self.recurrent_kernel) * scale,
+                                           weight(self.projection_kernel), mask, self.units, self.projection_size)
         output = tf.transpose(h_seq, [1, 0, 2]) if self.return_sequences else h_last
         return (output, h_last, c_last) if self.return_state else output
 

@@ -3,7 +3,8 @@
 The graph kernels of :mod:`.plain` run a ``tf.while_loop`` of small ops per
 step; the ops here run the whole recurrence, forward and backward, as one C++
 kernel each, with the same inputs, outputs, layouts and semantics (so weights
-and checkpoints are unaffected). So far :func:`lstm`, :func:`gru` and :func:`ln_lstm`.
+and checkpoints are unaffected). So far :func:`lstm`, :func:`gru`, :func:`ln_lstm`
+and :func:`lstmp` (the projected LSTM, ``model.cell: lstm`` with ``model.projection_size``).
 
 The shared library is compiled against the installed TensorFlow
 (``tf.sysconfig`` compile and link flags) the first time it is needed, into
@@ -59,6 +60,8 @@ LIBRARY_NAME = "dist_rnn_ops.so"
 COMPILED_CELLS = ("lstm", "gru", "ln_lstm")
 #: Cells whose op always multiplies with Eigen (no ``gemm`` attribute).
 EIGEN_ONLY_CELLS = ("gru",)
+#: Every recurrence with a compiled op: the cells' and ``lstmp``, the projected LSTM (see :func:`recurrence_name`).
+COMPILED_RECURRENCES = COMPILED_CELLS + ("lstmp",)
 _BUILD_TIMEOUT_SECONDS = 1800
 
 _lock = threading.Lock()
@@ -232,14 +235,20 @@ def gemm_backend(cell: str = "lstm") -> str:
     return "eigen" if cell in EIGEN_ONLY_CELLS else lib.dist_rnn_gemm_backend().numpy().decode()
 
 
-def uses_compiled(cell: str) -> bool:
-    """Whether a layer of ``cell`` traced here runs the compiled op.
+def recurrence_name(cell: str, projection_size=None) -> str:
+    """The recurrence a layer of ``cell`` runs: ``lstmp`` for an LSTM with ``model.projection_size``, else ``cell``."""
+    return "lstmp" if projection_size and cell == "lstm" else cell
 
-    True when the switch is on, the cell has an op and the library built, unless
+
+def uses_compiled(recurrence: str) -> bool:
+    """Whether a layer running ``recurrence`` (a cell, or ``lstmp``; see :func:`recurrence_name`), traced here,
+    runs the compiled op.
+
+    True when the switch is on, the recurrence has an op and the library built, unless
     the trace is for XLA (``train.jit_compile``: XLA has no kernel for the op)
     or inside :func:`graph_recurrence_only` (export). Layers call this at trace time.
     """
-    if not enabled() or cell not in COMPILED_CELLS or _graph_only_depth > 0 or _in_xla_trace():
+    if not enabled() or recurrence not in COMPILED_RECURRENCES or _graph_only_depth > 0 or _in_xla_trace():
         return False
     return library() is not None
 
@@ -380,4 +389,37 @@ def ln_lstm(proj, h0, c0, rkernel, gain, bias, cell_gamma, cell_beta, mask, unit
     m = None if mask is None else cast(mask, math)
     outputs = with_custom_gradient(_ln_lstm_forward, _ln_lstm_backward, tensors, m, 3, units=units,
                                    eps=float(eps), gemm=gemm_choice())
+    return tuple(cast(o, dtype) for o in outputs)
+
+
+def _lstmp_forward(proj, h0, c0, rkernel, pkernel, mask, units, projection_size, gemm):
+    del units, projection_size
+    return tuple(library().dist_rnn_lstmp_forward(proj, h0, c0, rkernel, pkernel, _mask_arg(mask, proj.dtype),
+                                                  gemm=gemm))
+
+
+def _lstmp_backward(d_outputs, inputs, mask, saved, units, projection_size, gemm):
+    del units, projection_size
+    d_h_seq, d_h_last, d_c_last = d_outputs
+    proj, h0, c0, rkernel, pkernel = inputs
+    h_seq, _, _, c_seq, gates, m_seq = saved
+    return tuple(library().dist_rnn_lstmp_backward(d_h_seq, d_h_last, d_c_last, h0, c0, rkernel, pkernel,
+                                                   _mask_arg(mask, proj.dtype), h_seq, c_seq, gates, m_seq,
+                                                   gemm=gemm))
+
+
+def lstmp(proj, h0, c0, rkernel, pkernel, mask, units, projection_size):
+    """:func:`~.projected.lstmp` (the projected LSTM) as the compiled op (same arguments, results and gradients).
+
+    Call only when :func:`uses_compiled` is true for ``"lstmp"``.
+
+    Returns:
+        ``h_seq, h_T, c_T`` in the dtype of ``proj``.
+    """
+    dtype = proj.dtype
+    math = tf.float64 if dtype == tf.float64 else tf.float32
+    tensors = [cast(t, math) for t in (proj, h0, c0, rkernel, pkernel)]
+    m = None if mask is None else cast(mask, math)
+    outputs = with_custom_gradient(_lstmp_forward, _lstmp_backward, tensors, m, 3, units=units,
+                                   projection_size=projection_size, gemm=gemm_choice())
     return tuple(cast(o, dtype) for o in outputs)
