@@ -352,9 +352,9 @@ def test_xla_traces_keep_the_graph_recurrence_and_the_report_says_why(compiled_o
     for i, (g, w) in enumerate(zip(got, want)):
         _relative_close(g.numpy(), w.numpy(), f"XLA result {i}")
     assert compiled.uses_compiled(cell)
-    line = kernel_report(ModelConfig(cell=cell, num_layers=1, hidden_size=7), False, jit_compile=True)[0].line()
+    line = kernel_report(_model_config(cell, num_layers=1, hidden_size=7), False, jit_compile=True)[0].line()
     no_cudnn = "train.jit_compile: XLA cannot compile cuDNN" if cell in ("lstm", "gru") else NO_CUDNN[cell]
-    assert line == (f"layer 0  {cell}  7 units  kernel: dist-rnn fused recurrence ({no_cudnn}; "
+    assert line == (f"layer 0  {_report_cell(cell)}  7 units  kernel: dist-rnn fused recurrence ({no_cudnn}; "
                     "compiled op unavailable: train.jit_compile (XLA has no kernel for it))")
 
 
