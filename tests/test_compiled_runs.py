@@ -240,8 +240,9 @@ def _two_process_run(kind: str, run_dir: Path, data, cache: Path) -> list[str]:
     env = compiled_env(cache)
     if kind == "horovod":  # as launch/horovod.sh starts it, with the counting PROBE as the program
         hvdrun = Path(sys.executable).parent / "horovodrun"
-        proc = subprocess.run([str(hvdrun) if hvdrun.exists() else "horovodrun", "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, "-u", "-c",
-                               PROBE, *args], cwd=REPO, capture_output=True, text=True, timeout=600,
+        hvdrun = str(hvdrun) if hvdrun.exists() else "horovodrun"
+        proc = subprocess.run([hvdrun, "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, "-u", "-c", PROBE,
+                               *args], cwd=REPO, capture_output=True, text=True, timeout=600,
                               env={**env, "TF_CPP_MIN_LOG_LEVEL": "3"})
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         return ["\n".join(ln.split(":", 1)[1] for ln in proc.stdout.splitlines() if ln.startswith(f"[{i}]<stdout>:"))
