@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -111,6 +112,28 @@ def shakespeare_prefix(directory: Path, chars: int) -> Path:
 def shakespeare_slice(tmp_path_factory) -> Path:
     """The first 120k characters of tiny-shakespeare as a local file."""
     return shakespeare_prefix(tmp_path_factory.mktemp("data"), 120_000)
+
+
+@pytest.fixture(scope="session")
+def compiled_cache(pytestconfig):
+    """Builds the compiled recurrence ops (unless cached) into pytest's cache; yields the cache folder.
+
+    Once per session, for test_compiled_kernel.py and test_compiled_runs.py (whose
+    subprocesses load the library from this folder instead of building it).
+    """
+    from dist_rnn.models.kernels import compiled
+
+    cache = pytestconfig.cache.mkdir("dist_rnn_kernels")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(compiled.CACHE_ENV, str(cache))
+        mp.delenv(compiled.COMPILER_ENV, raising=False)
+        compiled.reset()
+        if shutil.which("c++") is None and shutil.which("g++") is None:
+            pytest.skip("no C++ compiler on this machine: the op cannot be built (the fallback tests still run)")
+        if compiled.library() is None:
+            pytest.fail(f"the compiled ops did not build: {compiled.unavailable_reason()}")
+        yield cache
+    compiled.reset()
 
 
 def tiny_config(data_path: Path, **sections):

@@ -36,22 +36,6 @@ from dist_rnn.models.projected_lstm import ProjectedLSTM
 SIZES = [(1, 3, 5), (6, 5, 13), (4, 1, 9), (3, 7, 17)]
 
 
-@pytest.fixture(scope="session")
-def compiled_cache(pytestconfig):
-    """Builds the library (unless cached) into pytest's cache; yields the cache folder."""
-    cache = pytestconfig.cache.mkdir("dist_rnn_kernels")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(compiled.CACHE_ENV, str(cache))
-        mp.delenv(compiled.COMPILER_ENV, raising=False)
-        compiled.reset()
-        if shutil.which("c++") is None and shutil.which("g++") is None:
-            pytest.skip("no C++ compiler on this machine: the op cannot be built (the fallback tests still run)")
-        if compiled.library() is None:
-            pytest.fail(f"the compiled ops did not build: {compiled.unavailable_reason()}")
-        yield cache
-    compiled.reset()
-
-
 @pytest.fixture
 def compiled_on(compiled_cache, monkeypatch):
     """The compiled ops switched on, from the session cache (no rebuild)."""
