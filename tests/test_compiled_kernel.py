@@ -405,3 +405,26 @@ def test_processes_starting_together_build_the_library_once(tmp_path):
     outputs = [p.communicate(timeout=300)[0].strip().splitlines()[-1] for p in procs]
     assert outputs == ["('library', '')"] * 2  # both loaded the one library
     assert len(log.read_text().splitlines()) == 1  # without the lock each process compiled its own
+
+
+@pytest.mark.parametrize("cell", ["ln_lstm", "lstmp"])  # layers that run off cuDNN on a GPU machine too
+def test_with_a_gpu_visible_layers_keep_the_graph_recurrence_and_the_report_says_why(compiled_on, monkeypatch, cell):
+    # The ops have CPU kernels only: on a GPU machine they would pull the recurrence onto the CPU.
+    layer = LAYERS[cell](7, return_sequences=True, return_state=True)
+    x = tf.random.stateless_normal([3, 4, 5], seed=[1, 2])
+    layer(x)  # build
+    calls = []
+    real_op = getattr(compiled, cell)
+    monkeypatch.setattr(compiled, cell, lambda *a, **k: calls.append(1) or real_op(*a, **k))
+    real_list = tf.config.list_logical_devices
+    fake_gpu = [tf.config.LogicalDevice(name="/device:GPU:0", device_type="GPU")]
+    monkeypatch.setattr(tf.config, "list_logical_devices", lambda kind=None: fake_gpu if kind == "GPU" else real_list(kind))
+    assert not compiled.uses_compiled(cell)
+    layer(x)
+    assert calls == []
+    report = kernel_report(_model_config(cell, num_layers=1, hidden_size=7), True)[0]
+    assert not report.compiled
+    assert report.line().endswith("; compiled op unavailable: a GPU is visible (the op has CPU kernels only))")
+    monkeypatch.setattr(tf.config, "list_logical_devices", real_list)
+    layer(x)
+    assert calls == [1]  # the same layer runs the op with no GPU

@@ -145,6 +145,8 @@ def kernel_report(config: ModelConfig, gpu_visible: bool, jit_compile: bool = Fa
                 note = "export (the op library may be missing where it loads)"
             elif jit_compile:
                 note = "train.jit_compile (XLA has no kernel for it)"
+            elif gpu_visible:
+                note = "a GPU is visible (the op has CPU kernels only)"
             else:
                 compiled_op = compiled.uses_compiled(recurrence)
                 note = "" if compiled_op else compiled.unavailable_reason()

@@ -245,10 +245,16 @@ def uses_compiled(recurrence: str) -> bool:
     runs the compiled op.
 
     True when the switch is on, the recurrence has an op and the library built, unless
-    the trace is for XLA (``train.jit_compile``: XLA has no kernel for the op)
-    or inside :func:`graph_recurrence_only` (export). Layers call this at trace time.
+    the trace is for XLA (``train.jit_compile``: XLA has no kernel for the op),
+    inside :func:`graph_recurrence_only` (export), or a GPU is visible: the ops
+    have CPU kernels only, and a layer off cuDNN on a GPU machine (layer norm,
+    recurrent dropout, projection) would have its recurrence moved to the CPU,
+    with copies both ways, instead of running the graph recurrence on the GPU.
+    Layers call this at trace time.
     """
     if not enabled() or recurrence not in COMPILED_RECURRENCES or _graph_only_depth > 0 or _in_xla_trace():
+        return False
+    if tf.config.list_logical_devices("GPU"):
         return False
     return library() is not None
 
