@@ -3,7 +3,8 @@
 The library is built at most once per test session, into pytest's cache
 folder (``.pytest_cache/d/dist_rnn_kernels``; the library's name there is keyed
 by the sources, so a changed op is rebuilt): about 1.8 minutes of CPU time for
-lstm_ops.cc, 1.3 for gru_ops.cc and 1.4 for ln_lstm_ops.cc, compiled side by side (docs/benchmarks.md, #22).
+lstm_ops.cc, 1.3 for gru_ops.cc, 1.4 for ln_lstm_ops.cc and 1.7 for ln_gru_ops.cc, compiled side by side
+(docs/benchmarks.md, #22).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import tensorflow as tf
 from dist_rnn.config import ModelConfig
 from dist_rnn.models.kernels import compiled, layer_norm, plain
 from dist_rnn.models.keras_rnn import GRU, LSTM
-from dist_rnn.models.layer_norm import LN_EPSILON, LayerNormLSTM
+from dist_rnn.models.layer_norm import LN_EPSILON, LayerNormGRU, LayerNormLSTM
 from dist_rnn.models.model import kernel_report
 
 # (steps, batch, units): odd batches, units not a multiple of 8, a length-1 sequence.
@@ -100,6 +101,17 @@ def _ln_lstm_inputs(steps, batch, units, seed, dropout):
     return [proj, h0, c0, rkernel, gain, bias, cell_gamma, cell_beta], mask, upstream
 
 
+def _ln_gru_inputs(steps, batch, units, seed, dropout):
+    # The GRU inputs without rbias (no biases: the layer-norm shifts play their role), gains/shifts
+    # away from 1/0.
+    (proj, h0, rkernel, _), mask, upstream = _gru_inputs(steps, batch, units, seed, dropout)
+    rng = np.random.default_rng(seed + 1000)
+    vec = lambda n, center: tf.constant((center + 0.5 * rng.normal(size=n)).astype(np.float32))  # noqa: E731
+    gate_gamma, gate_beta, cand_gamma, cand_beta = vec(2 * units, 1.0), vec(2 * units, 0.0), vec(units, 1.0), vec(
+        units, 0.0)
+    return [proj, h0, rkernel, gate_gamma, gate_beta, cand_gamma, cand_beta], mask, upstream
+
+
 # cell -> (graph kernel, compiled op, inputs, output names, gradient names)
 CELLS = {
     "lstm": (plain.lstm, compiled.lstm, _lstm_inputs, ["h_seq", "h_T", "c_T"], ["d_proj", "d_h0", "d_c0", "d_rkernel"]),
@@ -107,6 +119,9 @@ CELLS = {
     "ln_lstm": (functools.partial(layer_norm.ln_lstm, eps=LN_EPSILON),
                 functools.partial(compiled.ln_lstm, eps=LN_EPSILON), _ln_lstm_inputs, ["h_seq", "h_T", "c_T"],
                 ["d_proj", "d_h0", "d_c0", "d_rkernel", "d_gain", "d_bias", "d_cell_gamma", "d_cell_beta"]),
+    "ln_gru": (functools.partial(layer_norm.ln_gru, eps=LN_EPSILON),
+               functools.partial(compiled.ln_gru, eps=LN_EPSILON), _ln_gru_inputs, ["h_seq", "h_T"],
+               ["d_proj", "d_h0", "d_rkernel", "d_gate_gamma", "d_gate_beta", "d_cand_gamma", "d_cand_beta"]),
 }
 
 
@@ -122,9 +137,9 @@ def _run(recurrence, tensors, mask, upstream, units):
 @pytest.mark.parametrize("size", SIZES + [(3, 40, 300)], ids=lambda s: "T{}_B{}_U{}".format(*s))
 # The LSTM op multiplies with oneDNN's sgemm where TensorFlow exports it ("auto"; the 40 x 300 size is
 # large enough for its multi-threaded path) or with Eigen's product ("eigen", the fallback); the GRU
-# op has the Eigen product only; the ln_lstm op multiplies like the LSTM op.
+# op has the Eigen product only; the ln_lstm and ln_gru ops multiply like the LSTM op.
 @pytest.mark.parametrize("cell,gemm", [("lstm", "auto"), ("lstm", "eigen"), ("gru", "auto"), ("ln_lstm", "auto"),
-                                       ("ln_lstm", "eigen")])
+                                       ("ln_lstm", "eigen"), ("ln_gru", "auto"), ("ln_gru", "eigen")])
 def test_forward_and_gradients_equal_graph_kernel(compiled_on, monkeypatch, cell, gemm, size, dropout):
     graph_op, compiled_op, make_inputs, output_names, grad_names = CELLS[cell]
     monkeypatch.setenv(compiled.GEMM_ENV, gemm)
@@ -188,9 +203,10 @@ def _layer_step(layer, x, seed):
         g.numpy() for g in tape.gradient(loss, layer.trainable_variables)]
 
 
-LAYERS = {"lstm": LSTM, "gru": GRU, "ln_lstm": LayerNormLSTM}
+LAYERS = {"lstm": LSTM, "gru": GRU, "ln_lstm": LayerNormLSTM, "ln_gru": LayerNormGRU}
 # Why each cell's layer runs no cuDNN kernel here (the reason the kernel report gives).
-NO_CUDNN = {"lstm": "no GPU visible", "gru": "no GPU visible", "ln_lstm": LayerNormLSTM.fused_kernel_reason}
+NO_CUDNN = {"lstm": "no GPU visible", "gru": "no GPU visible", "ln_lstm": LayerNormLSTM.fused_kernel_reason,
+            "ln_gru": LayerNormGRU.fused_kernel_reason}
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -213,9 +229,6 @@ def test_layer_runs_compiled_op_with_same_results_and_kernel_report_says_so(comp
     lines = [k.line() for k in kernel_report(ModelConfig(cell=cell, num_layers=2, hidden_size=11), False)]
     assert lines == [f"layer {i}  {cell}  11 units  kernel: dist-rnn compiled recurrence ({NO_CUDNN[cell]})"
                      for i in range(2)]
-    ln_report = kernel_report(ModelConfig(cell="ln_gru", num_layers=1, hidden_size=11), False)[0]
-    assert not ln_report.compiled and "kernel: dist-rnn fused recurrence (" in ln_report.line()  # no ln_gru op yet
-
 
 
 @pytest.mark.parametrize("cell", CELLS)
