@@ -107,8 +107,8 @@ def _ln_gru_inputs(steps, batch, units, seed, dropout):
     (proj, h0, rkernel, _), mask, upstream = _gru_inputs(steps, batch, units, seed, dropout)
     rng = np.random.default_rng(seed + 1000)
     vec = lambda n, center: tf.constant((center + 0.5 * rng.normal(size=n)).astype(np.float32))  # noqa: E731
-    gate_gamma, gate_beta, cand_gamma, cand_beta = vec(2 * units, 1.0), vec(2 * units, 0.0), vec(units, 1.0), vec(
-        units, 0.0)
+    gate_gamma, gate_beta = vec(2 * units, 1.0), vec(2 * units, 0.0)
+    cand_gamma, cand_beta = vec(units, 1.0), vec(units, 0.0)
     return [proj, h0, rkernel, gate_gamma, gate_beta, cand_gamma, cand_beta], mask, upstream
 
 
