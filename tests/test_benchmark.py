@@ -199,12 +199,14 @@ def test_output_layers_option_times_softmax_sampled_and_adaptive(tmp_path):
 def test_step_compiled_row_is_opt_in_for_cells_with_an_op_and_its_worker_switches_the_compiled_op_on(monkeypatch):
     bench = _load_module()
     assert "step-compiled" not in bench.parse_args([]).systems.split(",")  # not in the default run
-    args = bench.parse_args(["--cells", "lstm,gru,ln_lstm,ln_gru", "--systems", "step,step-compiled", "--jit", "off"])
+    args = bench.parse_args(["--cells", "lstm,gru,ln_lstm,ln_gru,rnn", "--systems", "step,step-compiled",
+                             "--jit", "off"])
     rows, notes = bench.build_rows(args, torch_ok=False, gpu=False)
     assert [(r["cell"], r["system"]) for r in rows] == [("lstm", "step"), ("lstm", "step-compiled"), ("gru", "step"),
                                                         ("gru", "step-compiled"), ("ln_lstm", "step"),
-                                                        ("ln_lstm", "step-compiled"), ("ln_gru", "step")]
-    assert notes == ["ln_gru: no compiled op; no 'dist-rnn step compiled' row."]
+                                                        ("ln_lstm", "step-compiled"), ("ln_gru", "step"),
+                                                        ("ln_gru", "step-compiled"), ("rnn", "step")]
+    assert notes == ["rnn: no compiled op; no 'dist-rnn step compiled' row."]
     assert bench.label(rows[1]) == "dist-rnn step compiled"
     runner = importlib.import_module("bench.runner")
     started = []

@@ -3,7 +3,7 @@
 The library is built at most once per test session, into pytest's cache
 folder (``.pytest_cache/d/dist_rnn_kernels``; the library's name there is keyed
 by the sources, so a changed op is rebuilt): about 1.8 minutes of CPU time for
-lstm_ops.cc, 1.3 for gru_ops.cc, 1.4 for ln_lstm_ops.cc and 1.3 for lstmp_ops.cc, compiled side by side
+lstm_ops.cc, 1.3 for gru_ops.cc, 1.4 for ln_lstm_ops.cc, 1.7 for ln_gru_ops.cc and 1.3 for lstmp_ops.cc, compiled side by side
 (docs/benchmarks.md, #22).
 """
 
@@ -28,7 +28,7 @@ import tensorflow as tf
 from dist_rnn.config import ModelConfig
 from dist_rnn.models.kernels import compiled, layer_norm, plain, projected
 from dist_rnn.models.keras_rnn import GRU, LSTM
-from dist_rnn.models.layer_norm import LN_EPSILON, LayerNormLSTM
+from dist_rnn.models.layer_norm import LN_EPSILON, LayerNormGRU, LayerNormLSTM
 from dist_rnn.models.model import kernel_report
 from dist_rnn.models.projected_lstm import ProjectedLSTM
 
@@ -91,6 +91,17 @@ def _ln_lstm_inputs(steps, batch, units, seed, dropout):
     return [proj, h0, c0, rkernel, gain, bias, cell_gamma, cell_beta], mask, upstream
 
 
+def _ln_gru_inputs(steps, batch, units, seed, dropout):
+    # The GRU inputs without rbias (no biases: the layer-norm shifts play their role), gains/shifts
+    # away from 1/0.
+    (proj, h0, rkernel, _), mask, upstream = _gru_inputs(steps, batch, units, seed, dropout)
+    rng = np.random.default_rng(seed + 1000)
+    vec = lambda n, center: tf.constant((center + 0.5 * rng.normal(size=n)).astype(np.float32))  # noqa: E731
+    gate_gamma, gate_beta = vec(2 * units, 1.0), vec(2 * units, 0.0)
+    cand_gamma, cand_beta = vec(units, 1.0), vec(units, 0.0)
+    return [proj, h0, rkernel, gate_gamma, gate_beta, cand_gamma, cand_beta], mask, upstream
+
+
 def _projection_size(units):
     # P > U for small units, P < U otherwise; never equal to U, never a multiple of 8 at the SIZES.
     return units + 2 if units < 8 else (2 * units) // 3 + 1
@@ -125,6 +136,9 @@ CELLS = {
     "ln_lstm": (functools.partial(layer_norm.ln_lstm, eps=LN_EPSILON),
                 functools.partial(compiled.ln_lstm, eps=LN_EPSILON), _ln_lstm_inputs, ["h_seq", "h_T", "c_T"],
                 ["d_proj", "d_h0", "d_c0", "d_rkernel", "d_gain", "d_bias", "d_cell_gamma", "d_cell_beta"]),
+    "ln_gru": (functools.partial(layer_norm.ln_gru, eps=LN_EPSILON),
+               functools.partial(compiled.ln_gru, eps=LN_EPSILON), _ln_gru_inputs, ["h_seq", "h_T"],
+               ["d_proj", "d_h0", "d_rkernel", "d_gate_gamma", "d_gate_beta", "d_cand_gamma", "d_cand_beta"]),
     "lstmp": (_with_projection_size(projected.lstmp), _with_projection_size(compiled.lstmp), _lstmp_inputs,
               ["h_seq", "h_T", "c_T"], ["d_proj", "d_h0", "d_c0", "d_rkernel", "d_pkernel"]),
 }
@@ -142,9 +156,10 @@ def _run(recurrence, tensors, mask, upstream, units):
 @pytest.mark.parametrize("size", SIZES + [(3, 40, 300)], ids=lambda s: "T{}_B{}_U{}".format(*s))
 # The LSTM op multiplies with oneDNN's sgemm where TensorFlow exports it ("auto"; the 40 x 300 size is
 # large enough for its multi-threaded path) or with Eigen's product ("eigen", the fallback); the GRU
-# op has the Eigen product only; the ln_lstm and lstmp (projected LSTM) ops multiply like the LSTM op.
+# op has the Eigen product only; the ln_lstm, ln_gru and lstmp (projected LSTM) ops multiply like the LSTM op.
 @pytest.mark.parametrize("cell,gemm", [("lstm", "auto"), ("lstm", "eigen"), ("gru", "auto"), ("ln_lstm", "auto"),
-                                       ("ln_lstm", "eigen"), ("lstmp", "auto"), ("lstmp", "eigen")])
+                                       ("ln_lstm", "eigen"), ("ln_gru", "auto"), ("ln_gru", "eigen"),
+                                       ("lstmp", "auto"), ("lstmp", "eigen")])
 def test_forward_and_gradients_equal_graph_kernel(compiled_on, monkeypatch, cell, gemm, size, dropout):
     graph_op, compiled_op, make_inputs, output_names, grad_names = CELLS[cell]
     monkeypatch.setenv(compiled.GEMM_ENV, gemm)
@@ -211,11 +226,11 @@ def _layer_step(layer, x, seed):
 
 
 PROJECTION_SIZE = 7  # of the projected LSTM layers below (units 9 or 11)
-LAYERS = {"lstm": LSTM, "gru": GRU, "ln_lstm": LayerNormLSTM,
+LAYERS = {"lstm": LSTM, "gru": GRU, "ln_lstm": LayerNormLSTM, "ln_gru": LayerNormGRU,
           "lstmp": functools.partial(ProjectedLSTM, projection_size=PROJECTION_SIZE)}
 # Why each cell's layer runs no cuDNN kernel here (the reason the kernel report gives).
 NO_CUDNN = {"lstm": "no GPU visible", "gru": "no GPU visible", "ln_lstm": LayerNormLSTM.fused_kernel_reason,
-            "lstmp": ProjectedLSTM.fused_kernel_reason}
+            "ln_gru": LayerNormGRU.fused_kernel_reason, "lstmp": ProjectedLSTM.fused_kernel_reason}
 
 
 def _model_config(cell, **kwargs):
@@ -250,8 +265,8 @@ def test_layer_runs_compiled_op_with_same_results_and_kernel_report_says_so(comp
     lines = [k.line() for k in kernel_report(_model_config(cell, num_layers=2, hidden_size=11), False)]
     assert lines == [f"layer {i}  {_report_cell(cell)}  11 units  kernel: dist-rnn compiled recurrence "
                      f"({NO_CUDNN[cell]})" for i in range(2)]
-    ln_report = kernel_report(ModelConfig(cell="ln_gru", num_layers=1, hidden_size=11), False)[0]
-    assert not ln_report.compiled and "kernel: dist-rnn fused recurrence (" in ln_report.line()  # no ln_gru op yet
+    rnn_report = kernel_report(ModelConfig(cell="rnn", num_layers=1, hidden_size=11), False)[0]
+    assert not rnn_report.compiled and "kernel: dist-rnn fused recurrence (" in rnn_report.line()  # no rnn op
 
 
 
@@ -307,7 +322,7 @@ def test_compiled_op_under_bfloat16_computes_in_float32(compiled_on, cell):
         np.testing.assert_allclose(tf.cast(got, tf.float32).numpy(), want, rtol=2.0**-8, atol=1e-6)
 
 
-@pytest.mark.parametrize("cell,gates", [("lstm", 4), ("gru", 3), ("ln_lstm", 4)])
+@pytest.mark.parametrize("cell,gates", [("lstm", 4), ("gru", 3), ("ln_lstm", 4), ("ln_gru", 3)])
 def test_layer_benchmark_op_gflops_counts_the_ops_gemms_and_times_both_variants(compiled_on, cell, gates):
     spec = importlib.util.spec_from_file_location("dist_rnn_layer_benchmark",
                                                   Path(__file__).parents[1] / "tools" / "layer_benchmark.py")

@@ -147,6 +147,8 @@ def _op_arguments(cell: str, units: int, batch: int, bptt: int, rng):
     elif cell == "ln_lstm":
         tensors = [proj, h0, 0.1 * rng.normal([batch, units]), rkernel, ones(4 * units), zeros(4 * units),
                    ones(units), zeros(units)]
+    elif cell == "ln_gru":
+        tensors = [proj, h0, rkernel, ones(2 * units), zeros(2 * units), ones(units), zeros(units)]
     else:
         raise SystemExit(f"error: --op-gflops does not know the compiled op of {cell!r}")
     return tensors, gates

@@ -187,9 +187,10 @@ class LayerNormGRU(FusedRecurrentLayer):
 
     def _recur(self, proj, states, rkernel, mask):
         sdt = self._stats_dtype()
-        return ln_gru(proj, states[0], rkernel,
-                      cast(tf.convert_to_tensor(self.gate_gamma), sdt),
-                      cast(tf.convert_to_tensor(self.gate_beta), sdt),
-                      cast(tf.convert_to_tensor(self.candidate_gamma), sdt),
-                      cast(tf.convert_to_tensor(self.candidate_beta), sdt),
-                      mask, units=self.units, eps=LN_EPSILON)
+        recurrence = compiled.ln_gru if compiled.uses_compiled("ln_gru") else ln_gru
+        return recurrence(proj, states[0], rkernel,
+                          cast(tf.convert_to_tensor(self.gate_gamma), sdt),
+                          cast(tf.convert_to_tensor(self.gate_beta), sdt),
+                          cast(tf.convert_to_tensor(self.candidate_gamma), sdt),
+                          cast(tf.convert_to_tensor(self.candidate_beta), sdt),
+                          mask, units=self.units, eps=LN_EPSILON)

@@ -10,7 +10,7 @@ carries a hand-written backward pass (``tf.custom_gradient``).
 - :mod:`.plain`: :func:`~.plain.lstm`, :func:`~.plain.gru`, :func:`~.plain.vanilla`.
 - :mod:`.layer_norm`: :func:`~.layer_norm.ln_lstm`, :func:`~.layer_norm.ln_gru`.
 - :mod:`.compiled`: the same recurrences as compiled C++ ops (``csrc/``, built on
-  first use; so far ``lstm``, ``gru``, ``ln_lstm`` and ``lstmp``, opt-in with ``DIST_RNN_COMPILED_KERNELS=on``).
+  first use; so far ``lstm``, ``gru``, ``ln_lstm``, ``ln_gru`` and ``lstmp``, opt-in with ``DIST_RNN_COMPILED_KERNELS=on``).
 - :mod:`.projected`: :func:`~.projected.lstmp` (LSTM with a recurrent projection).
 """
 

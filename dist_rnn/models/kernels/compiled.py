@@ -3,8 +3,8 @@
 The graph kernels of :mod:`.plain` run a ``tf.while_loop`` of small ops per
 step; the ops here run the whole recurrence, forward and backward, as one C++
 kernel each, with the same inputs, outputs, layouts and semantics (so weights
-and checkpoints are unaffected). So far :func:`lstm`, :func:`gru`, :func:`ln_lstm`
-and :func:`lstmp` (the projected LSTM, ``model.cell: lstm`` with ``model.projection_size``).
+and checkpoints are unaffected). So far :func:`lstm`, :func:`gru`, :func:`ln_lstm`,
+:func:`ln_gru` and :func:`lstmp` (the projected LSTM, ``model.cell: lstm`` with ``model.projection_size``).
 
 The shared library is compiled against the installed TensorFlow
 (``tf.sysconfig`` compile and link flags) the first time it is needed, into
@@ -57,7 +57,7 @@ GEMM_ENV = "DIST_RNN_COMPILED_GEMM"
 SOURCE_DIR = Path(__file__).parent / "csrc"
 LIBRARY_NAME = "dist_rnn_ops.so"
 #: Cells with a compiled op.
-COMPILED_CELLS = ("lstm", "gru", "ln_lstm")
+COMPILED_CELLS = ("lstm", "gru", "ln_lstm", "ln_gru")
 #: Cells whose op always multiplies with Eigen (no ``gemm`` attribute).
 EIGEN_ONLY_CELLS = ("gru",)
 #: Every recurrence with a compiled op: the cells' and ``lstmp``, the projected LSTM (see :func:`recurrence_name`).
@@ -394,6 +394,42 @@ def ln_lstm(proj, h0, c0, rkernel, gain, bias, cell_gamma, cell_beta, mask, unit
     tensors = [cast(t, math) for t in (proj, h0, c0, rkernel, gain, bias, cell_gamma, cell_beta)]
     m = None if mask is None else cast(mask, math)
     outputs = with_custom_gradient(_ln_lstm_forward, _ln_lstm_backward, tensors, m, 3, units=units,
+                                   eps=float(eps), gemm=gemm_choice())
+    return tuple(cast(o, dtype) for o in outputs)
+
+
+def _ln_gru_forward(proj, h0, rkernel, gate_gamma, gate_beta, cand_gamma, cand_beta, mask, units, eps, gemm):
+    del units
+    return tuple(library().dist_rnn_ln_gru_forward(proj, h0, rkernel, gate_gamma, gate_beta, cand_gamma, cand_beta,
+                                                   _mask_arg(mask, proj.dtype), tf.constant(eps, proj.dtype),
+                                                   gemm=gemm))
+
+
+def _ln_gru_backward(d_outputs, inputs, mask, saved, units, eps, gemm):
+    del units, eps
+    d_h_seq, d_h_last = d_outputs
+    proj, h0, rkernel, gate_gamma, _, cand_gamma, _ = inputs
+    h_seq, _, zr, hu_n, n, ghat, rstd_g, qhat, rstd_q = saved
+    return tuple(library().dist_rnn_ln_gru_backward(
+        d_h_seq, d_h_last, h0, rkernel, gate_gamma, cand_gamma, _mask_arg(mask, proj.dtype),
+        h_seq, zr, hu_n, n, ghat, rstd_g, qhat, rstd_q, gemm=gemm))
+
+
+def ln_gru(proj, h0, rkernel, gate_gamma, gate_beta, cand_gamma, cand_beta, mask, units, eps):
+    """:func:`~.layer_norm.ln_gru` as the compiled op (same arguments, results and gradients).
+
+    Call only when :func:`uses_compiled` is true for ``"ln_gru"``. The layer-norm
+    statistics are in the op's math dtype (float32, float64 for float64 inputs), as
+    the graph kernel's are in its statistics dtype.
+
+    Returns:
+        ``h_seq, h_T`` in the dtype of ``proj``.
+    """
+    dtype = proj.dtype
+    math = tf.float64 if dtype == tf.float64 else tf.float32
+    tensors = [cast(t, math) for t in (proj, h0, rkernel, gate_gamma, gate_beta, cand_gamma, cand_beta)]
+    m = None if mask is None else cast(mask, math)
+    outputs = with_custom_gradient(_ln_gru_forward, _ln_gru_backward, tensors, m, 2, units=units,
                                    eps=float(eps), gemm=gemm_choice())
     return tuple(cast(o, dtype) for o in outputs)
 
