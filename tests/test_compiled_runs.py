@@ -5,7 +5,9 @@ losses as the graph recurrence, distributed runs equal to one device on the same
 global batch, a stop and resume bitwise equal to the straight run, and
 mixed_bfloat16 training. Every run here has recurrent dropout and the AWD
 regularizers on (weight drop on the recurrent kernel, embedding and locked
-dropout, AR/TAR), so all the masks go through the ops.
+dropout, AR/TAR), so all the masks go through the ops; the projected LSTM
+(``lstmp``: ``model.cell: lstm`` with ``model.projection_size``) has every one
+but weight drop, which dist-rnn does not offer for it.
 
 Runs are real ``dist-rnn train`` commands in subprocesses, with the switch and
 the session-built library (``compiled_cache`` of conftest.py) in their
@@ -35,16 +37,24 @@ from dist_rnn.models.kernels import compiled
 
 pytestmark = pytest.mark.slow  # subprocess runs on 2 logical CPUs, 2 worker processes, horovodrun
 
-CELLS = list(compiled.COMPILED_CELLS)
+CELLS = list(compiled.COMPILED_RECURRENCES)  # the four cells and lstmp, the projected LSTM
 STEPS = 4
+PROJECTION_SIZE = 12
 
 
-def base_args(data, cell: str) -> list[str]:
-    """``--set`` arguments of the tiny run: recurrent dropout and every AWD mask on, Adam, active clipping."""
+def base_args(data, recurrence: str) -> list[str]:
+    """``--set`` arguments of the tiny run: recurrent dropout and every AWD mask on, Adam, active clipping.
+
+    ``recurrence``: a cell, or ``lstmp`` for an lstm with a projection (no weight drop: not offered).
+    """
+    if recurrence == "lstmp":
+        layers = f"cell: lstm, projection_size: {PROJECTION_SIZE}, weight_drop: 0.0"
+    else:
+        layers = f"cell: {recurrence}, weight_drop: 0.3"
     return [
         "--set", f"data={{corpus: file, path: {data}, split: [1.0, 0.0, 0.0]}}",  # no evaluation: faster
-        "--set", f"model={{cell: {cell}, num_layers: 2, hidden_size: 16, embedding_size: 8, dropout: 0.0, "
-                 "recurrent_dropout: 0.25, weight_drop: 0.3, embedding_dropout: 0.1, dropout_input: 0.2, "
+        "--set", f"model={{{layers}, num_layers: 2, hidden_size: 16, embedding_size: 8, dropout: 0.0, "
+                 "recurrent_dropout: 0.25, embedding_dropout: 0.1, dropout_input: 0.2, "
                  "dropout_hidden: 0.25, dropout_output: 0.3}",
         "--set", "optimizer={name: adam, learning_rate: 0.01, clip_norm: 0.25}",
         "--set", f"train={{batch_size: 4, num_steps: 10, max_steps: {STEPS}, max_epochs: null, log_every: 1, "
@@ -63,7 +73,7 @@ COUNTING = textwrap.dedent("""
             calls[cell] = calls.get(cell, 0) + 1
             return op(*args, **kwargs)
         return counted
-    for _cell in compiled.COMPILED_CELLS:
+    for _cell in compiled.COMPILED_RECURRENCES:
         setattr(compiled, _cell, _counting(_cell, getattr(compiled, _cell)))
 """)
 
@@ -135,8 +145,9 @@ def losses(run_dir: Path) -> np.ndarray:
     return np.array([r["loss"] for r in train_records(run_dir)])
 
 
-def assert_kernels_compiled(run_dir: Path, cell: str) -> None:
-    """``kernels.txt`` says both layers run the compiled op."""
+def assert_kernels_compiled(run_dir: Path, recurrence: str) -> None:
+    """``kernels.txt`` says both layers run the compiled op (a projected LSTM's layers are ``lstm`` layers)."""
+    cell = "lstm" if recurrence == "lstmp" else recurrence
     lines = (run_dir / "kernels.txt").read_text().splitlines()
     assert len(lines) == 2 and all(f"{cell}  16 units  kernel: dist-rnn compiled recurrence (" in ln for ln in lines), \
         lines
@@ -170,6 +181,7 @@ def runs(data, compiled_cache, tmp_path_factory):
 # | gru     | 4.5e-6, 3.0e-8, 0                        | 3.1e-6, 3.0e-8, 9.5e-8 (mirrored)              |
 # | ln_lstm | 2.2e-5, 9.4e-6, 0                        | 6.3e-6, 4.6e-6, 9.4e-8 (mirrored)              |
 # | ln_gru  | 1.8e-4, 4.8e-4, 8.4e-7 (*)               | 3.2e-5, 8.5e-5, 1.8e-7 (mirrored) (*)          |
+# | lstmp   | 1.2e-6, 1.5e-7, 0 (*)                    | 5.7e-7, 9.7e-8, 9.4e-8 (mirrored) (*)          |
 #
 # (ln_lstm, ln_gru: normalizing 16-unit vectors amplifies summation-order differences, as in
 # test_recurrent_dropout.py; ln_gru about 14x ln_lstm in both columns, so the same amplification
@@ -178,11 +190,13 @@ def runs(data, compiled_cache, tmp_path_factory):
 COMPILED_VS_GRAPH = {"lstm": {"loss": 1e-6, "weights": 1.7e-5, "state": 1.5e-6},
                      "gru": {"loss": 1e-6, "weights": 4.5e-5, "state": 1e-6},
                      "ln_lstm": {"loss": 1e-6, "weights": 2.2e-4, "state": 9.4e-5},
-                     "ln_gru": {"loss": 8.4e-6, "weights": 1.8e-3, "state": 4.8e-3}}
+                     "ln_gru": {"loss": 8.4e-6, "weights": 1.8e-3, "state": 4.8e-3},
+                     "lstmp": {"loss": 1e-6, "weights": 1.3e-5, "state": 1.5e-6}}
 REPLICAS = {"lstm": {"loss": 1e-6, "weights": 1.3e-5, "state": 1.3e-6},
             "gru": {"loss": 1e-6, "weights": 3.1e-5, "state": 1e-6},
             "ln_lstm": {"loss": 1e-6, "weights": 6.3e-5, "state": 4.6e-5},
-            "ln_gru": {"loss": 1.8e-6, "weights": 3.2e-4, "state": 8.5e-4}}
+            "ln_gru": {"loss": 1.8e-6, "weights": 3.2e-4, "state": 8.5e-4},
+            "lstmp": {"loss": 1e-6, "weights": 5.8e-6, "state": 1e-6}}
 
 
 @pytest.mark.parametrize("cell", CELLS)
