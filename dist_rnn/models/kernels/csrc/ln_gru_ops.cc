@@ -28,6 +28,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "layer_norm.h"
 #include "op_common.h"
 
 namespace dist_rnn {
@@ -142,24 +143,6 @@ Status CheckShapes(const Tensor& h0, const Tensor& rkernel, const Tensor& gate_g
   if (mask.NumElements() != 0 && mask.shape() != h0.shape())
     return InvalidArgument("mask must be empty or ", h0.shape().DebugString());
   return absl::OkStatus();
-}
-
-// In place: x becomes (x - mean) * rstd over its elements; returns rstd = 1 / sqrt(biased var + eps).
-template <typename T>
-T Normalize(Vec<T> x, T eps) {
-  const T mean = x.mean();
-  x -= mean;
-  const T rstd = T(1) / std::sqrt(x.square().mean() + eps);
-  x *= rstd;
-  return rstd;
-}
-
-// In place: dxhat becomes the gradient at the layer norm's input, given d(loss)/d(xhat).
-template <typename T>
-void NormalizeBackward(Vec<T> dxhat, ConstVec<T> xhat, T rstd) {
-  const T mean_d = dxhat.mean();
-  const T mean_dx = (dxhat * xhat).mean();
-  dxhat = rstd * (dxhat - mean_d - xhat * mean_dx);
 }
 
 template <typename T>

@@ -27,6 +27,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "layer_norm.h"
 #include "op_common.h"
 
 namespace dist_rnn {
@@ -144,24 +145,6 @@ Status CheckShapes(const Tensor& proj, const Tensor& h0, const Tensor& c0, const
   if (mask.NumElements() != 0 && mask.shape() != state)
     return InvalidArgument("mask must be empty or ", state.DebugString());
   return absl::OkStatus();
-}
-
-// In place: x becomes (x - mean) * rstd over its elements; returns rstd = 1 / sqrt(biased var + eps).
-template <typename T>
-T Normalize(Vec<T> x, T eps) {
-  const T mean = x.mean();
-  x -= mean;
-  const T rstd = T(1) / std::sqrt(x.square().mean() + eps);
-  x *= rstd;
-  return rstd;
-}
-
-// In place: dxhat becomes the gradient at the layer norm's input, given d(loss)/d(xhat).
-template <typename T>
-void NormalizeBackward(Vec<T> dxhat, ConstVec<T> xhat, T rstd) {
-  const T mean_d = dxhat.mean();
-  const T mean_dx = (dxhat * xhat).mean();
-  dxhat = rstd * (dxhat - mean_d - xhat * mean_dx);
 }
 
 template <typename T>
