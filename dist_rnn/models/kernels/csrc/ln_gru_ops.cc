@@ -408,17 +408,8 @@ class LnGruBackwardOp : public OpKernel {
     }
 
     // Weight gradient: (masked h_{t-1})^T @ dhu over all T * B rows in one GEMM.
-    if (steps == 0) {
-      std::memset(d_rkernel->flat<T>().data(), 0, rkernel.NumElements() * sizeof(T));
-      return;
-    }
-    T* hpa = h_prev_t.flat<T>().data();
-    std::memcpy(hpa, h0.flat<T>().data(), state_size * sizeof(T));
-    std::memcpy(hpa + state_size, hs, (steps - 1) * state_size * sizeof(T));
-    if (has_mask) {
-      for (int64_t t = 0; t < steps; ++t) Vec<T>(hpa + t * state_size, state_size) *= ConstVec<T>(m, state_size);
-    }
-    gemm(true, units, gates, steps * batch, hpa, units, dhu_all, gates, d_rkernel->flat<T>().data(), gates);
+    RecurrentKernelGradient(gemm, steps, batch, units, gates, h0.flat<T>().data(), hs, m, dhu_all,
+                            h_prev_t.flat<T>().data(), d_rkernel->flat<T>().data());
   }
 
  private:

@@ -389,17 +389,8 @@ class LnLstmBackwardOp : public OpKernel {
     }
 
     // Weight gradient: (masked h_{t-1})^T @ dz over all T * B rows in one GEMM.
-    if (steps == 0) {
-      std::memset(d_rkernel->flat<T>().data(), 0, rkernel.NumElements() * sizeof(T));
-      return;
-    }
-    T* hp = h_prev_t.flat<T>().data();
-    std::memcpy(hp, h0.flat<T>().data(), state_size * sizeof(T));
-    std::memcpy(hp + state_size, hs, (steps - 1) * state_size * sizeof(T));
-    if (has_mask) {
-      for (int64_t t = 0; t < steps; ++t) Vec<T>(hp + t * state_size, state_size) *= ConstVec<T>(m, state_size);
-    }
-    gemm(true, units, gates, steps * batch, hp, units, dz_all, gates, d_rkernel->flat<T>().data(), gates);
+    RecurrentKernelGradient(gemm, steps, batch, units, gates, h0.flat<T>().data(), hs, m, dz_all,
+                            h_prev_t.flat<T>().data(), d_rkernel->flat<T>().data());
   }
 
  private:

@@ -301,21 +301,14 @@ class LstmpBackwardOp : public OpKernel {
 
     // Weight gradients over all T * B rows, one GEMM each:
     // U: (masked h_{t-1})^T @ dz;  P: m^T @ dh.
+    RecurrentKernelGradient(gemm, steps, batch, projection, gates, h0.flat<T>().data(), hs, dropout, dz_all,
+                            h_prev_t.flat<T>().data(), d_rkernel->flat<T>().data());
     if (steps == 0) {
-      std::memset(d_rkernel->flat<T>().data(), 0, rkernel.NumElements() * sizeof(T));
       std::memset(d_pkernel->flat<T>().data(), 0, pkernel.NumElements() * sizeof(T));
-      return;
+    } else {
+      gemm(true, units, projection, steps * batch, ms, units, dh_all, projection, d_pkernel->flat<T>().data(),
+           projection);
     }
-    T* hp = h_prev_t.flat<T>().data();
-    std::memcpy(hp, h0.flat<T>().data(), h_size * sizeof(T));
-    std::memcpy(hp + h_size, hs, (steps - 1) * h_size * sizeof(T));
-    if (has_mask) {
-      for (int64_t t = 0; t < steps; ++t) Vec<T>(hp + t * h_size, h_size) *= ConstVec<T>(dropout, h_size);
-    }
-    gemm(true, projection, gates, steps * batch, hp, projection, dz_all, gates, d_rkernel->flat<T>().data(),
-         gates);
-    gemm(true, units, projection, steps * batch, ms, units, dh_all, projection, d_pkernel->flat<T>().data(),
-         projection);
   }
 
  private:

@@ -7,6 +7,7 @@
 #ifndef DIST_RNN_CSRC_OP_COMMON_H_
 #define DIST_RNN_CSRC_OP_COMMON_H_
 
+#include <cstring>
 #include <string>
 
 #include "Eigen/Core"
@@ -42,6 +43,26 @@ using ConstVec = Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>;
 inline bool AllowOneDnn(OpKernelConstruction* ctx) {
   std::string gemm;
   return !ctx->GetAttr("gemm", &gemm).ok() || gemm != "eigen";
+}
+
+// The recurrent-kernel gradient of a recurrence whose step multiplies (h_{t-1} * mask) by the kernel:
+// d_kernel (width, gates) = sum over t of (masked h_{t-1})^T @ dz_t, as one GEMM over all T * B rows.
+// h_{t-1} is h0 (B, width) at t = 0 and h_seq[t - 1] after; mask (B, width) or nullptr; dz (T, B, gates);
+// rows is scratch for the (T * B, width) left operand. steps == 0 gives zeros.
+template <typename T>
+void RecurrentKernelGradient(const Gemm<T>& gemm, int64_t steps, int64_t batch, int64_t width, int64_t gates,
+                             const T* h0, const T* h_seq, const T* mask, const T* dz, T* rows, T* d_kernel) {
+  const int64_t state_size = batch * width;
+  if (steps == 0) {
+    std::memset(d_kernel, 0, width * gates * sizeof(T));
+    return;
+  }
+  std::memcpy(rows, h0, state_size * sizeof(T));
+  std::memcpy(rows + state_size, h_seq, (steps - 1) * state_size * sizeof(T));
+  if (mask != nullptr) {
+    for (int64_t t = 0; t < steps; ++t) Vec<T>(rows + t * state_size, state_size) *= ConstVec<T>(mask, state_size);
+  }
+  gemm(true, width, gates, steps * batch, rows, width, dz, gates, d_kernel, gates);
 }
 
 }  // namespace ops
