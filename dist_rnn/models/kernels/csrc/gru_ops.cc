@@ -361,14 +361,8 @@ class GruBackwardOp : public OpKernel {
   }
 };
 
-#define REGISTER_GRU_KERNELS(T)                                                                   \
-  REGISTER_KERNEL_BUILDER(                                                                        \
-      Name("DistRnnGruForward").Device(DEVICE_CPU).TypeConstraint<T>("T"), GruForwardOp<T>);     \
-  REGISTER_KERNEL_BUILDER(                                                                        \
-      Name("DistRnnGruBackward").Device(DEVICE_CPU).TypeConstraint<T>("T"), GruBackwardOp<T>);
-
-REGISTER_GRU_KERNELS(float);
-REGISTER_GRU_KERNELS(double);
+DIST_RNN_REGISTER_CPU_KERNELS("DistRnnGruForward", GruForwardOp);
+DIST_RNN_REGISTER_CPU_KERNELS("DistRnnGruBackward", GruBackwardOp);
 
 }  // namespace
 }  // namespace dist_rnn

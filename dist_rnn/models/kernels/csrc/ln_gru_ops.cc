@@ -146,9 +146,9 @@ Status CheckShapes(const Tensor& h0, const Tensor& rkernel, const Tensor& gate_g
 }
 
 template <typename T>
-class LnGruForwardOp : public OpKernel {
+class LnGruForwardOp : public GemmOpKernel {
  public:
-  explicit LnGruForwardOp(OpKernelConstruction* ctx) : OpKernel(ctx), allow_onednn_(AllowOneDnn(ctx)) {}
+  using GemmOpKernel::GemmOpKernel;
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& proj = ctx->input(0);
@@ -186,7 +186,7 @@ class LnGruForwardOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_temp(proj.dtype(), TensorShape({batch, gates}), &hu_t));
     OP_REQUIRES_OK(ctx, ctx->allocate_temp(proj.dtype(), has_mask ? h0.shape() : TensorShape({0}), &masked));
 
-    const Gemm<T> gemm(ctx, allow_onednn_);
+    const Gemm<T> gemm(ctx, allow_onednn());
     const T eps = eps_t.flat<T>()(0);
     const T* m = has_mask ? mask.flat<T>().data() : nullptr;
     const T* p = proj.flat<T>().data();
@@ -244,15 +244,12 @@ class LnGruForwardOp : public OpKernel {
     }
     std::memcpy(h_last->flat<T>().data(), h_prev, state_size * sizeof(T));
   }
-
- private:
-  const bool allow_onednn_;
 };
 
 template <typename T>
-class LnGruBackwardOp : public OpKernel {
+class LnGruBackwardOp : public GemmOpKernel {
  public:
-  explicit LnGruBackwardOp(OpKernelConstruction* ctx) : OpKernel(ctx), allow_onednn_(AllowOneDnn(ctx)) {}
+  using GemmOpKernel::GemmOpKernel;
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& d_h_seq = ctx->input(0);
@@ -305,7 +302,7 @@ class LnGruBackwardOp : public OpKernel {
     const int64_t acc_width = 6 * units;
     OP_REQUIRES_OK(ctx, ctx->allocate_temp(h0.dtype(), TensorShape({batch, acc_width}), &acc_t));
 
-    const Gemm<T> gemm(ctx, allow_onednn_);
+    const Gemm<T> gemm(ctx, allow_onednn());
     const bool has_mask = mask.NumElements() > 0;
     const T* m = has_mask ? mask.flat<T>().data() : nullptr;
     const ConstVec<T> gg(gate_gamma.flat<T>().data(), 2 * units), cg(cand_gamma.flat<T>().data(), units);
@@ -411,20 +408,11 @@ class LnGruBackwardOp : public OpKernel {
     RecurrentKernelGradient(gemm, steps, batch, units, gates, h0.flat<T>().data(), hs, m, dhu_all,
                             h_prev_t.flat<T>().data(), d_rkernel->flat<T>().data());
   }
-
- private:
-  const bool allow_onednn_;
 };
 
 }  // namespace
 
-#define REGISTER_LN_GRU_KERNELS(T)                                                                    \
-  REGISTER_KERNEL_BUILDER(                                                                            \
-      Name("DistRnnLnGruForward").Device(DEVICE_CPU).TypeConstraint<T>("T"), LnGruForwardOp<T>);     \
-  REGISTER_KERNEL_BUILDER(                                                                            \
-      Name("DistRnnLnGruBackward").Device(DEVICE_CPU).TypeConstraint<T>("T"), LnGruBackwardOp<T>);
-
-REGISTER_LN_GRU_KERNELS(float);
-REGISTER_LN_GRU_KERNELS(double);
+DIST_RNN_REGISTER_CPU_KERNELS("DistRnnLnGruForward", LnGruForwardOp);
+DIST_RNN_REGISTER_CPU_KERNELS("DistRnnLnGruBackward", LnGruBackwardOp);
 
 }  // namespace dist_rnn

@@ -148,9 +148,9 @@ Status CheckShapes(const Tensor& proj, const Tensor& h0, const Tensor& c0, const
 }
 
 template <typename T>
-class LnLstmForwardOp : public OpKernel {
+class LnLstmForwardOp : public GemmOpKernel {
  public:
-  explicit LnLstmForwardOp(OpKernelConstruction* ctx) : OpKernel(ctx), allow_onednn_(AllowOneDnn(ctx)) {}
+  using GemmOpKernel::GemmOpKernel;
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& proj = ctx->input(0);
@@ -184,7 +184,7 @@ class LnLstmForwardOp : public OpKernel {
     Tensor masked;  // the masked h fed to the next step's GEMM
     OP_REQUIRES_OK(ctx, ctx->allocate_temp(proj.dtype(), has_mask ? h0.shape() : TensorShape({0}), &masked));
 
-    const Gemm<T> gemm(ctx, allow_onednn_);
+    const Gemm<T> gemm(ctx, allow_onednn());
     const T eps = eps_t.flat<T>()(0);
     const T* m = has_mask ? mask.flat<T>().data() : nullptr;
     const T* p = proj.flat<T>().data();
@@ -240,15 +240,12 @@ class LnLstmForwardOp : public OpKernel {
     std::memcpy(h_last->flat<T>().data(), h_prev, state_size * sizeof(T));
     std::memcpy(c_last->flat<T>().data(), c_prev, state_size * sizeof(T));
   }
-
- private:
-  const bool allow_onednn_;
 };
 
 template <typename T>
-class LnLstmBackwardOp : public OpKernel {
+class LnLstmBackwardOp : public GemmOpKernel {
  public:
-  explicit LnLstmBackwardOp(OpKernelConstruction* ctx) : OpKernel(ctx), allow_onednn_(AllowOneDnn(ctx)) {}
+  using GemmOpKernel::GemmOpKernel;
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& d_h_seq = ctx->input(0);
@@ -297,7 +294,7 @@ class LnLstmBackwardOp : public OpKernel {
     // Per batch row: sums over time of du * zhat, du, dcn * chat, dcn (the gain/shift gradients).
     OP_REQUIRES_OK(ctx, ctx->allocate_temp(y_seq.dtype(), TensorShape({batch, 2 * gates + 2 * units}), &acc_t));
 
-    const Gemm<T> gemm(ctx, allow_onednn_);
+    const Gemm<T> gemm(ctx, allow_onednn());
     const bool has_mask = mask.NumElements() > 0;
     const T* m = has_mask ? mask.flat<T>().data() : nullptr;
     const ConstVec<T> gn(gain.flat<T>().data(), gates);
@@ -392,20 +389,11 @@ class LnLstmBackwardOp : public OpKernel {
     RecurrentKernelGradient(gemm, steps, batch, units, gates, h0.flat<T>().data(), hs, m, dz_all,
                             h_prev_t.flat<T>().data(), d_rkernel->flat<T>().data());
   }
-
- private:
-  const bool allow_onednn_;
 };
 
 }  // namespace
 
-#define REGISTER_LN_LSTM_KERNELS(T)                                                                     \
-  REGISTER_KERNEL_BUILDER(                                                                              \
-      Name("DistRnnLnLstmForward").Device(DEVICE_CPU).TypeConstraint<T>("T"), LnLstmForwardOp<T>);     \
-  REGISTER_KERNEL_BUILDER(                                                                              \
-      Name("DistRnnLnLstmBackward").Device(DEVICE_CPU).TypeConstraint<T>("T"), LnLstmBackwardOp<T>);
-
-REGISTER_LN_LSTM_KERNELS(float);
-REGISTER_LN_LSTM_KERNELS(double);
+DIST_RNN_REGISTER_CPU_KERNELS("DistRnnLnLstmForward", LnLstmForwardOp);
+DIST_RNN_REGISTER_CPU_KERNELS("DistRnnLnLstmBackward", LnLstmBackwardOp);
 
 }  // namespace dist_rnn

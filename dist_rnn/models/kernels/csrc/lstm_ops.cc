@@ -107,9 +107,9 @@ Status CheckLstmShapes(const Tensor& proj, const Tensor& h0, const Tensor& c0, c
 }
 
 template <typename T>
-class LstmForwardOp : public OpKernel {
+class LstmForwardOp : public GemmOpKernel {
  public:
-  explicit LstmForwardOp(OpKernelConstruction* ctx) : OpKernel(ctx), allow_onednn_(AllowOneDnn(ctx)) {}
+  using GemmOpKernel::GemmOpKernel;
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& proj = ctx->input(0);
@@ -131,7 +131,7 @@ class LstmForwardOp : public OpKernel {
     Tensor masked;  // the masked h fed to the next step's GEMM
     OP_REQUIRES_OK(ctx, ctx->allocate_temp(proj.dtype(), has_mask ? h0.shape() : TensorShape({0}), &masked));
 
-    const Gemm<T> gemm(ctx, allow_onednn_);
+    const Gemm<T> gemm(ctx, allow_onednn());
     const T* m = has_mask ? mask.flat<T>().data() : nullptr;
     const T* p = proj.flat<T>().data();
     const T* u = rkernel.flat<T>().data();
@@ -170,15 +170,12 @@ class LstmForwardOp : public OpKernel {
     std::memcpy(h_last->flat<T>().data(), h_prev, state_size * sizeof(T));
     std::memcpy(c_last->flat<T>().data(), c_prev, state_size * sizeof(T));
   }
-
- private:
-  const bool allow_onednn_;
 };
 
 template <typename T>
-class LstmBackwardOp : public OpKernel {
+class LstmBackwardOp : public GemmOpKernel {
  public:
-  explicit LstmBackwardOp(OpKernelConstruction* ctx) : OpKernel(ctx), allow_onednn_(AllowOneDnn(ctx)) {}
+  using GemmOpKernel::GemmOpKernel;
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& d_h_seq = ctx->input(0);
@@ -211,7 +208,7 @@ class LstmBackwardOp : public OpKernel {
     // The (masked) h fed to the recurrent matmul at every step, for the weight gradient.
     OP_REQUIRES_OK(ctx, ctx->allocate_temp(y_seq.dtype(), seq, &h_prev_t));
 
-    const Gemm<T> gemm(ctx, allow_onednn_);
+    const Gemm<T> gemm(ctx, allow_onednn());
     const bool has_mask = mask.NumElements() > 0;
     const T* m = has_mask ? mask.flat<T>().data() : nullptr;
     const T* dhs = d_h_seq.flat<T>().data();
@@ -262,9 +259,6 @@ class LstmBackwardOp : public OpKernel {
     RecurrentKernelGradient(gemm, steps, batch, units, gates, h0.flat<T>().data(), hs, m, dz_all,
                             h_prev_t.flat<T>().data(), d_rkernel->flat<T>().data());
   }
-
- private:
-  const bool allow_onednn_;
 };
 
 REGISTER_OP("DistRnnGemmBackend")
@@ -288,14 +282,8 @@ class GemmBackendOp : public OpKernel {
 
 REGISTER_KERNEL_BUILDER(Name("DistRnnGemmBackend").Device(DEVICE_CPU), GemmBackendOp);
 
-#define REGISTER_LSTM_KERNELS(T)                                                                   \
-  REGISTER_KERNEL_BUILDER(                                                                         \
-      Name("DistRnnLstmForward").Device(DEVICE_CPU).TypeConstraint<T>("T"), LstmForwardOp<T>);    \
-  REGISTER_KERNEL_BUILDER(                                                                         \
-      Name("DistRnnLstmBackward").Device(DEVICE_CPU).TypeConstraint<T>("T"), LstmBackwardOp<T>);
-
-REGISTER_LSTM_KERNELS(float);
-REGISTER_LSTM_KERNELS(double);
+DIST_RNN_REGISTER_CPU_KERNELS("DistRnnLstmForward", LstmForwardOp);
+DIST_RNN_REGISTER_CPU_KERNELS("DistRnnLstmBackward", LstmBackwardOp);
 
 }  // namespace
 }  // namespace dist_rnn

@@ -124,9 +124,9 @@ Status CheckLstmpShapes(const Tensor& proj, const Tensor& h0, const Tensor& c0, 
 }
 
 template <typename T>
-class LstmpForwardOp : public OpKernel {
+class LstmpForwardOp : public GemmOpKernel {
  public:
-  explicit LstmpForwardOp(OpKernelConstruction* ctx) : OpKernel(ctx), allow_onednn_(AllowOneDnn(ctx)) {}
+  using GemmOpKernel::GemmOpKernel;
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& proj = ctx->input(0);
@@ -151,7 +151,7 @@ class LstmpForwardOp : public OpKernel {
     Tensor masked;  // the masked h fed to the next step's GEMM
     OP_REQUIRES_OK(ctx, ctx->allocate_temp(proj.dtype(), has_mask ? h0.shape() : TensorShape({0}), &masked));
 
-    const Gemm<T> gemm(ctx, allow_onednn_);
+    const Gemm<T> gemm(ctx, allow_onednn());
     const T* dropout = has_mask ? mask.flat<T>().data() : nullptr;
     const T* p = proj.flat<T>().data();
     const T* u = rkernel.flat<T>().data();
@@ -194,15 +194,12 @@ class LstmpForwardOp : public OpKernel {
     std::memcpy(h_last->flat<T>().data(), h_prev, h_size * sizeof(T));
     std::memcpy(c_last->flat<T>().data(), c_prev, c_size * sizeof(T));
   }
-
- private:
-  const bool allow_onednn_;
 };
 
 template <typename T>
-class LstmpBackwardOp : public OpKernel {
+class LstmpBackwardOp : public GemmOpKernel {
  public:
-  explicit LstmpBackwardOp(OpKernelConstruction* ctx) : OpKernel(ctx), allow_onednn_(AllowOneDnn(ctx)) {}
+  using GemmOpKernel::GemmOpKernel;
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& d_h_seq = ctx->input(0);
@@ -246,7 +243,7 @@ class LstmpBackwardOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_temp(dtype, h_seq_shape, &dh_seq_t));
     OP_REQUIRES_OK(ctx, ctx->allocate_temp(dtype, h_seq_shape, &h_prev_t));
 
-    const Gemm<T> gemm(ctx, allow_onednn_);
+    const Gemm<T> gemm(ctx, allow_onednn());
     const bool has_mask = mask.NumElements() > 0;
     const T* dropout = has_mask ? mask.flat<T>().data() : nullptr;
     const T* dhs = d_h_seq.flat<T>().data();
@@ -310,19 +307,10 @@ class LstmpBackwardOp : public OpKernel {
            projection);
     }
   }
-
- private:
-  const bool allow_onednn_;
 };
 
-#define REGISTER_LSTMP_KERNELS(T)                                                                  \
-  REGISTER_KERNEL_BUILDER(                                                                         \
-      Name("DistRnnLstmpForward").Device(DEVICE_CPU).TypeConstraint<T>("T"), LstmpForwardOp<T>);  \
-  REGISTER_KERNEL_BUILDER(                                                                         \
-      Name("DistRnnLstmpBackward").Device(DEVICE_CPU).TypeConstraint<T>("T"), LstmpBackwardOp<T>);
-
-REGISTER_LSTMP_KERNELS(float);
-REGISTER_LSTMP_KERNELS(double);
+DIST_RNN_REGISTER_CPU_KERNELS("DistRnnLstmpForward", LstmpForwardOp);
+DIST_RNN_REGISTER_CPU_KERNELS("DistRnnLstmpBackward", LstmpBackwardOp);
 
 }  // namespace
 }  // namespace dist_rnn

@@ -45,6 +45,24 @@ inline bool AllowOneDnn(OpKernelConstruction* ctx) {
   return !ctx->GetAttr("gemm", &gemm).ok() || gemm != "eigen";
 }
 
+// Base of the ops with a "gemm" attribute ('auto' or 'eigen'), read once at construction.
+class GemmOpKernel : public OpKernel {
+ public:
+  explicit GemmOpKernel(OpKernelConstruction* ctx) : OpKernel(ctx), allow_onednn_(AllowOneDnn(ctx)) {}
+
+ protected:
+  // Whether this op's float32 GEMMs may run on oneDNN.
+  bool allow_onednn() const { return allow_onednn_; }
+
+ private:
+  const bool allow_onednn_;
+};
+
+// Registers the CPU kernels op_class<float> and op_class<double> of the op named op_name.
+#define DIST_RNN_REGISTER_CPU_KERNELS(op_name, op_class)                                                   \
+  REGISTER_KERNEL_BUILDER(Name(op_name).Device(DEVICE_CPU).TypeConstraint<float>("T"), op_class<float>);   \
+  REGISTER_KERNEL_BUILDER(Name(op_name).Device(DEVICE_CPU).TypeConstraint<double>("T"), op_class<double>)
+
 // The recurrent-kernel gradient of a recurrence whose step multiplies (h_{t-1} * mask) by the kernel:
 // d_kernel (width, gates) = sum over t of (masked h_{t-1})^T @ dz_t, as one GEMM over all T * B rows.
 // h_{t-1} is h0 (B, width) at t = 0 and h_seq[t - 1] after; mask (B, width) or nullptr; dz (T, B, gates);
